@@ -1,0 +1,50 @@
+"""The one encoder: model activations at every SAE's site, encoded by every SAE, from one truncated pass.
+
+The precompute job and the live server both call `FeatureEncoder`, so a prompt encoded live gives the
+same numbers as the same context encoded during precompute.
+
+    encoder = FeatureEncoder(lm, {"20-res-16k": sae})
+    feature_acts = encoder(input_ids)          # {"20-res-16k": [batch, seq, d_sae] float32}
+"""
+
+from __future__ import annotations
+
+import torch
+
+from featurescope.models import LoadedModel
+from featurescope.sae import JumpReLUSAE
+from featurescope.sites import Site, capture_sites, parse_site, site_width
+
+
+class SAEShapeError(ValueError):
+    """An SAE whose d_in does not match the width of the site it reads."""
+
+
+def check_sae_fits(lm: LoadedModel, sae: JumpReLUSAE, name: str = "") -> Site:
+    site = parse_site(sae.cfg.hook_name)
+    width = site_width(lm, site)
+    if sae.d_in != width:
+        raise SAEShapeError(
+            f"SAE {name or sae.cfg.source!r} has d_in={sae.d_in}, but site {site.hook_name} of model {lm.name!r} "
+            f"has width {width}: it was trained for another model or site."
+        )
+    return site
+
+
+class FeatureEncoder:
+    def __init__(self, lm: LoadedModel, saes: dict[str, JumpReLUSAE]):
+        if not saes:
+            raise ValueError("FeatureEncoder needs at least one SAE.")
+        self.lm = lm
+        self.saes = {name: sae.to(lm.device) for name, sae in saes.items()}
+        self.sites = {name: check_sae_fits(lm, sae, name) for name, sae in self.saes.items()}
+
+    @property
+    def last_layer(self) -> int:
+        return max(site.layer for site in self.sites.values())
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """[batch, seq] token ids -> {sae name: [batch, seq, d_sae] float32 feature activations}."""
+        site_acts = capture_sites(self.lm, input_ids, set(self.sites.values()), attention_mask)
+        return {name: sae.encode(site_acts[self.sites[name]]) for name, sae in self.saes.items()}

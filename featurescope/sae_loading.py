@@ -1,0 +1,233 @@
+"""Find, load and save JumpReLU SAEs. Every source ends up as one `JumpReLUSAE`.
+
+Accepted sources (all are plain strings, so the CLI, the config and URLs share them):
+    google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71   Gemma Scope on the hub
+    google/gemma-scope-2b-pt-res/layer_20/width_16k/canonical       ... the variant with L0 closest to 100
+    gemma-scope-2b-pt-res-canonical:layer_20/width_16k/canonical    SAELens release:id (or release/id)
+    gemma-2-2b/20-gemmascope-res-16k                                Neuronpedia's name (canonical variant)
+    path/to/params.npz, or a folder holding it                      Gemma Scope layout (our own SAEs too)
+    path/to/saelens_folder                                          cfg.json + sae_weights.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featurescope.sae import PARAM_NAMES, JumpReLUSAE, SAEConfig
+from featurescope.sites import Site, SiteError, parse_site
+
+CARD_FILE = "featurescope.json"  # written beside params.npz for SAEs this project trains
+CANONICAL_L0 = 100  # Gemma Scope's canonical variant: average L0 closest to this
+
+_GEMMA_SCOPE_REPO_RE = re.compile(r"^google/gemma-scope-(2b|9b|27b)-(pt|it)-(res|mlp|att)$")
+_GEMMA_SCOPE_ID_RE = re.compile(r"^layer_(\d+)/width_(\d+[km])/(average_l0_\d+|canonical)$")
+_NEURONPEDIA_RE = re.compile(r"^gemma-2-(2b|9b|27b)(-it)?/(\d+)-gemmascope-(res|mlp|att)-(\d+[km])$")
+
+
+class SAELoadError(ValueError):
+    """An SAE source that cannot be found or read; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class GemmaScopePath:
+    repo_id: str  # google/gemma-scope-2b-pt-res
+    layer: int
+    width: str  # "16k"
+    variant: str  # "average_l0_71" or "canonical"
+
+    @property
+    def site(self) -> Site:
+        return Site(self.layer, self.repo_id.rsplit("-", 1)[1])
+
+    @property
+    def model_name(self) -> str:
+        size, flavour = _GEMMA_SCOPE_REPO_RE.match(self.repo_id).group(1, 2)
+        return f"google/gemma-2-{size}" + ("-it" if flavour == "it" else "")
+
+    @property
+    def folder(self) -> str:
+        return f"layer_{self.layer}/width_{self.width}/{self.variant}"
+
+
+def parse_gemma_scope(source: str) -> GemmaScopePath | None:
+    """The hub path a Gemma Scope source names, in any accepted spelling; None if it is not one."""
+    if m := _NEURONPEDIA_RE.match(source):
+        size, it, layer, kind, width = m.groups()
+        flavour = "it" if it else "pt"
+        return GemmaScopePath(f"google/gemma-scope-{size}-{flavour}-{kind}", int(layer), width, "canonical")
+    if source.startswith("google/gemma-scope-"):
+        repo_id, _, sae_id = source.partition("/")[2].partition("/")
+        repo_id = "google/" + repo_id
+    elif source.startswith("gemma-scope-"):
+        release, sae_id = re.split(r"[:/]", source, maxsplit=1) if re.search(r"[:/]", source) else (source, "")
+        repo_id = "google/" + release.removesuffix("-canonical")
+        if release.endswith("-canonical") and not sae_id.endswith("/canonical"):
+            raise SAELoadError(f"Release {release!r} holds canonical ids only, like 'layer_20/width_16k/canonical'; got {sae_id!r}.")
+    else:
+        return None
+    if not _GEMMA_SCOPE_REPO_RE.match(repo_id):
+        raise SAELoadError(f"Unknown Gemma Scope repo {repo_id!r}: expected e.g. google/gemma-scope-2b-pt-res (-res, -mlp or -att).")
+    m = _GEMMA_SCOPE_ID_RE.match(sae_id)
+    if not m:
+        raise SAELoadError(
+            f"Gemma Scope id {sae_id!r} does not parse: expected 'layer_20/width_16k/average_l0_71' or 'layer_20/width_16k/canonical'."
+        )
+    return GemmaScopePath(repo_id, int(m.group(1)), m.group(2), m.group(3))
+
+
+def load_sae(source: str, site: str | Site | None = None, device: str | torch.device = "cpu") -> JumpReLUSAE:
+    """Load an SAE from any accepted source. `site` is needed only for a bare params.npz with no card."""
+    gemma_scope = parse_gemma_scope(source)
+    if gemma_scope is not None:
+        sae = _load_gemma_scope(gemma_scope, source)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise SAELoadError(
+                f"SAE source {source!r} is neither an existing file or folder nor a Gemma Scope name "
+                "(e.g. google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71)."
+            )
+        sae = _load_local(path, site)
+    if site is not None and parse_site(site) != parse_site(sae.cfg.hook_name):
+        raise SAELoadError(f"SAE {source!r} reads {sae.cfg.hook_name}, not {parse_site(site).hook_name}.")
+    return sae.to(device)
+
+
+def _load_local(path: Path, site: str | Site | None) -> JumpReLUSAE:
+    if path.is_dir():
+        if (path / "params.npz").is_file():
+            path = path / "params.npz"
+        elif (path / "cfg.json").is_file():
+            return _load_saelens_folder(path)
+        else:
+            raise SAELoadError(f"Folder {str(path)!r} holds neither params.npz nor cfg.json + sae_weights.safetensors.")
+    if path.suffix != ".npz":
+        raise SAELoadError(f"SAE file {str(path)!r} is not a params.npz file.")
+    card = _read_card(path.parent / CARD_FILE)
+    hook_name = card.get("hook_name") or (parse_site(site).hook_name if site is not None else None)
+    if hook_name is None:
+        raise SAELoadError(f"{str(path)!r} does not say which site it reads: pass its site (e.g. '20-res').")
+    return sae_from_npz(path, hook_name=hook_name, model_name=card.get("model_name", ""), source=str(path), metadata=card)
+
+
+def sae_from_npz(path: Path, hook_name: str, model_name: str = "", source: str = "", metadata: dict | None = None) -> JumpReLUSAE:
+    """Read the Gemma Scope params.npz layout: W_enc, W_dec, b_enc, b_dec, threshold (float32)."""
+    try:
+        with np.load(path) as npz:
+            missing = [n for n in PARAM_NAMES if n not in npz.files]
+            if missing:
+                raise SAELoadError(f"{str(path)!r} lacks {', '.join(missing)}: not a Gemma Scope params.npz.")
+            # np.load reads each array once; torch.from_numpy shares that memory (no second copy).
+            params = {n: torch.from_numpy(npz[n]) for n in PARAM_NAMES}
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, SAELoadError):
+            raise
+        raise SAELoadError(f"Could not read {str(path)!r} as a params.npz file: {exc}") from exc
+    d_in, d_sae = params["W_enc"].shape
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=parse_site(hook_name).hook_name, model_name=model_name,
+                    source=source or str(path), metadata=metadata or {})
+    return JumpReLUSAE(cfg, params)
+
+
+def _read_card(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _load_saelens_folder(folder: Path) -> JumpReLUSAE:
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "cfg.json").read_text())
+    meta = cfg.get("metadata") or {}
+    hook_name = cfg.get("hook_name") or meta.get("hook_name")
+    architecture = cfg.get("architecture", "jumprelu")
+    if architecture not in ("jumprelu", "standard", "relu"):
+        raise SAELoadError(f"SAELens SAE in {str(folder)!r} has architecture {architecture!r}; FeatureScope reads jumprelu and standard (ReLU) SAEs.")
+    if (cfg.get("normalize_activations") or "none") != "none":
+        raise SAELoadError(f"SAELens SAE in {str(folder)!r} normalises its inputs ({cfg['normalize_activations']}); fold the normalisation into the weights first.")
+    weights_file = folder / "sae_weights.safetensors"
+    if not weights_file.is_file():
+        raise SAELoadError(f"SAELens folder {str(folder)!r} has cfg.json but no sae_weights.safetensors.")
+    weights = load_file(str(weights_file))
+    try:
+        parse_site(hook_name or "")
+    except SiteError as exc:
+        raise SAELoadError(f"SAELens cfg.json in {str(folder)!r} names hook {hook_name!r}: {exc}") from exc
+    if "threshold" not in weights:
+        weights["threshold"] = (torch.exp(weights["log_threshold"]) if "log_threshold" in weights
+                                else torch.zeros_like(weights["b_enc"]))  # standard ReLU SAE == JumpReLU at 0
+    if cfg.get("apply_b_dec_to_input", False):
+        # SAELens subtracts b_dec before encoding; fold it into b_enc so encode() stays x @ W_enc + b_enc.
+        weights["b_enc"] = weights["b_enc"] - weights["b_dec"].float() @ weights["W_enc"].float()
+    params = {n: weights[n].float() for n in PARAM_NAMES}
+    d_in, d_sae = params["W_enc"].shape
+    sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=parse_site(hook_name).hook_name,
+                        model_name=cfg.get("model_name") or meta.get("model_name", ""),
+                        architecture=architecture, source=str(folder))
+    return JumpReLUSAE(sae_cfg, params)
+
+
+def _load_gemma_scope(path: GemmaScopePath, source: str) -> JumpReLUSAE:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hub_errors
+
+    if path.variant == "canonical":
+        path = GemmaScopePath(path.repo_id, path.layer, path.width, resolve_canonical(path))
+    filename = f"{path.folder}/params.npz"
+    try:
+        local = hf_hub_download(path.repo_id, filename)
+    except hub_errors.GatedRepoError as exc:
+        raise SAELoadError(f"{path.repo_id} is gated: accept its terms on the hub and set HF_TOKEN.") from exc
+    except hub_errors.RepositoryNotFoundError as exc:
+        raise SAELoadError(f"No repo {path.repo_id!r} on the Hugging Face hub.") from exc
+    except hub_errors.EntryNotFoundError as exc:
+        raise SAELoadError(f"{path.repo_id} has no {filename}: check the layer, width and average_l0 variant.") from exc
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled, OSError) as exc:
+        raise SAELoadError(
+            f"{path.repo_id}/{filename} is not in the local Hugging Face cache and the hub cannot be reached "
+            "(or HF_HUB_OFFLINE is set): download it once with network access."
+        ) from exc
+    return sae_from_npz(Path(local), hook_name=path.site.hook_name, model_name=path.model_name,
+                        source=f"{path.repo_id}/{path.folder}")
+
+
+def resolve_canonical(path: GemmaScopePath) -> str:
+    """The average_l0_N variant of (layer, width) whose N is closest to 100 (ties: the sparser one)."""
+    prefix = f"layer_{path.layer}/width_{path.width}"
+    variants = _list_variants(path.repo_id, prefix)
+    if not variants:
+        raise SAELoadError(f"No SAE variants found under {path.repo_id}/{prefix} (hub unreachable and nothing cached?).")
+    return min(variants, key=lambda v: (abs(int(v.rsplit("_", 1)[1]) - CANONICAL_L0), int(v.rsplit("_", 1)[1])))
+
+
+def _list_variants(repo_id: str, prefix: str) -> list[str]:
+    """average_l0_* folder names: from the hub when it answers, else from the local cache."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            entries = HfApi().list_repo_tree(repo_id, path_in_repo=prefix)
+            return sorted(Path(e.path).name for e in entries if Path(e.path).name.startswith("average_l0_"))
+        except Exception:  # unreachable hub: fall back to what is cached
+            pass
+    try:
+        snapshot = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        return []
+    return sorted(p.parent.name for p in snapshot.glob(f"{prefix}/average_l0_*/params.npz"))
+
+
+def save_sae(sae: JumpReLUSAE, folder: str | Path, card: dict | None = None) -> Path:
+    """Write params.npz (exact Gemma Scope layout) plus a JSON card; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "params.npz", **sae.numpy_params())
+    full_card = {"d_in": sae.d_in, "d_sae": sae.d_sae, "hook_name": sae.cfg.hook_name,
+                 "model_name": sae.cfg.model_name, "architecture": sae.cfg.architecture, **(card or {})}
+    (folder / CARD_FILE).write_text(json.dumps(full_card, indent=2) + "\n")
+    return folder
