@@ -181,17 +181,18 @@ def _load_gemma_scope(path: GemmaScopePath, source: str) -> JumpReLUSAE:
     filename = f"{path.folder}/params.npz"
     try:
         local = hf_hub_download(path.repo_id, filename)
+    # LocalEntryNotFoundError subclasses EntryNotFoundError, so it must be caught first.
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled) as exc:
+        raise SAELoadError(
+            f"{path.repo_id}/{filename} is not in the local Hugging Face cache and the hub cannot be reached "
+            "(or HF_HUB_OFFLINE is set): download it once with network access."
+        ) from exc
     except hub_errors.GatedRepoError as exc:
         raise SAELoadError(f"{path.repo_id} is gated: accept its terms on the hub and set HF_TOKEN.") from exc
     except hub_errors.RepositoryNotFoundError as exc:
         raise SAELoadError(f"No repo {path.repo_id!r} on the Hugging Face hub.") from exc
     except hub_errors.EntryNotFoundError as exc:
         raise SAELoadError(f"{path.repo_id} has no {filename}: check the layer, width and average_l0 variant.") from exc
-    except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled, OSError) as exc:
-        raise SAELoadError(
-            f"{path.repo_id}/{filename} is not in the local Hugging Face cache and the hub cannot be reached "
-            "(or HF_HUB_OFFLINE is set): download it once with network access."
-        ) from exc
     return sae_from_npz(Path(local), hook_name=path.site.hook_name, model_name=path.model_name,
                         source=f"{path.repo_id}/{path.folder}")
 
