@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# One command for the whole test suite: install (with test extras), then run pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh test
+exec .venv/bin/python -m pytest "$@"
