@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -61,8 +62,10 @@ def module_docstrings(module_name: str) -> Iterator[str]:
     except Exception:  # absent from this Python build, or needs a system library: skip it
         return
     seen: set[int] = set()
-    for obj in [module, *_public_members(module, module_name)]:
-        doc = inspect.getdoc(obj)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # typing.re & co. warn when their docstrings are read
+        docs = [inspect.getdoc(obj) for obj in [module, *_public_members(module, module_name)]]
+    for doc in docs:
         if doc and len(doc) >= MIN_DOC_CHARS and id(doc) not in seen:
             seen.add(id(doc))
             yield doc
