@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -16,6 +17,7 @@ from featurescope.encoder import SAEShapeError
 from featurescope.models import ModelLoadError
 from featurescope.sae_loading import SAELoadError
 from featurescope.sites import SiteError
+from featurescope.training import TrainConfig
 
 USER_ERRORS = (ModelLoadError, SAELoadError, SiteError, SAEShapeError)
 
@@ -107,6 +109,112 @@ def demo(device: DeviceOpt = "auto") -> None:
     typer.echo("[3/4] Precompute feature dashboards into DuckDB: not built yet (issue: precompute).")
     typer.echo("[4/4] Serve the explorer at http://127.0.0.1:8000: not built yet (issue: the feature explorer).")
     raise typer.Exit(code=0)
+
+
+@app.command()
+def train(
+    site: Annotated[list[str], typer.Option("--site", "-s", help="Site to train an SAE on, e.g. 6-res or blocks.6.hook_resid_post; repeat for several (one shared forward pass).")],
+    out: Annotated[Path, typer.Option(help="Output folder: one subfolder per site with params.npz + featurescope.json.")],
+    model: ModelOpt = "smollm2-135m",
+    architecture: Annotated[str, typer.Option(help="jumprelu (L0 penalty, Gemma Scope) or relu (L1 penalty; saved as JumpReLU with threshold 0).")] = "jumprelu",
+    width: Annotated[int, typer.Option(help="Latents per SAE (d_sae).")] = TrainConfig.d_sae,
+    train_tokens: Annotated[int, typer.Option(help="Activations trained on, repeats over epochs counted.")] = TrainConfig.train_tokens,
+    corpus_tokens: Annotated[Optional[int], typer.Option(help="Cap on tokens taken from the built-in corpus (default: all of it).")] = None,
+    text: Annotated[Optional[list[Path]], typer.Option(help="Train on these text files (one document each) instead of the built-in corpus.")] = None,
+    held_out_contexts: Annotated[int, typer.Option(help="Contexts kept out of training for evaluation (every k-th one).")] = TrainConfig.held_out_contexts,
+    context_len: Annotated[int, typer.Option(help="Tokens per context, BOS included.")] = TrainConfig.context_len,
+    buffer_tokens: Annotated[int, typer.Option(help="Shuffling buffer size in tokens (memory: tokens x sites x d_in x 4 bytes).")] = TrainConfig.buffer_tokens,
+    model_batch: Annotated[int, typer.Option(help="Contexts per forward pass of the model.")] = TrainConfig.model_batch,
+    batch_size: Annotated[int, typer.Option(help="Tokens per optimiser step.")] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of the weights and biases.")] = TrainConfig.lr,
+    lr_warmup_steps: Annotated[int, typer.Option(help="Cosine learning-rate warm-up from 0.1 x lr, in steps.")] = TrainConfig.lr_warmup_steps,
+    lr_decay_frac: Annotated[float, typer.Option(help="Share of the final steps over which lr decays linearly to 0.")] = TrainConfig.lr_decay_frac,
+    adam_beta1: Annotated[float, typer.Option(help="Adam beta1 (Gemma Scope: 0).")] = TrainConfig.adam_beta1,
+    adam_beta2: Annotated[float, typer.Option(help="Adam beta2.")] = TrainConfig.adam_beta2,
+    adam_eps: Annotated[float, typer.Option(help="Adam epsilon.")] = TrainConfig.adam_eps,
+    sparsity_coeff: Annotated[float, typer.Option(help="lambda: weight of the L0 (jumprelu) or L1 (relu) penalty; the start value when --target-l0 is set.")] = TrainConfig.sparsity_coeff,
+    sparsity_warmup_steps: Annotated[int, typer.Option(help="Steps over which lambda grows linearly from 0.")] = TrainConfig.sparsity_warmup_steps,
+    target_l0: Annotated[Optional[float], typer.Option(help="Adapt lambda after its warm-up so the L0 approaches this value.")] = None,
+    target_l0_gain: Annotated[float, typer.Option(help="Controller gain: log(lambda) += gain x log(L0 / target) per step.")] = TrainConfig.target_l0_gain,
+    bandwidth: Annotated[float, typer.Option(help="Epsilon of the rectangle-kernel straight-through estimator.")] = TrainConfig.bandwidth,
+    threshold_init: Annotated[float, typer.Option(help="Initial JumpReLU threshold (on inputs scaled to E||x||^2 = 1).")] = TrainConfig.threshold_init,
+    threshold_lr: Annotated[Optional[float], typer.Option(help="Learning rate of log(threshold) (default: --lr).")] = None,
+    resample_every: Annotated[int, typer.Option(help="Steps between dead-latent resampling (0: never).")] = TrainConfig.resample_every,
+    dead_window_tokens: Annotated[int, typer.Option(help="A latent silent for this many tokens is dead and gets resampled.")] = TrainConfig.dead_window_tokens,
+    resample_stop_frac: Annotated[float, typer.Option(help="No resampling after this share of the steps.")] = TrainConfig.resample_stop_frac,
+    seed: Annotated[int, typer.Option(help="Seed of the init and the data order.")] = TrainConfig.seed,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints in OUT/checkpoint.pt (0: only on Ctrl-C).")] = TrainConfig.checkpoint_every,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt (same options as the interrupted run).")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Train JumpReLU SAEs (Gemma Scope recipe) on one or more sites from one forward pass per batch."""
+    from featurescope.corpus import pack_contexts
+    from featurescope.models import load_model
+    from featurescope.training import default_contexts, train_saes
+
+    cfg = TrainConfig(sites=tuple(site), architecture=architecture, d_sae=width, context_len=context_len,
+                      corpus_tokens=corpus_tokens, held_out_contexts=held_out_contexts, train_tokens=train_tokens,
+                      buffer_tokens=buffer_tokens, model_batch=model_batch, batch_size=batch_size, lr=lr,
+                      lr_warmup_steps=lr_warmup_steps, lr_decay_frac=lr_decay_frac, adam_beta1=adam_beta1,
+                      adam_beta2=adam_beta2, adam_eps=adam_eps, sparsity_coeff=sparsity_coeff,
+                      sparsity_warmup_steps=sparsity_warmup_steps, target_l0=target_l0, target_l0_gain=target_l0_gain,
+                      bandwidth=bandwidth, threshold_init=threshold_init, threshold_lr=threshold_lr,
+                      resample_every=resample_every, dead_window_tokens=dead_window_tokens,
+                      resample_stop_frac=resample_stop_frac, seed=seed, checkpoint_every=checkpoint_every)
+    lm = load_model(model, device=device, dtype=dtype)
+    if text:
+        contexts = pack_contexts(lm, (p.read_text() for p in text), context_len, corpus_tokens)
+    else:
+        contexts = default_contexts(lm, cfg)[0]
+    try:
+        paths = train_saes(lm, cfg, out, contexts=contexts, resume=resume)
+    except KeyboardInterrupt as exc:
+        typer.echo(f"\n{exc or 'Interrupted.'} Run the same command with --resume to continue.", err=True)
+        raise typer.Exit(code=130)
+    for s, path in paths.items():
+        typer.echo(f"{s.hook_name}: {path}")
+
+
+@app.command("eval")
+def eval_(
+    sae: Annotated[list[str], typer.Argument(help="SAE sources: folders, params.npz, Gemma Scope or SAELens names.")],
+    model: ModelOpt = "smollm2-135m",
+    site: Annotated[Optional[str], typer.Option(help="Site of a bare params.npz with no card, e.g. 6-res.")] = None,
+    tokens: Annotated[int, typer.Option(help="Non-special tokens to evaluate on (whole contexts).")] = 20_000,
+    text: Annotated[Optional[list[Path]], typer.Option(help="Evaluate on these text files instead of the built-in corpus.")] = None,
+    context_len: Annotated[Optional[int], typer.Option(help="Tokens per context, BOS included (default: the SAE card's, else 128).")] = None,
+    held_out_contexts: Annotated[Optional[int], typer.Option(help="Built-in corpus: evaluate on the contexts held out from training (default: the SAE card's, else 200).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Contexts per forward pass.")] = 8,
+    store: Annotated[bool, typer.Option(help="Write the metrics into featurescope.json of local SAE folders.")] = True,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Measure L0, FVU, delta LM loss, dead and dense shares of SAEs (special tokens masked) and print a table."""
+    from featurescope.corpus import pack_contexts
+    from featurescope.evaluation import evaluate_saes, format_table, store_metrics
+    from featurescope.models import load_model
+    from featurescope.sae_loading import load_sae
+    from featurescope.training import default_contexts
+
+    saes = {src: load_sae(src, site=site) for src in sae}
+    train_cfg = next((sae_.cfg.metadata["train_config"] for sae_ in saes.values()
+                      if "train_config" in sae_.cfg.metadata), {})
+    context_len = context_len or train_cfg.get("context_len", 128)
+    lm = load_model(model, device=device, dtype=dtype)
+    if text:
+        contexts, corpus = pack_contexts(lm, (p.read_text() for p in text), context_len), ",".join(map(str, text))
+    else:
+        held = held_out_contexts or train_cfg.get("held_out_contexts") or 200
+        cfg = TrainConfig(context_len=context_len, held_out_contexts=held, corpus_tokens=train_cfg.get("corpus_tokens"))
+        contexts, corpus = default_contexts(lm, cfg)[1], f"built-in python docs, {held} held-out contexts"
+    metrics = evaluate_saes(lm, saes, contexts, max_tokens=tokens, batch_size=batch_size, progress=True)
+    typer.echo(format_table(metrics))
+    for src, m in metrics.items():
+        folder = Path(src).parent if src.endswith(".npz") else Path(src)
+        if store and folder.is_dir():
+            store_metrics(folder, m, {"corpus": corpus, "model": lm.source}, hook_name=saes[src].cfg.hook_name)
+            typer.echo(f"metrics stored in {folder / 'featurescope.json'}")
 
 
 def main() -> None:

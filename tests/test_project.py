@@ -1,0 +1,57 @@
+"""The project keeps its promises about itself: the README's commands are the real ones, and the
+layers import one way only (app/ and precompute/ both use the featurescope core, never each other)."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _readme_commands() -> list[str]:
+    block = re.search(r"## Two commands.*?```bash\n(.*?)```", README, re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.strip().splitlines()]
+
+
+def test_readme_gives_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    demo, test = _readme_commands()
+    assert demo == "bash scripts/demo.sh" and test == "bash scripts/test.sh"
+    ci_lines = [l.strip() for l in (ROOT / ".ci/run").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert test in ci_lines
+
+
+def test_every_cli_command_is_documented_in_the_readme():
+    from featurescope.cli import app
+
+    names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert names, "no commands registered"
+    for name in names:
+        assert f"featurescope {name}" in README, f"`featurescope {name}` is not documented in README.md"
+
+
+def _imported_top_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("package,forbidden", [
+    ("featurescope", {"app", "precompute"}),
+    ("app", {"precompute"}),
+    ("precompute", {"app", "fastapi", "jinja2"}),
+])
+def test_imports_point_one_way(package, forbidden):
+    files = list((ROOT / package).rglob("*.py")) if (ROOT / package).is_dir() else []
+    if package == "featurescope":
+        assert files, "the core package must exist"
+    for path in files:
+        bad = _imported_top_packages(path) & forbidden
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
