@@ -348,7 +348,7 @@ def train_step(st: SiteState, x: torch.Tensor, step: int, cfg: TrainConfig) -> N
         fvu = float(mse / (x - x.mean(0)).pow(2).sum(-1).mean())
     if cfg.target_l0 is not None and sparsity_warmup(step, cfg) >= 1.0:
         st.log_lambda += cfg.target_l0_gain * math.log(max(l0, 0.1) / cfg.target_l0)
-    _update_metrics(st.metrics, loss=float(loss), l0=l0, fvu=fvu, lam=lam)
+    _update_metrics(st.metrics, loss=loss.item(), l0=l0, fvu=fvu, lam=lam)
 
 
 def _update_metrics(metrics: dict, **values: float) -> None:
