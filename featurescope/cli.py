@@ -217,6 +217,33 @@ def eval_(
             typer.echo(f"metrics stored in {folder / 'featurescope.json'}")
 
 
+db_app = typer.Typer(help="Create and migrate FeatureScope DuckDB files (Alembic).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    path: Annotated[str, typer.Argument(help="The DuckDB file; created if missing.")],
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Apply the schema migrations to a DuckDB file (the precompute job does this before writing)."""
+    from featurescope import db
+
+    before = db.current_revision(path) if Path(path).exists() else None
+    after = db.upgrade(path, revision)
+    typer.echo(f"{path}: {before or 'empty'} -> {after}" if before != after else f"{path}: already at {after}")
+
+
+@db_app.command("current")
+def db_current(path: Annotated[str, typer.Argument(help="The DuckDB file.")]) -> None:
+    """Print the schema revision of a DuckDB file and the newest one this version knows."""
+    from featurescope import db
+
+    if not Path(path).exists():
+        raise typer.BadParameter(f"{path} does not exist.")
+    typer.echo(f"{path}: {db.current_revision(path) or 'no schema'} (head: {db.head_revision()})")
+
+
 def main() -> None:
     try:
         app()
