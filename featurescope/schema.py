@@ -112,6 +112,9 @@ class Feature(Base):
     # Nearest features of the same SAE by decoder cosine similarity.
     neighbour_ids = mapped_column(IntList)
     neighbour_cos = mapped_column(FloatList)
+    # Label shown on pages and searched; label_kind says who made it ("auto": featurescope.labels.auto_label).
+    label = mapped_column(sa.Text)
+    label_kind = mapped_column(sa.Text)
 
 
 class Example(Base):
