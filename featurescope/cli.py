@@ -119,7 +119,7 @@ def train(
     architecture: Annotated[str, typer.Option(help="jumprelu (L0 penalty, Gemma Scope) or relu (L1 penalty; saved as JumpReLU with threshold 0).")] = "jumprelu",
     width: Annotated[int, typer.Option(help="Latents per SAE (d_sae).")] = TrainConfig.d_sae,
     train_tokens: Annotated[int, typer.Option(help="Activations trained on, repeats over epochs counted.")] = TrainConfig.train_tokens,
-    corpus_tokens: Annotated[Optional[int], typer.Option(help="Cap on tokens taken from the built-in corpus (default: all of it).")] = None,
+    corpus_tokens: Annotated[Optional[int], typer.Option(help="Training tokens taken from the corpus, contexts spread evenly over it (default: all).")] = None,
     text: Annotated[Optional[list[Path]], typer.Option(help="Train on these text files (one document each) instead of the built-in corpus.")] = None,
     held_out_contexts: Annotated[int, typer.Option(help="Contexts kept out of training for evaluation (every k-th one).")] = TrainConfig.held_out_contexts,
     context_len: Annotated[int, typer.Option(help="Tokens per context, BOS included.")] = TrainConfig.context_len,
@@ -142,6 +142,7 @@ def train(
     resample_every: Annotated[int, typer.Option(help="Steps between dead-latent resampling (0: never).")] = TrainConfig.resample_every,
     dead_window_tokens: Annotated[int, typer.Option(help="A latent silent for this many tokens is dead and gets resampled.")] = TrainConfig.dead_window_tokens,
     resample_stop_frac: Annotated[float, typer.Option(help="No resampling after this share of the steps.")] = TrainConfig.resample_stop_frac,
+    resample_fire_rate: Annotated[float, typer.Option(help="Share of tokens a resampled latent starts firing on.")] = TrainConfig.resample_fire_rate,
     seed: Annotated[int, typer.Option(help="Seed of the init and the data order.")] = TrainConfig.seed,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints in OUT/checkpoint.pt (0: only on Ctrl-C).")] = TrainConfig.checkpoint_every,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt (same options as the interrupted run).")] = False,
@@ -149,7 +150,6 @@ def train(
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Train JumpReLU SAEs (Gemma Scope recipe) on one or more sites from one forward pass per batch."""
-    from featurescope.corpus import pack_contexts
     from featurescope.models import load_model
     from featurescope.training import default_contexts, train_saes
 
@@ -161,12 +161,9 @@ def train(
                       sparsity_warmup_steps=sparsity_warmup_steps, target_l0=target_l0, target_l0_gain=target_l0_gain,
                       bandwidth=bandwidth, threshold_init=threshold_init, threshold_lr=threshold_lr,
                       resample_every=resample_every, dead_window_tokens=dead_window_tokens,
-                      resample_stop_frac=resample_stop_frac, seed=seed, checkpoint_every=checkpoint_every)
+                      resample_stop_frac=resample_stop_frac, resample_fire_rate=resample_fire_rate, seed=seed, checkpoint_every=checkpoint_every)
     lm = load_model(model, device=device, dtype=dtype)
-    if text:
-        contexts = pack_contexts(lm, (p.read_text() for p in text), context_len, corpus_tokens)
-    else:
-        contexts = default_contexts(lm, cfg)[0]
+    contexts = default_contexts(lm, cfg, (p.read_text() for p in text) if text else None)[0]
     try:
         paths = train_saes(lm, cfg, out, contexts=contexts, resume=resume)
     except KeyboardInterrupt as exc:

@@ -15,11 +15,12 @@ Or from the shell: `featurescope train --site 6-res --site 12-res --target-l0 50
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -45,7 +46,7 @@ class TrainConfig:
     d_sae: int = 2048  # latents per SAE
     # data
     context_len: int = 128  # tokens per context, BOS included (BOS/EOS/pad are never trained on)
-    corpus_tokens: int | None = None  # cap on corpus tokens tokenised (None: the whole corpus)
+    corpus_tokens: int | None = None  # training tokens taken from the corpus, spread over it (None: all)
     held_out_contexts: int = 0  # contexts kept out of training (every k-th one) for evaluation
     train_tokens: int = 1_000_000  # activations trained on, repeats over epochs counted
     buffer_tokens: int = 262_144  # shuffling buffer, in tokens; if the data set fits, later epochs reuse it
@@ -71,6 +72,7 @@ class TrainConfig:
     resample_every: int = 0  # steps between checks (0: never resample)
     dead_window_tokens: int = 200_000
     resample_stop_frac: float = 0.7  # no resampling after this share of the steps (let them settle)
+    resample_fire_rate: float = 0.01  # a resampled latent starts firing on this share of tokens
     # bookkeeping
     seed: int = 0
     checkpoint_every: int = 100  # steps between checkpoints (0: only on Ctrl-C)
@@ -361,8 +363,9 @@ def resample_dead(st: SiteState, x: torch.Tensor, step: int, cfg: TrainConfig) -
     """Re-initialise latents silent for dead_window_tokens tokens towards badly reconstructed inputs.
 
     A dead JumpReLU latent gets no gradient at all (its pre-activation never nears the threshold), so
-    it cannot recover by itself. Each one gets the direction of one high-error input of this batch as
-    decoder row and encoder column, b_enc 0, the median alive threshold, and fresh Adam moments.
+    it cannot recover by itself. Each one gets the error direction of a high-error input of this batch
+    as decoder row and encoder column, a bias centring its pre-activation on the batch, a threshold
+    at which it fires on `resample_fire_rate` of the batch, and the Adam moments of a typical alive latent.
     """
     window_steps = max(1, cfg.dead_window_tokens // cfg.batch_size)
     dead = (st.steps_since_fired >= window_steps).nonzero().squeeze(1)  # (n_dead,)
@@ -376,19 +379,29 @@ def resample_dead(st: SiteState, x: torch.Tensor, step: int, cfg: TrainConfig) -
     directions = x[rows] - x_hat[rows]
     directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n_dead, d_in)
     sae.W_dec[dead] = directions
+    sae.W_enc[:, dead] = directions.t()
+    proj = x @ directions.t()  # (B, n_dead)
+    sae.b_enc[dead] = -proj.median(0).values
+    centred = proj + sae.b_enc[dead]
+    threshold = torch.quantile(centred, 1 - cfg.resample_fire_rate, dim=0).clamp_min(cfg.bandwidth)  # (n_dead,)
+    sae.log_threshold[dead] = threshold.log()
     alive = st.steps_since_fired < window_steps
-    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-    sae.W_enc[:, dead] = directions.t() * enc_norm
-    sae.b_enc[dead] = 0.0
     if alive.any():
-        sae.log_threshold[dead] = sae.log_threshold[alive].median()
-    for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.log_threshold):
-        state = st.optimizer.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                (state[key][:, dead] if p is sae.W_enc else state[key][dead]).zero_()
+        for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.log_threshold):
+            _reset_adam_moments(st.optimizer.state.get(p, {}), dead, alive, dim=1 if p is sae.W_enc else 0)
     st.steps_since_fired[dead] = 0
     return int(dead.numel())
+
+
+def _reset_adam_moments(state: dict, dead: torch.Tensor, alive: torch.Tensor, dim: int) -> None:
+    """First moment 0; second moment the alive latents' mean. A dead latent's second moment has decayed
+    towards 0, and Adam would turn its first real gradient into a step ~30x the learning rate."""
+    if "exp_avg" not in state:
+        return
+    state["exp_avg"].index_fill_(dim, dead, 0.0)
+    v = state["exp_avg_sq"]
+    typical = v.index_select(dim, alive.nonzero().squeeze(1)).mean(dim, keepdim=True)
+    v.index_copy_(dim, dead, typical.expand_as(v.index_select(dim, dead)).contiguous())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -534,9 +547,59 @@ def save_trained(lm: LoadedModel, st: SiteState, cfg: TrainConfig, folder: Path,
     return save_sae(sae, folder, card)
 
 
-def default_contexts(lm: LoadedModel, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(train, held-out) contexts of the built-in corpus."""
-    contexts = pack_contexts(lm, python_docs_corpus(), cfg.context_len, cfg.corpus_tokens)
-    if cfg.held_out_contexts <= 0:
-        return contexts, None
-    return split_contexts(contexts, cfg.held_out_contexts)
+def default_contexts(lm: LoadedModel, cfg: TrainConfig, texts: Iterable[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(train, held-out) contexts of `texts` (default: the built-in corpus).
+
+    Held-out contexts are every k-th one; `cfg.corpus_tokens` then keeps training contexts spread
+    evenly over the rest, so a small budget still sees every part of the corpus.
+    """
+    contexts = pack_contexts(lm, python_docs_corpus() if texts is None else texts, cfg.context_len)
+    held = None
+    if cfg.held_out_contexts > 0:
+        contexts, held = split_contexts(contexts, cfg.held_out_contexts)
+    if cfg.corpus_tokens is not None:
+        n = max(1, min(contexts.shape[0], cfg.corpus_tokens // (cfg.context_len - 1)))
+        contexts = contexts[torch.linspace(0, contexts.shape[0] - 1, n).round().long()]
+    return contexts, held
+
+
+# ---------------------------------------------------------------------------------------------------
+# The demo SAEs of the embedded model (what `featurescope demo` trains once and then reuses).
+
+# Measured on the 2-core CPU machine (bench/train_quality.py): about 6 minutes for all four SAEs.
+DEMO_CONFIG = TrainConfig(
+    sites=("6-res", "12-res", "18-res", "24-res"), d_sae=2048, held_out_contexts=160, corpus_tokens=100_000,
+    train_tokens=400_000, buffer_tokens=131_072, batch_size=4096, lr=7e-4, lr_warmup_steps=10,
+    sparsity_warmup_steps=25, target_l0=50, threshold_init=0.05, threshold_lr=2e-2, resample_every=0,
+    checkpoint_every=25,
+)
+
+
+def cached_saes(lm: LoadedModel, cfg: TrainConfig, out_dir: str | Path) -> dict[Site, Path] | None:
+    """The folders of SAEs already trained with this model and config, or None if any is missing or stale."""
+    found = {}
+    for s in cfg.sites:
+        folder = Path(out_dir).expanduser() / s
+        card_path = folder / CARD_FILE
+        if not (card_path.is_file() and (folder / "params.npz").is_file()):
+            return None
+        card = json.loads(card_path.read_text())
+        try:
+            saved = TrainConfig.from_dict(card.get("train_config", {}))
+        except (TypeError, ValueError):
+            return None
+        if card.get("model") != lm.source or replace(saved, progress=cfg.progress, checkpoint_every=cfg.checkpoint_every) != cfg:
+            return None
+        found[parse_site(s)] = folder
+    return found
+
+
+def train_demo_saes(lm: LoadedModel, out_dir: str | Path, cfg: TrainConfig = DEMO_CONFIG,
+                    force: bool = False) -> dict[Site, Path]:
+    """Train the demo SAEs into out_dir/<site>, or reuse them when their cards match `cfg` and the model.
+
+    An interrupted run (Ctrl-C) resumes from its checkpoint the next time.
+    """
+    if not force and (found := cached_saes(lm, cfg, out_dir)) is not None:
+        return found
+    return train_saes(lm, cfg, out_dir, resume=not force)

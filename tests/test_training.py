@@ -230,3 +230,36 @@ def test_special_tokens_are_never_trained_on(tiny_llama):
     assert acts.shape[0] == int(content_mask(lm, contexts).sum()) < contexts.numel()
     schedule = training.chunk_schedule(content_mask(lm, contexts), cfg)
     assert sum(c.n_batches for c in schedule) == cfg.n_steps
+
+
+def test_demo_saes_are_reused_when_cards_match_and_retrained_otherwise(tiny_llama, tmp_path, monkeypatch):
+    lm = tiny_llama
+    cfg = tiny_config(sites=("0-res", "2-res"), train_tokens=256 * 5, corpus_tokens=2000)
+    monkeypatch.setattr(training, "python_docs_corpus", lambda: iter(TOKENIZER_TEXT))
+    first = training.train_demo_saes(lm, tmp_path, cfg)
+    assert set(first) == {parse_site("0-res"), parse_site("2-res")}
+    calls = []
+    monkeypatch.setattr(training, "train_saes", lambda *a, **k: calls.append(a[1]) or {})
+    assert training.train_demo_saes(lm, tmp_path, replace(cfg, progress=True)) == first
+    assert calls == []
+    training.train_demo_saes(lm, tmp_path, replace(cfg, d_sae=64))
+    assert len(calls) == 1
+
+
+def test_resampled_dead_latents_fire_again_with_sane_adam_moments():
+    cfg = tiny_config(d_sae=32, resample_every=1, dead_window_tokens=256, resample_fire_rate=0.05)
+    st = new_site_state(parse_site("1-res"), 16, 1.0, 0, cfg)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=gen) / 4
+    train_step(st, x, 0, cfg)
+    dead = torch.tensor([3, 7])
+    st.steps_since_fired[dead] = 5
+    with torch.no_grad():
+        st.sae.b_enc[dead] = -100.0  # can never fire
+    assert training.resample_dead(st, x, 1, cfg) == 2
+    _, acts, _ = st.sae(x, cfg.bandwidth)
+    rate = (acts[:, dead] > 0).float().mean(0)
+    assert ((rate > 0.02) & (rate < 0.1)).all(), rate
+    assert torch.allclose(st.sae.W_dec[dead].norm(dim=1), torch.ones(2))
+    v = st.optimizer.state[st.sae.b_enc]["exp_avg_sq"]
+    assert (v[dead] > 0).all() and st.steps_since_fired[dead].eq(0).all()
