@@ -1,0 +1,382 @@
+"""Streaming per-feature statistics of one SAE over a corpus, as tensor ops over all features at once.
+
+    stats = FeatureStats(d_sae=16384, context_len=128, device="cuda")
+    for ids, context_ids, content_mask in batches:           # content_mask: False at BOS/EOS/pad
+        stats.update(encoder(ids)["20-res-16k"], context_ids, content_mask)
+        torch.save(stats.state_dict(), ckpt)                  # resume: FeatureStats.from_state_dict(...)
+    result = stats.finalize()                                 # plain dict of CPU tensors for the DB writer
+
+What it keeps, per feature f (memory depends on d_sae and the settings, never on the corpus size):
+- the top-k contexts by their max activation, with the max position and the per-token activations;
+- the number of firing content tokens (act > 0), the max, and an exact fixed-point sum (-> mean);
+- a fine histogram of non-zero activations: FINE_BINS equal sub-bins over [0, R_f), where R_f is the
+  smallest power of two strictly above the running max. When the max crosses R_f, R_f doubles and
+  sub-bins merge pairwise, which is exact, so the state never depends on batch order or splits;
+- interval candidates: over the same [0, R_f) split into UNITS equal units, the `examples_per_interval`
+  contexts with the lowest pseudo-random priority hash(context id, feature) among the contexts whose
+  max falls in that unit. Bottom-s by a fixed priority is a uniform sample without replacement, and
+  the bottom-s of a union is the bottom-s of the bottom-s sets: doubling and `merge` stay exact.
+
+`finalize` groups sub-bins into the 50 displayed histogram bins and units into the `n_intervals`
+equal-width intervals over [0, max]; interval edges sit on unit boundaries (within R_f/UNITS <= max/32
+of linspace(0, max, n+1)) and are returned as they are, so labels, shares and samples agree exactly.
+
+Per-token activations are stored for the top-k contexts only ([d_sae, k, T] float32). Those of interval
+samples are not kept while streaming: every unit may end up supplying a sample, so that would be
+UNITS * examples_per_interval contexts per feature (~41 MB per 1k features at T=128). The writer
+re-encodes the contexts in `example_context_ids(result)` with the same encoder and calls
+`fill_example_acts` on each batch, which also makes the stored values the live encoder's values.
+
+Tie-breaks are deterministic (equal max activation: lower context id first; equal values within a
+context: first position), so results are identical for any batch size, order of batches or split.
+Context ids must be unique, in [0, 2**32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FINE_BITS = 10
+FINE_BINS = 1 << FINE_BITS  # histogram sub-bins over [0, R_f); a power of two so v * FINE_BINS / R_f is exact
+UNIT_BITS = 6
+UNITS = 1 << UNIT_BITS  # interval-sampling units over [0, R_f)
+SUM_FRAC_BITS = 20  # the sum of activations is kept in int64 fixed point (integer addition is associative)
+EMPTY_EXP = -(1 << 20)  # range exponent of a feature that never fired
+PRIME = 2_147_483_647  # 2**31 - 1: hash arithmetic stays below 2**63 on every device
+INT64_MAX = torch.iinfo(torch.int64).max
+LOW32 = 0xFFFFFFFF
+
+STATE_TENSORS = ("n_tokens", "n_contexts", "max", "sum_fixed", "fine_hist", "top_key", "top_pos", "top_acts",
+                 "cand_prio", "cand_val", "cand_pos")
+
+
+def priority_hash(context_ids: torch.Tensor, features: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Pseudo-random int64 in [0, 2**31 - 1) for each (context, feature) pair, exact on any device."""
+    x = (context_ids % PRIME + 1) * 1540483477 % PRIME
+    x = (x + (features + 1) * 668265263 % PRIME + (seed % PRIME) * 374761393 % PRIME) % PRIME
+    for mult in (73244475, 2246822507 % PRIME, 3266489917 % PRIME):
+        x = (x ^ (x >> 15)) * mult % PRIME
+    return x
+
+
+def range_exponent(max_act: torch.Tensor) -> torch.Tensor:
+    """e with 2**e the smallest power of two strictly above max_act; EMPTY_EXP where max_act <= 0."""
+    e = torch.frexp(max_act).exponent.to(torch.int64)  # max = m * 2**e with m in [0.5, 1)
+    return torch.where(max_act > 0, e, torch.full_like(e, EMPTY_EXP))
+
+
+def _pow2(exp: torch.Tensor) -> torch.Tensor:
+    """2.0**exp as float32, exact (exp is clamped to float32's normal range)."""
+    return ((exp.clamp(-126, 127) + 127) << 23).int().view(torch.float32)  # IEEE bits: no pow() rounding
+
+
+class FeatureStats:
+    """Streaming statistics of one SAE's d_sae features. All state lives in tensors on `device`."""
+
+    def __init__(self, d_sae: int, context_len: int, top_k: int = 20, n_intervals: int = 5,
+                 examples_per_interval: int = 5, hist_bins: int = 50, seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        if not 1 <= n_intervals <= UNITS // 2:
+            raise ValueError(f"n_intervals must be in [1, {UNITS // 2}], got {n_intervals}.")
+        if not 1 <= hist_bins <= FINE_BINS // 2:
+            raise ValueError(f"hist_bins must be in [1, {FINE_BINS // 2}], got {hist_bins}.")
+        if min(d_sae, context_len, top_k, examples_per_interval) < 1:
+            raise ValueError("d_sae, context_len, top_k and examples_per_interval must be positive.")
+        self.d_sae, self.context_len, self.top_k = d_sae, context_len, top_k
+        self.n_intervals, self.examples_per_interval, self.hist_bins = n_intervals, examples_per_interval, hist_bins
+        self.seed = seed
+        self.device = torch.device(device)
+        F, k, s, dev = d_sae, top_k, examples_per_interval, self.device
+        self.n_tokens = torch.zeros((), dtype=torch.int64, device=dev)  # content tokens seen
+        self.n_contexts = torch.zeros((), dtype=torch.int64, device=dev)
+        self.max = torch.zeros(F, device=dev)
+        self.sum_fixed = torch.zeros(F, dtype=torch.int64, device=dev)  # sum of round(act * 2**SUM_FRAC_BITS)
+        self.fine_hist = torch.zeros(F, FINE_BINS, dtype=torch.int32, device=dev)
+        # Top-k as unordered slots: key = float bits of the max << 32 | (2**32 - 1 - context id); -1 = empty.
+        self.top_key = torch.full((F, k), -1, dtype=torch.int64, device=dev)
+        self.top_pos = torch.zeros(F, k, dtype=torch.int32, device=dev)
+        self.top_acts = torch.zeros(F, k, context_len, device=dev)
+        # Interval candidates per (feature, unit), sorted by priority = hash << 32 | context id; INT64_MAX = empty.
+        self.cand_prio = torch.full((F, UNITS, s), INT64_MAX, dtype=torch.int64, device=dev)
+        self.cand_val = torch.zeros(F, UNITS, s, device=dev)
+        self.cand_pos = torch.zeros(F, UNITS, s, dtype=torch.int32, device=dev)
+
+    # ---------------------------------------------------------------- streaming
+
+    @torch.no_grad()
+    def update(self, acts: torch.Tensor, context_ids: torch.Tensor, content_mask: torch.Tensor) -> None:
+        """Add one batch: acts [B, T, d_sae], context_ids [B] (unique, never seen before), content_mask [B, T]
+        (False at BOS/EOS/pad: those positions never count). `acts` is only read."""
+        B, T, F = acts.shape
+        if F != self.d_sae or T > self.context_len:
+            raise ValueError(f"acts has shape {tuple(acts.shape)}; expected [B, <= {self.context_len}, {self.d_sae}].")
+        if tuple(context_ids.shape) != (B,) or tuple(content_mask.shape) != (B, T):
+            raise ValueError("context_ids must be [B] and content_mask [B, T] for acts [B, T, d_sae].")
+        acts = acts.to(self.device, torch.float32)
+        context_ids = context_ids.to(self.device, torch.int64)
+        content_mask = content_mask.to(self.device, torch.bool)
+        if bool(((context_ids < 0) | (context_ids > LOW32)).any()):
+            raise ValueError("context ids must lie in [0, 2**32).")
+
+        # Only the non-zero entries are touched after this single dense pass.
+        flat = acts.reshape(-1)
+        idx = flat.nonzero().squeeze(1)  # [N] flat indices into [B, T, F]
+        val = flat[idx]
+        bt = idx // F
+        keep = (val > 0) & content_mask.reshape(-1)[bt]
+        idx, val, bt = idx[keep], val[keep], bt[keep]
+        feat = idx - bt * F
+        b = bt // T
+        cell = b * F + feat  # (context, feature) pair
+
+        # Per (context, feature): max over positions and its first position.
+        cmax = torch.zeros(B * F, device=self.device).scatter_reduce_(0, cell, val, "amax")
+        at_max = val == cmax[cell]
+        cpos = torch.full((B * F,), T, dtype=torch.int64, device=self.device)
+        cpos.scatter_reduce_(0, cell[at_max], (bt - b * T)[at_max], "amin")
+        pair = cmax.nonzero().squeeze(1)  # [M] firing (context, feature) pairs, context-major
+        p_b, p_f = pair // F, pair % F
+        p_val, p_pos, p_ctx = cmax[pair], cpos[pair], context_ids[p_b]
+
+        old_exp = range_exponent(self.max)
+        self.max = torch.maximum(self.max, cmax.view(B, F).amax(0))
+        exp = range_exponent(self.max)
+        self._rescale(old_exp, exp)
+
+        sub = (val * _pow2(FINE_BITS - exp)[feat]).long()  # exact: a power-of-two scale, val < R_f
+        self.fine_hist.view(-1).index_add_(0, feat * FINE_BINS + sub,
+                                           torch.ones_like(sub, dtype=torch.int32))
+        self.sum_fixed.index_add_(0, feat, torch.round(val * float(1 << SUM_FRAC_BITS)).long())
+        self.n_tokens += content_mask.sum()
+        self.n_contexts += B
+
+        self._merge_top(p_f, p_b, p_val, p_pos, p_ctx, acts, content_mask)
+        unit = (p_val * _pow2(UNIT_BITS - exp)[p_f]).long()
+        self._insert_candidates(p_f, unit, self._priority(p_ctx, p_f), p_val, p_pos.int())
+
+    def _priority(self, ctx: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        return (priority_hash(ctx, feat, self.seed) << 32) | ctx
+
+    def _merge_top(self, p_f, p_b, p_val, p_pos, p_ctx, acts, content_mask) -> None:
+        """Merge the batch's firing pairs into the top-k slots; gather per-token acts only for entrants."""
+        key = (p_val.view(torch.int32).long() << 32) | (LOW32 - p_ctx)
+        enters = key > self.top_key.amin(1)[p_f]
+        if not bool(enters.any()):
+            return
+        p_f, p_b, key, p_pos = p_f[enters], p_b[enters], key[enters], p_pos[enters]
+        feats, local = torch.unique(p_f, return_inverse=True)  # [H] features with entrants
+        B, H, k = acts.shape[0], feats.numel(), self.top_k
+        new_key = torch.full((H, B), -2, dtype=torch.int64, device=self.device)  # -2 < empty slot (-1)
+        new_key[local, p_b] = key
+        both = torch.cat([self.top_key[feats], new_key], 1)  # [H, k + B]
+        chosen = torch.zeros_like(both, dtype=torch.bool)
+        chosen.scatter_(1, both.topk(k, 1, sorted=False).indices, True)
+        # Each feature frees as many old slots as it admits newcomers: pair them in order.
+        out_h, out_slot = (~chosen[:, :k]).nonzero(as_tuple=True)
+        in_h, in_b = chosen[:, k:].nonzero(as_tuple=True)
+        f = feats[out_h]
+        self.top_key[f, out_slot] = new_key[in_h, in_b]
+        pos_of = torch.zeros(H, B, dtype=torch.int32, device=self.device)
+        pos_of[local, p_b] = p_pos.int()
+        self.top_pos[f, out_slot] = pos_of[in_h, in_b]
+        T = acts.shape[1]
+        self.top_acts[f, out_slot, :T] = acts[in_b, :, f] * content_mask[in_b]  # [n, T]
+
+    def _insert_candidates(self, feat, unit, prio, val, pos) -> None:
+        """Merge (feature, unit, priority, value, position) entries into the bottom-s sets of their cells."""
+        s = self.examples_per_interval
+        cells_prio = self.cand_prio.view(-1, s)
+        cell = feat * UNITS + unit
+        fits = prio < cells_prio[cell, s - 1]  # a cell's worst priority is its last
+        if not bool(fits.any()):
+            return
+        cell, prio, val, pos = cell[fits], prio[fits], val[fits], pos[fits]
+        order = prio.argsort()
+        order = order[cell[order].argsort(stable=True)]  # grouped by cell, ascending priority inside
+        cell, prio, val, pos = cell[order], prio[order], val[order], pos[order]
+        cells, counts = torch.unique_consecutive(cell, return_counts=True)
+        group = torch.repeat_interleave(torch.arange(cells.numel(), device=self.device), counts)
+        rank = torch.arange(cell.numel(), device=self.device) - (counts.cumsum(0) - counts)[group]
+        top = rank < s
+        group, rank = group[top], rank[top]
+        new_prio = torch.full((cells.numel(), s), INT64_MAX, dtype=torch.int64, device=self.device)
+        new_val = torch.zeros(cells.numel(), s, device=self.device)
+        new_pos = torch.zeros(cells.numel(), s, dtype=torch.int32, device=self.device)
+        new_prio[group, rank], new_val[group, rank], new_pos[group, rank] = prio[top], val[top], pos[top]
+        cells_val, cells_pos = self.cand_val.view(-1, s), self.cand_pos.view(-1, s)
+        all_prio = torch.cat([cells_prio[cells], new_prio], 1)  # [m, 2s]
+        all_prio, pick = all_prio.sort(1)
+        cells_prio[cells] = all_prio[:, :s]
+        cells_val[cells] = torch.cat([cells_val[cells], new_val], 1).gather(1, pick[:, :s])
+        cells_pos[cells] = torch.cat([cells_pos[cells], new_pos], 1).gather(1, pick[:, :s])
+
+    def _rescale(self, old_exp: torch.Tensor, exp: torch.Tensor) -> None:
+        """Re-express histogram and candidates of features whose range R_f grew from 2**old_exp to 2**exp."""
+        grown = ((exp != old_exp) & (old_exp != EMPTY_EXP)).nonzero().squeeze(1)  # never-fired: nothing to move
+        if grown.numel() == 0:
+            return
+        shift = (exp - old_exp)[grown]
+        hist = self.fine_hist[grown]  # [g, FINE_BINS]
+        target = torch.arange(FINE_BINS, device=self.device) >> shift.clamp(max=FINE_BITS)[:, None]
+        self.fine_hist[grown] = torch.zeros_like(hist).scatter_add_(1, target, hist)
+        prio = self.cand_prio[grown]  # [g, UNITS, s]
+        g, unit, slot = (prio != INT64_MAX).nonzero(as_tuple=True)
+        val, pos, prio = self.cand_val[grown][g, unit, slot], self.cand_pos[grown][g, unit, slot], prio[g, unit, slot]
+        self.cand_prio[grown] = INT64_MAX
+        self._insert_candidates(grown[g], unit >> shift.clamp(max=UNIT_BITS)[g], prio, val, pos)
+
+    # ---------------------------------------------------------------- merge and checkpoints
+
+    @torch.no_grad()
+    def merge(self, other: FeatureStats) -> None:
+        """Add another state over disjoint contexts: afterwards self equals one run over both corpora."""
+        if self._settings() != other._settings():
+            raise ValueError(f"Cannot merge statistics with different settings: {self._settings()} vs {other._settings()}.")
+        exp = range_exponent(torch.maximum(self.max, other.max.to(self.device)))
+        theirs = FeatureStats(**self._settings(), device=self.device)
+        theirs.load_state_dict(other.state_dict())
+        self._rescale(range_exponent(self.max), exp)
+        theirs._rescale(range_exponent(theirs.max), exp)
+        self.max = torch.maximum(self.max, theirs.max)
+        self.n_tokens += theirs.n_tokens
+        self.n_contexts += theirs.n_contexts
+        self.sum_fixed += theirs.sum_fixed
+        self.fine_hist += theirs.fine_hist
+        g, unit, slot = (theirs.cand_prio != INT64_MAX).nonzero(as_tuple=True)
+        self._insert_candidates(g, unit, theirs.cand_prio[g, unit, slot], theirs.cand_val[g, unit, slot],
+                                theirs.cand_pos[g, unit, slot])
+        keys = torch.cat([self.top_key, theirs.top_key], 1)  # [F, 2k]
+        pick = keys.topk(self.top_k, 1).indices
+        self.top_key = keys.gather(1, pick)
+        self.top_pos = torch.cat([self.top_pos, theirs.top_pos], 1).gather(1, pick)
+        acts = torch.cat([self.top_acts, theirs.top_acts], 1)  # [F, 2k, T]
+        self.top_acts = acts.gather(1, pick[:, :, None].expand(-1, -1, self.context_len)).contiguous()
+
+    def _settings(self) -> dict:
+        return dict(d_sae=self.d_sae, context_len=self.context_len, top_k=self.top_k, n_intervals=self.n_intervals,
+                    examples_per_interval=self.examples_per_interval, hist_bins=self.hist_bins, seed=self.seed)
+
+    def state_dict(self) -> dict:
+        """Settings and a copy of the state tensors (on their device); torch.save it for a checkpoint."""
+        return {"settings": self._settings(), **{name: getattr(self, name).clone() for name in STATE_TENSORS}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["settings"] != self._settings():
+            raise ValueError(f"Checkpoint settings {state['settings']} differ from {self._settings()}.")
+        for name in STATE_TENSORS:
+            mine = getattr(self, name)
+            if state[name].shape != mine.shape or state[name].dtype != mine.dtype:
+                raise ValueError(f"Checkpoint tensor {name} has {state[name].dtype}{tuple(state[name].shape)}, "
+                                 f"expected {mine.dtype}{tuple(mine.shape)}.")
+            setattr(self, name, state[name].to(self.device).clone())
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: str | torch.device = "cpu") -> FeatureStats:
+        stats = cls(**state["settings"], device=device)
+        stats.load_state_dict(state)
+        return stats
+
+    # ---------------------------------------------------------------- results
+
+    @torch.no_grad()
+    def finalize(self) -> dict[str, torch.Tensor | int]:
+        """Plain dict of CPU tensors (shapes with F = d_sae, k = top_k, n = n_intervals, s = examples_per_interval,
+        T = context_len); see the README section of precompute for each field. Does not change the state."""
+        exp = range_exponent(self.max)
+        n_firing = self.fine_hist.sum(1, dtype=torch.int64)  # [F]
+        cum = torch.nn.functional.pad(self.fine_hist.cumsum(1, dtype=torch.int64), (1, 0))  # [F, FINE_BINS + 1]
+        out: dict[str, torch.Tensor | int] = {
+            "n_tokens": int(self.n_tokens), "n_contexts": int(self.n_contexts),
+            "n_firing": n_firing,
+            "density": n_firing.double() / max(int(self.n_tokens), 1),
+            "max_act": self.max.clone(),
+            "mean_act": self.sum_fixed.double() / float(1 << SUM_FRAC_BITS) / n_firing.clamp(min=1),
+        }
+        out.update(self._histogram(exp, cum))
+        out.update(self._top_examples())
+        out.update(self._intervals(exp, cum, n_firing))
+        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+    def _histogram(self, exp, cum) -> dict[str, torch.Tensor]:
+        nb = self.hist_bins
+        top_sub = (self.max * _pow2(FINE_BITS - exp)).long()  # sub-bin holding the max, in [S/2, S)
+        width = (top_sub + nb) // nb  # sub-bins per displayed bin: ceil((top_sub + 1) / nb)
+        edges = torch.arange(nb + 1, device=self.device) * width[:, None]  # [F, nb + 1] in sub-bins
+        counts = cum.gather(1, edges.clamp(max=FINE_BINS)).diff(1)  # [F, nb]
+        fired = self.max > 0
+        return {"hist_counts": counts,
+                "hist_bin_width": torch.where(fired, width.float() * _pow2(exp - FINE_BITS), 0.0)}
+
+    def _top_examples(self) -> dict[str, torch.Tensor]:
+        key, order = self.top_key.sort(1, descending=True)  # [F, k]
+        found = key >= 0
+        ctx = torch.where(found, LOW32 - (key & LOW32), -1)
+        act = torch.where(found, (key >> 32).int().view(torch.float32), 0.0)
+        pos = torch.where(found, self.top_pos.gather(1, order), -1)
+        token_acts = self.top_acts.gather(1, order[:, :, None].expand(-1, -1, self.context_len))  # [F, k, T]
+        return {"top_ctx": ctx, "top_act": act, "top_pos": pos, "top_token_acts": token_acts}
+
+    def _intervals(self, exp, cum, n_firing) -> dict[str, torch.Tensor]:
+        n, s, F = self.n_intervals, self.examples_per_interval, self.d_sae
+        fired = self.max > 0
+        max_units = self.max.double() * _pow2(UNIT_BITS - exp)  # max in units of R_f / UNITS, in [C/2, C)
+        # Unit boundary nearest to each of linspace(0, max, n + 1); the last one is the first above the max.
+        edges = torch.floor(max_units[:, None] * torch.arange(n + 1, device=self.device) / n + 0.5).long()
+        edges[:, n] = max_units.long() + 1  # [F, n + 1], strictly increasing since max/n >= 6.4 units
+        count = cum.gather(1, edges * (FINE_BINS // UNITS)).diff(1)  # [F, n] firing tokens per interval
+        scale = _pow2(exp - UNIT_BITS)[:, None]
+        lo = torch.where(fired[:, None], edges[:, :-1] * scale, 0.0)
+        hi = torch.where(fired[:, None], edges[:, 1:] * scale, 0.0)
+        # Interval of each unit, then the bottom-s priorities of each interval among its units' candidates.
+        unit_iv = (torch.arange(UNITS, device=self.device)[None, :, None] >= edges[:, None, 1:n]).sum(2)  # [F, C]
+        prio = self.cand_prio.view(F, UNITS * s)
+        iv = torch.where(prio == INT64_MAX, n, unit_iv.repeat_interleave(s, 1))  # empty -> n (dropped)
+        order = prio.argsort(1)
+        order = order.gather(1, iv.gather(1, order).argsort(dim=1, stable=True))  # by interval, then priority
+        iv_sorted = iv.gather(1, order)
+        per_iv = torch.zeros(F, n + 1, dtype=torch.int64, device=self.device).scatter_add_(1, iv, torch.ones_like(iv))
+        rank = torch.arange(UNITS * s, device=self.device) - (per_iv.cumsum(1) - per_iv).gather(1, iv_sorted)
+        f_i, j = ((rank < s) & (iv_sorted < n)).nonzero(as_tuple=True)
+        src, dst_iv, dst_rank = order[f_i, j], iv_sorted[f_i, j], rank[f_i, j]
+        ctx = torch.full((F, n, s), -1, dtype=torch.int64, device=self.device)
+        act = torch.zeros(F, n, s, device=self.device)
+        pos = torch.full((F, n, s), -1, dtype=torch.int32, device=self.device)
+        ctx[f_i, dst_iv, dst_rank] = prio[f_i, src] & LOW32
+        act[f_i, dst_iv, dst_rank] = self.cand_val.view(F, -1)[f_i, src]
+        pos[f_i, dst_iv, dst_rank] = self.cand_pos.view(F, -1)[f_i, src]
+        act, by_act = act.sort(dim=2, descending=True, stable=True)  # strongest first within an interval
+        return {"interval_lo": lo, "interval_hi": hi, "interval_count": count,
+                "interval_share": count.double() / n_firing.clamp(min=1)[:, None],
+                "interval_ctx": ctx.gather(2, by_act), "interval_act": act, "interval_pos": pos.gather(2, by_act)}
+
+
+def example_context_ids(result: dict) -> torch.Tensor:
+    """Sorted unique context ids of the interval samples: what the writer re-encodes for their per-token acts."""
+    ctx = result["interval_ctx"]
+    return torch.unique(ctx[ctx >= 0])
+
+
+@torch.no_grad()
+def fill_example_acts(example_ctx: torch.Tensor, context_ids: torch.Tensor, acts: torch.Tensor,
+                      content_mask: torch.Tensor, out: torch.Tensor) -> None:
+    """Copy per-token acts of one re-encoded batch into `out` wherever an example names one of its contexts.
+
+    example_ctx [F, ...] context ids (-1 = none), e.g. result["interval_ctx"] [F, n, s];
+    context_ids [B], acts [B, T, F], content_mask [B, T]; out [F, ..., T_out >= T] float32, filled in place
+    (special positions written as 0, like the top-k per-token acts).
+    """
+    F, T = acts.shape[2], acts.shape[1]
+    wanted = example_ctx.reshape(F, -1).to(acts.device)  # [F, m]
+    sorted_ids, order = context_ids.to(acts.device).sort()
+    where = torch.searchsorted(sorted_ids, wanted).clamp(max=sorted_ids.numel() - 1)
+    f, j = ((sorted_ids[where] == wanted) & (wanted >= 0)).nonzero(as_tuple=True)
+    b = order[where[f, j]]
+    rows = (acts[b, :, f] * content_mask.to(acts.device)[b]).to(out.device)  # [hits, T]
+    out.view(F, -1, out.shape[-1])[f.to(out.device), j.to(out.device), :T] = rows
+
+
+def expected_memory_bytes(d_sae: int, context_len: int, top_k: int = 20, examples_per_interval: int = 5) -> int:
+    """State size of one FeatureStats, to plan how many SAEs fit on a device at once."""
+    per_feature = (4 + 8 + 4 * FINE_BINS + top_k * (8 + 4 + 4 * context_len)
+                   + UNITS * examples_per_interval * (8 + 4 + 4))
+    return d_sae * per_feature
