@@ -13,13 +13,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from featurescope.encoder import SAEShapeError
-from featurescope.models import ModelLoadError
-from featurescope.sae_loading import SAELoadError
-from featurescope.sites import SiteError
+from featurescope.errors import FeatureScopeError
 from featurescope.training import TrainConfig
 
-USER_ERRORS = (ModelLoadError, SAELoadError, SiteError, SAEShapeError)
+USER_ERRORS = (FeatureScopeError,)
 
 app = typer.Typer(
     help="FeatureScope: precompute and explore JumpReLU SAE features (Gemma Scope and your own).",
@@ -125,6 +122,7 @@ def train(
     context_len: Annotated[int, typer.Option(help="Tokens per context, BOS included.")] = TrainConfig.context_len,
     buffer_tokens: Annotated[int, typer.Option(help="Shuffling buffer size in tokens (memory: tokens x sites x d_in x 4 bytes).")] = TrainConfig.buffer_tokens,
     model_batch: Annotated[int, typer.Option(help="Contexts per forward pass of the model.")] = TrainConfig.model_batch,
+    max_norm_ratio: Annotated[Optional[float], typer.Option(help="Skip tokens whose activation norm exceeds this x the median (attention sinks); 0 keeps all.")] = TrainConfig.max_norm_ratio,
     batch_size: Annotated[int, typer.Option(help="Tokens per optimiser step.")] = TrainConfig.batch_size,
     lr: Annotated[float, typer.Option(help="Adam learning rate of the weights and biases.")] = TrainConfig.lr,
     lr_warmup_steps: Annotated[int, typer.Option(help="Cosine learning-rate warm-up from 0.1 x lr, in steps.")] = TrainConfig.lr_warmup_steps,
@@ -155,7 +153,7 @@ def train(
 
     cfg = TrainConfig(sites=tuple(site), architecture=architecture, d_sae=width, context_len=context_len,
                       corpus_tokens=corpus_tokens, held_out_contexts=held_out_contexts, train_tokens=train_tokens,
-                      buffer_tokens=buffer_tokens, model_batch=model_batch, batch_size=batch_size, lr=lr,
+                      buffer_tokens=buffer_tokens, model_batch=model_batch, max_norm_ratio=max_norm_ratio or None, batch_size=batch_size, lr=lr,
                       lr_warmup_steps=lr_warmup_steps, lr_decay_frac=lr_decay_frac, adam_beta1=adam_beta1,
                       adam_beta2=adam_beta2, adam_eps=adam_eps, sparsity_coeff=sparsity_coeff,
                       sparsity_warmup_steps=sparsity_warmup_steps, target_l0=target_l0, target_l0_gain=target_l0_gain,
@@ -183,6 +181,7 @@ def eval_(
     context_len: Annotated[Optional[int], typer.Option(help="Tokens per context, BOS included (default: the SAE card's, else 128).")] = None,
     held_out_contexts: Annotated[Optional[int], typer.Option(help="Built-in corpus: evaluate on the contexts held out from training (default: the SAE card's, else 200).")] = None,
     batch_size: Annotated[int, typer.Option(help="Contexts per forward pass.")] = 8,
+    max_norm_ratio: Annotated[Optional[float], typer.Option(help="Leave out tokens whose norm exceeds this x the median, like BOS (default: the SAE card's training value, else keep all; 0 keeps all).")] = None,
     store: Annotated[bool, typer.Option(help="Write the metrics into featurescope.json of local SAE folders.")] = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -205,13 +204,50 @@ def eval_(
         held = held_out_contexts or train_cfg.get("held_out_contexts") or 200
         cfg = TrainConfig(context_len=context_len, held_out_contexts=held, corpus_tokens=train_cfg.get("corpus_tokens"))
         contexts, corpus = default_contexts(lm, cfg)[1], f"built-in python docs, {held} held-out contexts"
-    metrics = evaluate_saes(lm, saes, contexts, max_tokens=tokens, batch_size=batch_size, progress=True)
+    ratio = train_cfg.get("max_norm_ratio") if max_norm_ratio is None else (max_norm_ratio or None)
+    metrics = evaluate_saes(lm, saes, contexts, max_tokens=tokens, batch_size=batch_size, max_norm_ratio=ratio,
+                            progress=True)
     typer.echo(format_table(metrics))
     for src, m in metrics.items():
         folder = Path(src).parent if src.endswith(".npz") else Path(src)
         if store and folder.is_dir():
-            store_metrics(folder, m, {"corpus": corpus, "model": lm.source}, hook_name=saes[src].cfg.hook_name)
+            store_metrics(folder, m, {"corpus": corpus, "model": lm.source, "max_norm_ratio": ratio}, hook_name=saes[src].cfg.hook_name)
             typer.echo(f"metrics stored in {folder / 'featurescope.json'}")
+
+
+@app.command()
+def precompute(
+    sae: Annotated[list[str], typer.Option("--sae", help="SAE source; repeat for several SAEs (one model pass for all).")],
+    model: ModelOpt = "smollm2-135m",
+    sae_id: Annotated[list[str] | None, typer.Option("--sae-id", help="URL id per SAE, in --sae order (default e.g. 6-res-2k).")] = None,
+    site: Annotated[str | None, typer.Option(help="Site of bare params.npz SAEs, e.g. 15-res.")] = None,
+    corpus: Annotated[str, typer.Option(help="'python-docs' (built in), a .txt/.jsonl/.parquet file or folder, or hf:DATASET.")] = "python-docs",
+    text_column: Annotated[str, typer.Option(help="Text column of .jsonl/.parquet/hf: corpora.")] = "text",
+    dataset_config: Annotated[str | None, typer.Option(help="hf: dataset config name.")] = None,
+    split: Annotated[str, typer.Option(help="hf: dataset split.")] = "train",
+    data_files: Annotated[str | None, typer.Option(help="hf: data_files (for the json/parquet/text builders).")] = None,
+    tokens: Annotated[int, typer.Option(help="Corpus tokens to read (BOS not counted).")] = 200_000,
+    context_len: Annotated[int, typer.Option(help="Tokens per context, BOS first.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Contexts per forward pass.")] = 16,
+    top_k: Annotated[int, typer.Option(help="Top examples kept per feature.")] = 20,
+    n_intervals: Annotated[int, typer.Option(help="Equal-width activation intervals from 0 to the max.")] = 5,
+    examples_per_interval: Annotated[int, typer.Option(help="Examples sampled per interval.")] = 5,
+    data_dir: Annotated[str, typer.Option(help="Where runs, checkpoints and published DuckDB files go.")] = "data",
+    checkpoint_every: Annotated[int, typer.Option(help="Batches between checkpoints (a killed run resumes from the last).")] = 200,
+    force: Annotated[bool, typer.Option("--force", help="Recompute a run that is already published.")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Run the model once over a corpus for all SAEs; store every feature's statistics in DuckDB."""
+    from precompute.corpus_sources import CorpusSpec
+    from precompute.job import PrecomputeConfig, run_precompute
+
+    cfg = PrecomputeConfig(model=model, saes=list(sae), sae_ids=list(sae_id) if sae_id else None, site=site,
+                           corpus=CorpusSpec(corpus, text_column, dataset_config, split, data_files),
+                           max_tokens=tokens, context_len=context_len, batch_size=batch_size, top_k=top_k,
+                           n_intervals=n_intervals, examples_per_interval=examples_per_interval, device=device,
+                           dtype=dtype, data_dir=data_dir, checkpoint_every=checkpoint_every, force=force)
+    run_precompute(cfg, log=typer.echo)
 
 
 db_app = typer.Typer(help="Create and migrate FeatureScope DuckDB files (Alembic).", no_args_is_help=True)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from featurescope.errors import FeatureScopeError
 from featurescope.models import LoadedModel
 from featurescope.sae import JumpReLUSAE
 from featurescope.sites import Site, capture_sites, parse_site, site_width
 
 
-class SAEShapeError(ValueError):
+class SAEShapeError(FeatureScopeError, ValueError):
     """An SAE whose d_in does not match the width of the site it reads."""
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from featurescope.errors import FeatureScopeError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -27,7 +29,7 @@ EMBEDDED_MODELS = {
 EAGER_ATTENTION_MODEL_TYPES = {"gemma2", "gemma3", "gemma3_text"}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(FeatureScopeError, RuntimeError):
     """A model could not be loaded; the message is one sentence telling the user what to do."""
 
 

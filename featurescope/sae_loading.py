@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featurescope.errors import FeatureScopeError
 from featurescope.sae import PARAM_NAMES, JumpReLUSAE, SAEConfig
 from featurescope.sites import Site, SiteError, parse_site
 
@@ -30,7 +31,7 @@ _GEMMA_SCOPE_ID_RE = re.compile(r"^layer_(\d+)/width_(\d+[km])/(average_l0_\d+|c
 _NEURONPEDIA_RE = re.compile(r"^gemma-2-(2b|9b|27b)(-it)?/(\d+)-gemmascope-(res|mlp|att)-(\d+[km])$")
 
 
-class SAELoadError(ValueError):
+class SAELoadError(FeatureScopeError, ValueError):
     """An SAE source that cannot be found or read; the message says what to do."""
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from featurescope.errors import FeatureScopeError
 from featurescope.models import LoadedModel
 
 SITE_KINDS = ("res", "mlp", "att")
@@ -28,7 +29,7 @@ _HOOK_NAME_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|attn\
 _SHORT_NAME_RE = re.compile(r"^(\d+)-(res|mlp|att)$")
 
 
-class SiteError(ValueError):
+class SiteError(FeatureScopeError, ValueError):
     """A site name that does not parse, or that the model does not have."""
 
 

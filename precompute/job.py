@@ -1,0 +1,255 @@
+"""The precompute job: one pass of a model over a corpus, any number of SAEs encoding the same batch,
+streaming per-feature statistics, then one DuckDB file published atomically.
+
+    from precompute.job import PrecomputeConfig, run_precompute
+    run_precompute(PrecomputeConfig(model="smollm2-135m", saes=["data/saes/6-res"], max_tokens=100_000))
+
+or `featurescope precompute --sae data/saes/6-res --sae data/saes/12-res`. Killed? Run the same
+command again: it resumes from the last checkpoint and gives the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from featurescope.corpus import content_mask, pack_contexts
+from featurescope.encoder import FeatureEncoder
+from featurescope.errors import FeatureScopeError
+from featurescope.models import LoadedModel, load_model
+from featurescope.sae import JumpReLUSAE
+from featurescope.sae_loading import load_sae
+from featurescope.sites import parse_site
+from precompute.corpus_sources import CorpusError, CorpusSpec, iter_texts
+from precompute.feature_stats import FeatureStats, example_context_ids, fill_example_acts
+from precompute.static_stats import logit_effect, nearest_features
+from precompute.writer import SAEResult, write_run_db
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class PrecomputeConfig:
+    model: str = "smollm2-135m"  # hub id, folder, .gguf, or embedded short name
+    saes: list[str] = field(default_factory=list)  # SAE sources (anything load_sae reads)
+    sae_ids: list[str] | None = None  # URL ids, one per SAE; default e.g. "6-res-2k"
+    site: str | None = None  # site of bare params.npz SAEs
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    max_tokens: int = 200_000  # corpus tokens read (BOS not counted)
+    context_len: int = 128  # tokens per context, BOS first
+    batch_size: int = 16  # contexts per forward pass
+    top_k: int = 20  # top examples kept per feature
+    n_intervals: int = 5  # equal-width activation intervals from 0 to the max ...
+    examples_per_interval: int = 5  # ... and examples sampled from each
+    device: str = "auto"
+    dtype: str = "float32"
+    data_dir: str = "data"
+    checkpoint_every: int = 200  # batches between checkpoints
+    force: bool = False  # redo a run that is already published
+    progress: bool = True
+
+    def run_id(self) -> str:
+        """Same inputs -> same id, so the same command finds its checkpoint and its published file.
+        Batch size, device and progress do not change the result, so they are not part of it."""
+        keys = dict(model=self.model, saes=self.saes, sae_ids=self.sae_ids, site=self.site, corpus=asdict(self.corpus),
+                    max_tokens=self.max_tokens, context_len=self.context_len, top_k=self.top_k,
+                    n_intervals=self.n_intervals, examples_per_interval=self.examples_per_interval, dtype=self.dtype)
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class PrecomputeError(FeatureScopeError, ValueError):
+    """Bad input to the job; nothing was written."""
+
+
+def width_label(d_sae: int) -> str:
+    return f"{d_sae // 1024}k" if d_sae % 1024 == 0 else str(d_sae)
+
+
+def default_sae_ids(saes: list[JumpReLUSAE]) -> list[str]:
+    """'{layer}-{kind}-{width}', e.g. '20-res-16k'; a repeated id gets its L0 variant or a counter appended."""
+    ids = []
+    for sae in saes:
+        site = parse_site(sae.cfg.hook_name)
+        base = f"{site.short_name}-{width_label(sae.d_sae)}"
+        candidate, n = base, 1
+        if base in ids and "average_l0_" in sae.cfg.source:
+            candidate = f"{base}-l0-{sae.cfg.source.rsplit('average_l0_', 1)[1]}"
+        while candidate in ids:
+            n += 1
+            candidate = f"{base}-{n}"
+        ids.append(candidate)
+    return ids
+
+
+def published_path(cfg: PrecomputeConfig, model_id: str) -> Path:
+    return Path(cfg.data_dir) / "db" / f"{model_id}--{cfg.run_id()}.duckdb"
+
+
+def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=print) -> Path:
+    """Run (or resume) the job and publish its DuckDB file; returns the published path."""
+    if not cfg.saes:
+        raise PrecomputeError("No SAEs given: pass at least one --sae.")
+    saes = [load_sae(src, site=cfg.site) for src in cfg.saes]
+    sae_ids = cfg.sae_ids or default_sae_ids(saes)
+    if len(sae_ids) != len(saes) or len(set(sae_ids)) != len(sae_ids):
+        raise PrecomputeError(f"Need one distinct id per SAE; got {sae_ids} for {len(saes)} SAEs.")
+    lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    target = published_path(cfg, lm.name)
+    if target.exists() and not cfg.force:
+        log(f"Already complete: {target} (run {cfg.run_id()}). Pass --force to recompute.")
+        return target
+    encoder = FeatureEncoder(lm, dict(zip(sae_ids, saes)))  # checks every SAE's width against its site
+    contexts = _contexts(cfg, lm)
+    work_dir = Path(cfg.data_dir) / "runs" / cfg.run_id()
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.time()
+    stats, next_context, elapsed_before = _start_or_resume(cfg, work_dir, encoder, log)
+    elapsed_before += _stream(cfg, encoder, contexts, stats, next_context, work_dir)
+    log("Finishing: interval examples, logit effects, neighbours ...")
+    results = _finish(cfg, lm, encoder, contexts, stats)
+    run_seconds = elapsed_before + (time.time() - started)
+    staging = work_dir / "staging.duckdb"
+    write_started = time.time()
+    write_run_db(staging, model_row=_model_row(lm), vocab=_vocab(lm), contexts=contexts.numpy(),
+                 run_row=_run_row(cfg, lm, contexts, stats, run_seconds), saes=results)
+    write_seconds = time.time() - write_started
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, target)  # atomic publish: readers see the old file or the complete new one
+    (work_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    _summary(log, cfg, target, contexts, stats, time.time() - started, write_seconds)
+    return target
+
+
+def _contexts(cfg: PrecomputeConfig, lm: LoadedModel) -> torch.Tensor:
+    if cfg.context_len > lm.max_context:
+        raise PrecomputeError(f"Context length {cfg.context_len} is over model {lm.name!r}'s limit of {lm.max_context} tokens.")
+    try:
+        contexts = pack_contexts(lm, iter_texts(cfg.corpus), cfg.context_len, cfg.max_tokens)
+    except CorpusError as exc:
+        raise PrecomputeError(str(exc)) from exc
+    if len(contexts) == 0:
+        raise PrecomputeError(f"Corpus {cfg.corpus.describe()!r} gave no complete context of {cfg.context_len} tokens: it is empty or too short.")
+    return contexts
+
+
+def _new_stats(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> dict[str, FeatureStats]:
+    return {name: FeatureStats(sae.d_sae, cfg.context_len, top_k=cfg.top_k, n_intervals=cfg.n_intervals,
+                               examples_per_interval=cfg.examples_per_interval, device=encoder.lm.device)
+            for name, sae in encoder.saes.items()}
+
+
+def _start_or_resume(cfg, work_dir: Path, encoder: FeatureEncoder, log) -> tuple[dict, int, float]:
+    checkpoint = work_dir / CHECKPOINT_FILE
+    stats = _new_stats(cfg, encoder)
+    if not checkpoint.exists() or cfg.force:
+        return stats, 0, 0.0
+    state = torch.load(checkpoint, map_location=encoder.lm.device, weights_only=False)
+    for name, s in stats.items():
+        s.load_state_dict(state["stats"][name])
+    log(f"Resuming run {cfg.run_id()} from context {state['next_context']} (checkpoint {checkpoint}).")
+    return stats, state["next_context"], state["elapsed"]
+
+
+def _save_checkpoint(work_dir: Path, stats: dict, next_context: int, elapsed: float) -> None:
+    tmp = work_dir / (CHECKPOINT_FILE + ".tmp")
+    torch.save({"next_context": next_context, "elapsed": elapsed,
+                "stats": {name: s.state_dict() for name, s in stats.items()}}, tmp)
+    os.replace(tmp, work_dir / CHECKPOINT_FILE)
+
+
+def _stream(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict, start: int, work_dir: Path) -> float:
+    """The main loop: forward once per batch, every SAE's statistics updated from it. Returns seconds."""
+    lm, n, T = encoder.lm, len(contexts), contexts.shape[1]
+    bar = tqdm(total=n * T, initial=start * T, unit="tok", unit_scale=True, disable=not cfg.progress,
+               desc=f"precompute {len(stats)} SAE{'s' * (len(stats) > 1)}", dynamic_ncols=True)
+    started = time.time()
+    for batch_no, first in enumerate(range(start, n, cfg.batch_size), start=1):
+        ids = contexts[first: first + cfg.batch_size]  # [B, T]
+        context_ids = torch.arange(first, first + len(ids), device=lm.device)
+        mask = content_mask(lm, ids).to(lm.device)  # False at BOS/EOS/pad: never counted
+        feature_acts = encoder(ids)  # {sae: [B, T, d_sae]}
+        for name, acts in feature_acts.items():
+            stats[name].update(acts, context_ids, mask)
+        bar.update(ids.numel())
+        if cfg.checkpoint_every and batch_no % cfg.checkpoint_every == 0 and first + len(ids) < n:
+            _save_checkpoint(work_dir, stats, first + len(ids), time.time() - started)
+    bar.close()
+    return time.time() - started
+
+
+@torch.no_grad()
+def _finish(cfg, lm: LoadedModel, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict) -> list[SAEResult]:
+    finals = {name: s.finalize() for name, s in stats.items()}
+    interval_acts = _interval_token_acts(cfg, encoder, contexts, finals)
+    W_U = lm.model.get_output_embeddings().weight.detach()
+    results = []
+    for name, sae in encoder.saes.items():
+        static = {**logit_effect(sae.W_dec, W_U), **nearest_features(sae.W_dec)}
+        results.append(SAEResult(row=_sae_row(lm, name, sae, encoder, finals[name], cfg), stats=finals[name],
+                                 static={k: (v.cpu() if torch.is_tensor(v) else v) for k, v in static.items()},
+                                 interval_token_acts=interval_acts[name].numpy()))
+    return results
+
+
+def _interval_token_acts(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, finals: dict) -> dict[str, torch.Tensor]:
+    """Per-token acts of the interval samples, re-encoded with the same encoder (the values the live
+    encoder gives). Only the contexts that some sample names are run again."""
+    lm = encoder.lm
+    wanted = torch.unique(torch.cat([example_context_ids(f) for f in finals.values()]))
+    out = {name: torch.zeros(*f["interval_ctx"].shape, cfg.context_len) for name, f in finals.items()}
+    for first in range(0, len(wanted), cfg.batch_size):
+        context_ids = wanted[first: first + cfg.batch_size]
+        ids = contexts[context_ids]
+        mask = content_mask(lm, ids).to(lm.device)
+        for name, acts in encoder(ids).items():
+            fill_example_acts(finals[name]["interval_ctx"], context_ids, acts, mask, out[name])
+    return out
+
+
+def _sae_row(lm, name: str, sae: JumpReLUSAE, encoder: FeatureEncoder, final: dict, cfg) -> dict:
+    site = encoder.sites[name]
+    metrics = (sae.cfg.metadata or {}).get("metrics", {})
+    density = final["density"]
+    return dict(model_id=lm.name, id=name, run_id=cfg.run_id(), hook_name=site.hook_name, layer=site.layer,
+                site_kind=site.kind, d_in=sae.d_in, d_sae=sae.d_sae, source=sae.cfg.source,
+                architecture=sae.cfg.architecture, l0=metrics.get("l0"), fvu=metrics.get("fvu"),
+                delta_loss=metrics.get("delta_loss"), dead_share=float((final["n_firing"] == 0).float().mean()),
+                dense_share=float((density > 0.1).float().mean()), card=json.dumps(sae.cfg.metadata or {}))
+
+
+def _model_row(lm: LoadedModel) -> dict:
+    return dict(id=lm.name, source=lm.source, n_layers=lm.n_layers, d_model=lm.d_model, vocab_size=lm.vocab_size,
+                bos_token_id=lm.bos_token_id, special_token_ids=sorted(lm.special_token_ids))
+
+
+def _vocab(lm: LoadedModel) -> list[str]:
+    return lm.tokenizer.batch_decode([[i] for i in range(lm.vocab_size)])
+
+
+def _run_row(cfg, lm, contexts: torch.Tensor, stats: dict, seconds: float) -> dict:
+    n_tokens = int(next(iter(stats.values())).n_tokens)
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "force")}
+    return dict(id=cfg.run_id(), model_id=lm.name, corpus=cfg.corpus.describe(), n_contexts=len(contexts),
+                context_len=cfg.context_len, n_tokens=n_tokens, config=json.dumps(config), status="complete",
+                started_at=now - dt.timedelta(seconds=seconds), finished_at=now, seconds=seconds)
+
+
+def _summary(log, cfg, target: Path, contexts: torch.Tensor, stats: dict, seconds: float, write_seconds: float) -> None:
+    n_tokens = int(next(iter(stats.values())).n_tokens)
+    log(f"Published {target} ({target.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s "
+        f"({write_seconds:.1f} s writing DuckDB): {len(contexts)} contexts, {n_tokens} content tokens.")
+    for name, s in stats.items():
+        n_firing = s.fine_hist.sum(1)
+        dead = float((n_firing == 0).float().mean())
+        log(f"  {name:<16} mean density {float(n_firing.double().mean() / max(n_tokens, 1)):.4f}   dead {dead:.1%}")

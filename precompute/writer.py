@@ -1,0 +1,168 @@
+"""Write one precompute run into a DuckDB file, in bulk, through Arrow tables (no per-row inserts).
+
+The file is created with the Alembic migrations (featurescope.db.upgrade), filled, closed, and only
+then published by the job (an os.replace into the data folder), so a reader never sees it half-written.
+Rows are inserted sorted by (sae_id, feature) so a feature page reads a contiguous range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from featurescope import db
+from featurescope.labels import LABEL_KIND_AUTO, auto_label
+
+
+@dataclass
+class SAEResult:
+    """Everything stored for one SAE: its `saes` row, the finalized streaming statistics
+    (precompute.feature_stats.FeatureStats.finalize), the weights-only statistics, and the per-token
+    activations of the interval samples [F, n_intervals, per_interval, T]."""
+    row: dict
+    stats: dict
+    static: dict
+    interval_token_acts: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+
+def _np(x) -> np.ndarray:
+    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+
+
+def list_column(values_2d: np.ndarray, type_=pa.float32()) -> pa.ListArray:
+    """[rows, width] -> a list column with `width` items per row."""
+    rows, width = values_2d.shape
+    offsets = np.arange(0, (rows + 1) * width, width, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values_2d.reshape(-1), type=type_))
+
+
+def sparse_list_columns(token_acts: np.ndarray) -> tuple[pa.ListArray, pa.ListArray]:
+    """[rows, T] per-token activations -> (positions, acts) list columns holding only the non-zero ones."""
+    rows_i, pos = np.nonzero(token_acts > 0)  # row-major: grouped by row, positions ascending
+    counts = np.bincount(rows_i, minlength=token_acts.shape[0])
+    offsets = np.zeros(token_acts.shape[0] + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    positions = pa.ListArray.from_arrays(pa.array(offsets), pa.array(pos.astype(np.int32)))
+    acts = pa.ListArray.from_arrays(pa.array(offsets), pa.array(token_acts[rows_i, pos].astype(np.float32)))
+    return positions, acts
+
+
+def examples_table(model_id: str, sae_id: str, run_id: str, stats: dict, interval_token_acts: np.ndarray) -> pa.Table:
+    """Top examples (kind 'top', bin 0) and interval samples (kind 'interval', bin = interval index)."""
+    top_ctx, top_act, top_pos = _np(stats["top_ctx"]), _np(stats["top_act"]), _np(stats["top_pos"])
+    top_acts = _np(stats["top_token_acts"])  # [F, k, T]
+    F, k, T = top_acts.shape
+    iv_ctx, iv_act, iv_pos = _np(stats["interval_ctx"]), _np(stats["interval_act"]), _np(stats["interval_pos"])
+    n, s = iv_ctx.shape[1:]
+    # One row per (feature, kind, bin, rank), features in order, then top before interval.
+    feature = np.concatenate([np.repeat(np.arange(F), k)[:, None], np.repeat(np.arange(F), n * s)[:, None]], 0)[:, 0]
+    kind_is_top = np.concatenate([np.ones(F * k, bool), np.zeros(F * n * s, bool)])
+    bins = np.concatenate([np.zeros(F * k, np.int32), np.tile(np.repeat(np.arange(n, dtype=np.int32), s), F)])
+    ranks = np.concatenate([np.tile(np.arange(k, dtype=np.int32), F), np.tile(np.arange(s, dtype=np.int32), F * n)])
+    ctx = np.concatenate([top_ctx.reshape(-1), iv_ctx.reshape(-1)])
+    act = np.concatenate([top_act.reshape(-1), iv_act.reshape(-1)])
+    pos = np.concatenate([top_pos.reshape(-1), iv_pos.reshape(-1)])
+    token_acts = np.concatenate([top_acts.reshape(-1, T), interval_token_acts.reshape(-1, interval_token_acts.shape[-1])[:, :T]])
+    order = np.lexsort((ranks, bins, ~kind_is_top, feature))
+    keep = order[ctx[order] >= 0]
+    positions, acts = sparse_list_columns(token_acts[keep])
+    rows = len(keep)
+    return pa.table({
+        "model_id": pa.array([model_id] * rows, pa.string()),
+        "sae_id": pa.array([sae_id] * rows, pa.string()),
+        "feature": pa.array(feature[keep].astype(np.int32)),
+        "kind": pa.array(np.where(kind_is_top[keep], "top", "interval"), pa.string()),
+        "bin": pa.array(bins[keep]),
+        "rank": pa.array(ranks[keep]),
+        "run_id": pa.array([run_id] * rows, pa.string()),
+        "context_id": pa.array(ctx[keep].astype(np.int32)),
+        "max_act": pa.array(act[keep].astype(np.float32)),
+        "max_pos": pa.array(pos[keep].astype(np.int32)),
+        "positions": positions,
+        "acts": acts,
+    })
+
+
+def feature_labels(stats: dict, static: dict, contexts: np.ndarray, vocab: list[str]) -> list[str]:
+    """Automatic labels: most frequent peak tokens of the top examples, then top promoted tokens."""
+    top_ctx, top_pos = _np(stats["top_ctx"]), _np(stats["top_pos"])
+    found = top_ctx >= 0
+    peak_ids = np.where(found, contexts[np.where(found, top_ctx, 0), np.where(found, top_pos, 0)], -1)
+    promoted = _np(static["logit_pos_ids"])
+    labels = []
+    for f in range(top_ctx.shape[0]):
+        peaks = [vocab[t] for t in peak_ids[f] if t >= 0]
+        labels.append(auto_label(peaks, [vocab[t] for t in promoted[f][:5]]))
+    return labels
+
+
+def features_table(model_id: str, sae_id: str, stats: dict, static: dict, labels: list[str]) -> pa.Table:
+    F = _np(stats["max_act"]).shape[0]
+    f32 = lambda key, src=stats: pa.array(_np(src[key]).astype(np.float32))  # noqa: E731
+    return pa.table({
+        "model_id": pa.array([model_id] * F, pa.string()),
+        "sae_id": pa.array([sae_id] * F, pa.string()),
+        "feature": pa.array(np.arange(F, dtype=np.int32)),
+        "n_firing": pa.array(_np(stats["n_firing"]).astype(np.int64)),
+        "density": f32("density"),
+        "max_act": f32("max_act"),
+        "mean_act": f32("mean_act"),
+        "hist_bin_width": f32("hist_bin_width"),
+        "hist_counts": list_column(_np(stats["hist_counts"]).astype(np.int32), pa.int32()),
+        "interval_lo": list_column(_np(stats["interval_lo"]).astype(np.float32)),
+        "interval_hi": list_column(_np(stats["interval_hi"]).astype(np.float32)),
+        "interval_share": list_column(_np(stats["interval_share"]).astype(np.float32)),
+        "logit_pos_ids": list_column(_np(static["logit_pos_ids"]).astype(np.int32), pa.int32()),
+        "logit_pos_values": list_column(_np(static["logit_pos_values"]).astype(np.float32)),
+        "logit_neg_ids": list_column(_np(static["logit_neg_ids"]).astype(np.int32), pa.int32()),
+        "logit_neg_values": list_column(_np(static["logit_neg_values"]).astype(np.float32)),
+        "logit_hist_lo": f32("logit_hist_lo", static),
+        "logit_hist_hi": f32("logit_hist_hi", static),
+        "logit_hist_counts": list_column(_np(static["logit_hist_counts"]).astype(np.int32), pa.int32()),
+        "neighbour_ids": list_column(_np(static["neighbour_ids"]).astype(np.int32), pa.int32()),
+        "neighbour_cos": list_column(_np(static["neighbour_cos"]).astype(np.float32)),
+        "label": pa.array(labels, pa.string()),
+        "label_kind": pa.array([LABEL_KIND_AUTO] * F, pa.string()),
+    })
+
+
+def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict, contexts: np.ndarray,
+                 saes: list[SAEResult]) -> None:
+    """Create `path` at the newest schema and fill it with one run. `path` must not be published yet."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    db.upgrade(path)
+    con = duckdb.connect(str(path))
+    try:
+        con.execute("BEGIN TRANSACTION")
+        _insert(con, "models", pa.Table.from_pylist([model_row]))
+        _insert(con, "vocab", pa.table({"model_id": [model_row["id"]] * len(vocab),
+                                         "token_id": np.arange(len(vocab), dtype=np.int32), "text": vocab}))
+        _insert(con, "runs", pa.Table.from_pylist([run_row]))
+        _insert(con, "contexts", pa.table({"run_id": [run_row["id"]] * len(contexts),
+                                           "context_id": np.arange(len(contexts), dtype=np.int32),
+                                           "token_ids": list_column(contexts.astype(np.int32), pa.int32())}))
+        for result in sorted(saes, key=lambda r: r.row["id"]):
+            sae_id = result.row["id"]
+            _insert(con, "saes", pa.Table.from_pylist([result.row]))
+            labels = feature_labels(result.stats, result.static, contexts, vocab)
+            _insert(con, "features", features_table(model_row["id"], sae_id, result.stats, result.static, labels))
+            _insert(con, "examples", examples_table(model_row["id"], sae_id, run_row["id"], result.stats,
+                                                     result.interval_token_acts))
+        con.execute("COMMIT")
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
+    """INSERT ... SELECT from a registered Arrow table, naming the columns (their order need not match)."""
+    con.register("_incoming", data)
+    columns = ", ".join(f'"{c}"' for c in data.column_names)  # names come from our own code, not users
+    con.execute(f'INSERT INTO "{table}" ({columns}) SELECT {columns} FROM _incoming')
+    con.unregister("_incoming")
