@@ -2,7 +2,8 @@
 
 Special tokens (BOS, EOS, pad) are excluded everywhere: from L0/FVU/firing statistics, from the
 cross-entropy targets, and from splicing (the SAE replaces the activation at non-special positions
-only; BOS keeps its true activation, as the SAEs never trained on it).
+only; BOS keeps its true activation, as the SAEs never trained on it). Optionally, norm outliers
+(attention-sink tokens) are treated like BOS, see `evaluate_saes(max_norm_ratio=...)`.
 
     metrics = evaluate_saes(lm, {"6-res": load_sae("saes/6-res")}, contexts, max_tokens=20_000)
     print(format_table(metrics))
@@ -27,6 +28,7 @@ from featurescope.models import LoadedModel
 from featurescope.sae import JumpReLUSAE
 from featurescope.sae_loading import CARD_FILE
 from featurescope.sites import Site, site_hooks
+from featurescope.training import norm_outliers
 
 DENSE_FRACTION = 0.1  # a latent firing on more than this share of tokens counts as dense
 
@@ -41,6 +43,7 @@ class SAEMetrics:
     dead_share: float  # latents that never fire on the eval tokens
     dense_share: float  # latents that fire on more than DENSE_FRACTION of the eval tokens
     n_tokens: int  # non-special tokens the statistics are over
+    excluded_share: float  # non-special tokens left out as norm outliers (max_norm_ratio)
     n_contexts: int
     context_len: int
 
@@ -59,6 +62,7 @@ class _Accumulator:
         self.fires = torch.zeros(sae.d_sae, dtype=torch.long)
         self.n = 0
         self.spliced_nll = 0.0
+        self.excluded = 0  # non-special tokens left out as norm outliers
 
     def add(self, x: torch.Tensor, acts: torch.Tensor, x_hat: torch.Tensor) -> None:
         """x, x_hat (n, d_in) and acts (n, d_sae) at non-special positions."""
@@ -80,7 +84,7 @@ class _Accumulator:
             clean_loss=clean, spliced_loss=spliced, delta_loss=spliced - clean,
             dead_share=float((self.fires == 0).float().mean()),
             dense_share=float((self.fires > DENSE_FRACTION * self.n).float().mean()),
-            n_tokens=self.n, n_contexts=n_contexts, context_len=context_len,
+            n_tokens=self.n, excluded_share=self.excluded / (self.n + self.excluded), n_contexts=n_contexts, context_len=context_len,
         )
 
 
@@ -102,8 +106,13 @@ def limit_contexts(lm: LoadedModel, contexts: torch.Tensor, max_tokens: int | No
 
 @torch.no_grad()
 def evaluate_saes(lm: LoadedModel, saes: dict[str, JumpReLUSAE], contexts: torch.Tensor,
-                  max_tokens: int | None = None, batch_size: int = 8, progress: bool = False) -> dict[str, SAEMetrics]:
-    """Metrics per SAE on `contexts` [n, T] (each row starting with BOS): one clean pass, one spliced pass per SAE."""
+                  max_tokens: int | None = None, batch_size: int = 8, max_norm_ratio: float | None = None,
+                  progress: bool = False) -> dict[str, SAEMetrics]:
+    """Metrics per SAE on `contexts` [n, T] (each row starting with BOS): one clean pass, one spliced pass per SAE.
+
+    With max_norm_ratio, tokens whose activation norm at the SAE's site exceeds that multiple of the batch
+    median (attention sinks, see training.norm_outliers) are left out of the statistics and not spliced, like BOS.
+    """
     if not saes:
         raise ValueError("evaluate_saes needs at least one SAE.")
     sites = {name: check_sae_fits(lm, sae, name) for name, sae in saes.items()}
@@ -119,16 +128,20 @@ def evaluate_saes(lm: LoadedModel, saes: dict[str, JumpReLUSAE], contexts: torch
         captured: dict[Site, torch.Tensor] = {}
 
         def keep(site: Site):
-            return lambda act: captured.__setitem__(site, act[mask].float())  # (n, d_in)
+            return lambda act: captured.__setitem__(site, act.float())  # (B, T, d_in)
 
         with site_hooks(lm, {s: keep(s) for s in set(sites.values())}):
             nll, n = next_token_nll(lm.model(input_ids=ids, use_cache=False).logits, ids, mask)
         clean_nll, n_targets = clean_nll + nll, n_targets + n
         for name, sae in saes.items():
-            x = captured[sites[name]]
+            site_mask = mask.clone()
+            if max_norm_ratio is not None:
+                site_mask[mask] = ~norm_outliers(captured[sites[name]][mask], max_norm_ratio)
+            accs[name].excluded += int(mask.sum() - site_mask.sum())
+            x = captured[sites[name]][site_mask]  # (n, d_in)
             acts = sae.encode(x)
             accs[name].add(x, acts, sae.decode(acts))
-            with site_hooks(lm, {sites[name]: _splicer(sae, mask)}):
+            with site_hooks(lm, {sites[name]: _splicer(sae, site_mask)}):
                 accs[name].spliced_nll += next_token_nll(lm.model(input_ids=ids, use_cache=False).logits, ids, mask)[0]
     return {name: acc.result(clean_nll, n_targets, contexts.shape[0], contexts.shape[1]) for name, acc in accs.items()}
 
@@ -157,9 +170,10 @@ def store_metrics(folder: str | Path, metrics: SAEMetrics, info: dict | None = N
 
 def format_table(metrics: dict[str, SAEMetrics]) -> str:
     """A plain-text table, one row per SAE."""
-    header = f"{'SAE':<32} {'L0':>7} {'FVU':>7} {'dLoss':>7} {'clean':>7} {'dead':>7} {'dense':>7} {'tokens':>8}"
+    header = (f"{'SAE':<32} {'L0':>7} {'FVU':>7} {'dLoss':>7} {'clean':>7} {'dead':>7} {'dense':>7} {'tokens':>8} "
+              f"{'outliers':>8}")
     rows = [header, "-" * len(header)]
     for name, m in metrics.items():
         rows.append(f"{name[-32:]:<32} {m.l0:7.1f} {m.fvu:7.3f} {m.delta_loss:7.3f} {m.clean_loss:7.3f} "
-                    f"{m.dead_share:7.1%} {m.dense_share:7.1%} {m.n_tokens:8d}")
+                    f"{m.dead_share:7.1%} {m.dense_share:7.1%} {m.n_tokens:8d} {m.excluded_share:8.2%}")
     return "\n".join(rows)

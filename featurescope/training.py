@@ -51,6 +51,7 @@ class TrainConfig:
     train_tokens: int = 1_000_000  # activations trained on, repeats over epochs counted
     buffer_tokens: int = 262_144  # shuffling buffer, in tokens; if the data set fits, later epochs reuse it
     model_batch: int = 16  # contexts per forward pass
+    max_norm_ratio: float | None = 10.0  # skip tokens whose norm exceeds this x the median (None: keep all)
     # optimisation (Gemma Scope: Adam betas (0, 0.999), eps 1e-8, lr warm-up; lr 7e-5 for billions of tokens)
     batch_size: int = 4096  # tokens per step
     lr: float = 7e-4
@@ -236,15 +237,34 @@ def chunk_schedule(mask: torch.Tensor, cfg: TrainConfig) -> list[Chunk]:
 
 
 @torch.no_grad()
-def chunk_activations(lm: LoadedModel, contexts: torch.Tensor, sites: list[Site], model_batch: int) -> dict[Site, torch.Tensor]:
-    """{site: (n_tokens, d_in) float32} over the non-special tokens of `contexts`, one truncated pass per batch."""
+def chunk_activations(lm: LoadedModel, contexts: torch.Tensor, sites: list[Site], model_batch: int,
+                      max_norm_ratio: float | None = None) -> dict[Site, torch.Tensor]:
+    """{site: (n_tokens, d_in) float32} over the non-special tokens of `contexts`, one truncated pass per batch.
+
+    With max_norm_ratio, tokens that are norm outliers at any site are dropped at every site."""
     parts: dict[Site, list[torch.Tensor]] = {s: [] for s in sites}
     for ids in contexts.split(model_batch):  # (b, T)
         keep = content_mask(lm, ids).to(lm.device)
         acts = capture_sites(lm, ids, sites)
         for s in sites:
             parts[s].append(acts[s][keep].float().cpu())  # (n_kept, d_in)
-    return {s: torch.cat(p) for s, p in parts.items()}
+    acts = {s: torch.cat(p) for s, p in parts.items()}
+    if max_norm_ratio is not None:
+        keep = torch.ones(next(iter(acts.values())).shape[0], dtype=torch.bool)
+        for a in acts.values():
+            keep &= ~norm_outliers(a, max_norm_ratio)
+        acts = {s: a[keep] for s, a in acts.items()}
+    return acts
+
+
+def norm_outliers(acts: torch.Tensor, max_norm_ratio: float) -> torch.Tensor:
+    """Bool (n,): rows whose norm exceeds max_norm_ratio x the median row norm.
+
+    Besides BOS, SmolLM2 puts a few attention-sink tokens at ~100x the typical residual norm; one of
+    them weighs as much as ~10^4 ordinary tokens in the squared error and in the E||x||^2 scale.
+    """
+    norms = acts.norm(dim=-1)
+    return norms > max_norm_ratio * norms.median()
 
 
 class ActivationStream:
@@ -260,7 +280,8 @@ class ActivationStream:
         if self._cached is None or not torch.equal(self._cached[0], chunk.contexts):
             self._cached = None  # free the previous chunk before computing the next one
             t0 = time.perf_counter()
-            acts = chunk_activations(self.lm, self.contexts[chunk.contexts], self.sites, self.cfg.model_batch)
+            acts = chunk_activations(self.lm, self.contexts[chunk.contexts], self.sites, self.cfg.model_batch,
+                                     self.cfg.max_norm_ratio)
             self.model_seconds += time.perf_counter() - t0
             self._cached = (chunk.contexts, acts)
         return self._cached[1]
@@ -276,7 +297,8 @@ class ActivationStream:
             seed = self.cfg.seed * 1_000_003 + chunk.epoch * 1009 + chunk.index + 1
             perm = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))
             for b in range(max(0, start_step - chunk.first_step), chunk.n_batches):
-                rows = perm[b * B:(b + 1) * B]
+                # the schedule counted tokens before norm outliers were dropped: wrap in the rare short chunk
+                rows = perm[torch.arange(b * B, (b + 1) * B) % n_tokens]
                 yield chunk.first_step + b, {s: a[rows] for s, a in acts.items()}
 
 
