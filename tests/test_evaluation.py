@@ -144,3 +144,14 @@ def test_cli_train_then_eval_stores_metrics(tiny_llama_path, tmp_path):
     card = json.loads((folder / "featurescope.json").read_text())
     assert card["eval"]["n_tokens"] >= 500 and np.isfinite(card["eval"]["delta_loss"])
     assert card["train_config"]["d_sae"] == 64
+
+
+def test_norm_outliers_are_left_out_and_not_spliced(tiny_gemma2, gemma_contexts):
+    sae = make_sae(64, 128, "blocks.1.hook_resid_post")
+    full = evaluate_saes(tiny_gemma2, {"s": sae}, gemma_contexts)["s"]
+    # a ratio of 1.0 drops every token above the batch median norm: roughly half of them
+    cut = evaluate_saes(tiny_gemma2, {"s": sae}, gemma_contexts, max_norm_ratio=1.0)["s"]
+    assert full.excluded_share == 0
+    assert 0.3 < cut.excluded_share < 0.7
+    assert cut.n_tokens + round(cut.excluded_share * (cut.n_tokens / (1 - cut.excluded_share))) == full.n_tokens
+    assert cut.clean_loss == full.clean_loss and cut.spliced_loss != full.spliced_loss
