@@ -277,6 +277,31 @@ def db_current(path: Annotated[str, typer.Argument(help="The DuckDB file.")]) ->
     typer.echo(f"{path}: {db.current_revision(path) or 'no schema'} (head: {db.head_revision()})")
 
 
+@app.command()
+def serve(
+    data_dir: Annotated[Path, typer.Option(help="Data dir whose db/*.duckdb files (published precompute runs) are served.")] = Path("data"),
+    host: Annotated[str, typer.Option(help="Interface to bind; the default keeps the explorer on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    htmx_url: Annotated[str | None, typer.Option(help="Where pages load htmx 2 from (default: its CDN).")] = None,
+    local_htmx: Annotated[bool, typer.Option("--local-htmx", help="Serve the local htmx copy in node_modules/ (npm install htmx.org@2) instead of the CDN's.")] = False,
+    htmx_file: Annotated[Path | None, typer.Option(help="Serve this htmx.min.js instead of the CDN's.")] = None,
+) -> None:
+    """Serve the feature explorer (read-only; picks up newly published precompute runs without a restart)."""
+    import uvicorn
+
+    from app import Settings, create_app
+    from app.settings import DEFAULT_LOCAL_HTMX, HTMX_CDN_URL
+
+    local = htmx_file or (DEFAULT_LOCAL_HTMX if local_htmx else None)
+    if local is not None and not Path(local).is_file():
+        raise typer.BadParameter(f"{local} does not exist (bash scripts/install_test_tools.sh installs htmx into node_modules/).")
+    settings = Settings(data_dir=data_dir, host=host, port=port, htmx_url=htmx_url or HTMX_CDN_URL, local_htmx=local)
+    if not settings.db_dir.is_dir():
+        typer.echo(f"Note: {settings.db_dir} does not exist yet; the explorer shows databases as soon as they are published there.")
+    typer.echo(f"FeatureScope explorer: {settings.url}  (Ctrl+C to stop)")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     try:
         app()

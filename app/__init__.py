@@ -1,0 +1,15 @@
+"""FeatureScope's web explorer: FastAPI + Jinja2 + htmx over the published DuckDB files.
+
+    from app import Settings, create_app
+    app = create_app(Settings(data_dir="data"))
+
+Layout: settings.py (the one config object), databases.py (published files, read-only, reopened on
+publication), data.py (every query; one data function per view), present.py and charts.py (tokens and
+SVG histograms for HTML), render.py (pages, JSON twins, htmx fragments), urls.py (every URL), deps.py,
+routes/ (one router per resource), templates/ and static/.
+"""
+
+from app.main import create_app
+from app.settings import Settings
+
+__all__ = ["Settings", "create_app"]

@@ -1,0 +1,457 @@
+"""Every query the explorer makes, one data function per view. Each returns plain data (dicts, lists,
+numbers, strings) that feeds the HTML page, its `.json` twin and its htmx fragments alike.
+
+    catalog = CatalogSource(DataDir(settings.db_dir)).current()
+    home(catalog); sae_view(catalog, "gemma-2-2b", "20-res-16k", FeatureQuery())
+    feature_view(catalog, "gemma-2-2b", "20-res-16k", 12345, text="")
+
+Queries are SQLAlchemy Core on featurescope.schema with bound parameters. A feature page is three
+queries: the feature row, its examples joined with their contexts, and its neighbours' labels.
+Per-file results that never change (catalog, vocab, density histogram) are cached on the DataFile.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+import sqlalchemy as sa
+
+from app.databases import DataDir, DataFile, FileProblem
+from app.errors import InvalidParameter, NotFound, nearest_names
+from featurescope.db import head_revision
+from featurescope.labels import LABEL_KIND_AUTO, auto_label
+from featurescope.schema import SAE, Context, Example, Feature, Model, Run, Vocab
+
+DENSE_THRESHOLD = 0.1  # the Gemma Scope report's "dense": fires on more than 10% of tokens
+DENSITY_BINS_PER_DECADE = 4
+PEAK_TOKENS_SHOWN = 3
+
+SortKey = Literal["index", "label", "density", "max_act"]
+Show = Literal["all", "alive", "dead", "dense"]
+SORT_COLUMNS = {"index": Feature.feature, "label": Feature.label, "density": Feature.density, "max_act": Feature.max_act}
+
+
+# ----------------------------------------------------------------------------------------------- catalog
+@dataclass(frozen=True)
+class SAEInfo:
+    model_id: str
+    id: str
+    site: str
+    hook_name: str
+    layer: int
+    site_kind: str
+    d_in: int
+    d_sae: int
+    source: str
+    architecture: str
+    l0: float | None
+    fvu: float | None
+    delta_loss: float | None
+    dead_share: float | None
+    dense_share: float | None
+    run_id: str
+    corpus: str | None
+    n_tokens: int | None
+    n_contexts: int | None
+    context_len: int | None
+    database: str
+    file: DataFile = field(repr=False, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "file"}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    source: str
+    n_layers: int
+    d_model: int
+    vocab_size: int
+    bos_token_id: int
+    special_token_ids: tuple[int, ...]
+    file: DataFile = field(repr=False, compare=False)
+    saes: dict[str, SAEInfo] = field(default_factory=dict, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "source": self.source, "n_layers": self.n_layers, "d_model": self.d_model,
+                "vocab_size": self.vocab_size, "saes": [s.as_dict() for s in self.saes.values()]}
+
+
+@dataclass
+class Catalog:
+    """The models and SAEs of every published file. Where two files hold the same SAE, the newer wins."""
+    models: dict[str, ModelInfo]
+    problems: list[FileProblem]
+    n_files: int
+
+    def model(self, model_id: str) -> ModelInfo:
+        found = self.models.get(model_id)
+        if found is None:
+            raise NotFound("model", model_id, f"There is no model {model_id!r}.",
+                           choices=nearest_names(model_id, list(self.models)))
+        return found
+
+    def sae(self, model_id: str, sae_id: str) -> SAEInfo:
+        model = self.model(model_id)
+        found = model.saes.get(sae_id)
+        if found is None:
+            raise NotFound("sae", sae_id, f"Model {model_id!r} has no SAE {sae_id!r}.", model_id=model_id,
+                           choices=nearest_names(sae_id, list(model.saes)))
+        return found
+
+    def has_model(self, model_id: str) -> bool:
+        return model_id in self.models
+
+    def has_sae(self, model_id: str, sae_id: str) -> bool:
+        return model_id in self.models and sae_id in self.models[model_id].saes
+
+
+class CatalogSource:
+    """The current Catalog of a DataDir, rebuilt only when its set of files changes."""
+
+    def __init__(self, data_dir: DataDir) -> None:
+        self.data_dir = data_dir
+        self._key: tuple[int, ...] | None = None
+        self._catalog = Catalog({}, [], 0)
+        self._head = head_revision()
+
+    def current(self) -> Catalog:
+        files, problems = self.data_dir.files()
+        key = tuple(id(f) for f in files) + tuple(id(p) for p in problems)
+        if key != self._key:
+            catalog = _build_catalog(files, list(problems), self._head)
+            self._catalog, self._key = catalog, key
+        return self._catalog
+
+
+def _build_catalog(files: tuple[DataFile, ...], problems: list[FileProblem], head: str) -> Catalog:
+    models: dict[str, ModelInfo] = {}
+    for data_file in files:  # newest first
+        if "catalog" not in data_file.cache:
+            try:
+                data_file.cache["catalog"] = _read_file_catalog(data_file, head)
+            except sa.exc.DBAPIError as exc:
+                data_file.cache["catalog"] = FileProblem(data_file.name, f"is not a FeatureScope database: {exc.orig}")
+        read = data_file.cache["catalog"]
+        if isinstance(read, FileProblem):
+            problems.append(read)
+            continue
+        for model in read:
+            known = models.setdefault(model.id, replace(model, saes={}))
+            for sae_id, sae in model.saes.items():
+                known.saes.setdefault(sae_id, sae)
+    for model in models.values():
+        ordered = sorted(model.saes.items(), key=lambda kv: (kv[1].layer, kv[1].site_kind, kv[0]))
+        model.saes.clear()
+        model.saes.update(ordered)
+    return Catalog(dict(sorted(models.items())), problems, len(files))
+
+
+def _read_file_catalog(data_file: DataFile, head: str) -> list[ModelInfo] | FileProblem:
+    version = sa.table("alembic_version", sa.column("version_num"))
+    with data_file.connect() as conn:
+        revision = conn.execute(sa.select(version.c.version_num)).scalar()
+        if revision != head:
+            return FileProblem(data_file.name, f"has schema revision {revision}; this server reads {head} "
+                                               "(publish it again with this version of featurescope)")
+        model_rows = conn.execute(sa.select(Model.__table__).order_by(Model.id)).mappings().all()
+        sae_rows = conn.execute(
+            sa.select(SAE.__table__, Run.corpus, Run.n_tokens, Run.n_contexts, Run.context_len)
+            .join(Run, Run.id == SAE.run_id, isouter=True).order_by(SAE.model_id, SAE.layer, SAE.id)).mappings().all()
+    models = {r["id"]: ModelInfo(r["id"], r["source"], r["n_layers"], r["d_model"], r["vocab_size"], r["bos_token_id"],
+                                 tuple(r["special_token_ids"] or ()), data_file) for r in model_rows}
+    for r in sae_rows:
+        if r["model_id"] not in models:
+            continue
+        models[r["model_id"]].saes[r["id"]] = SAEInfo(
+            model_id=r["model_id"], id=r["id"], site=f"{r['layer']}-{r['site_kind']}", hook_name=r["hook_name"],
+            layer=r["layer"], site_kind=r["site_kind"], d_in=r["d_in"], d_sae=r["d_sae"], source=r["source"],
+            architecture=r["architecture"], l0=r["l0"], fvu=r["fvu"], delta_loss=r["delta_loss"],
+            dead_share=r["dead_share"], dense_share=r["dense_share"], run_id=r["run_id"], corpus=r["corpus"],
+            n_tokens=r["n_tokens"], n_contexts=r["n_contexts"], context_len=r["context_len"], database=data_file.name,
+            file=data_file)
+    return list(models.values())
+
+
+# ------------------------------------------------------------------------------------------------- vocab
+class TokenTexts:
+    """Display text of every token of a model, loaded once per file. `derived` lets other layers memoise
+    what they compute from it (e.g. the HTML presenter's whitespace-visible forms)."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.derived: dict[str, Any] = {}
+        self._by_stripped: dict[str, list[int]] | None = None
+        self._by_text: dict[str, list[int]] | None = None
+
+    def __getitem__(self, token_id: int) -> str:
+        return self.texts[token_id] if 0 <= token_id < len(self.texts) else f"<unk {token_id}>"
+
+    def ids_for(self, text: str) -> list[int]:
+        """Tokens whose text is `text`; a query without surrounding whitespace (" Paris" typed as "Paris")
+        also matches tokens that differ from it only in surrounding whitespace."""
+        if self._by_text is None:
+            by_text: dict[str, list[int]] = {}
+            by_stripped: dict[str, list[int]] = {}
+            for i, t in enumerate(self.texts):
+                by_text.setdefault(t, []).append(i)
+                by_stripped.setdefault(t.strip(), []).append(i)
+            self._by_text, self._by_stripped = by_text, by_stripped
+        if text != text.strip() or not text.strip():
+            return list(self._by_text.get(text, []))
+        return sorted(set(self._by_text.get(text, [])) | set(self._by_stripped.get(text, [])))
+
+
+def token_texts(model: ModelInfo) -> TokenTexts:
+    cache_key = ("vocab", model.id)
+    cached = model.file.cache.get(cache_key)
+    if cached is not None:
+        return cached
+    with model.file.cache_lock:
+        if cache_key not in model.file.cache:
+            with model.file.connect() as conn:
+                rows = conn.execute(sa.select(Vocab.token_id, Vocab.text).where(Vocab.model_id == model.id)).all()
+            texts = [""] * max(model.vocab_size, max((r[0] for r in rows), default=-1) + 1)
+            for token_id, text in rows:
+                texts[token_id] = text
+            model.file.cache[cache_key] = TokenTexts(texts)
+    return model.file.cache[cache_key]
+
+
+# -------------------------------------------------------------------------------------------------- home
+def home(catalog: Catalog) -> dict[str, Any]:
+    return {"models": [m.as_dict() for m in catalog.models.values()], "databases": catalog.n_files,
+            "problems": [asdict(p) for p in catalog.problems]}
+
+
+def model_view(catalog: Catalog, model_id: str) -> dict[str, Any]:
+    return {"model": catalog.model(model_id).as_dict()}
+
+
+# -------------------------------------------------------------------------------------------- SAE page
+@dataclass(frozen=True)
+class FeatureQuery:
+    """What the SAE page's feature table shows; every field is a query parameter of the page's URL."""
+    sort: SortKey = "index"
+    desc: bool = False
+    page: int = 1
+    size: int = 50
+    show: Show = "all"
+    min_density: float | None = None
+    max_density: float | None = None
+    q: str = ""  # label text
+    token: str = ""  # peak token of top examples
+
+    def params(self, **changes: Any) -> dict[str, Any]:
+        """Non-default fields (after changes) as URL query parameters."""
+        changed, default = replace(self, **changes), FeatureQuery()
+        out = {}
+        for name, value in asdict(changed).items():
+            if value != getattr(default, name) and value is not None:
+                out[name] = int(value) if isinstance(value, bool) else value
+        return out
+
+    def check(self) -> None:
+        if self.min_density is not None and self.max_density is not None and self.min_density > self.max_density:
+            raise InvalidParameter("min_density", f"min_density ({self.min_density:g}) is above max_density ({self.max_density:g}).")
+
+
+def sae_view(catalog: Catalog, model_id: str, sae_id: str, query: FeatureQuery) -> dict[str, Any]:
+    query.check()
+    sae = catalog.sae(model_id, sae_id)
+    vocab = token_texts(catalog.model(model_id))
+    where = _table_conditions(sae, query, vocab)
+    order = SORT_COLUMNS[query.sort]
+    order = order.desc().nulls_last() if query.desc else order.asc().nulls_last()
+    with sae.file.connect() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(Feature).where(*where)).scalar() or 0
+        pages = max(1, math.ceil(total / query.size))
+        rows = conn.execute(
+            sa.select(Feature.feature, Feature.label, Feature.label_kind, Feature.density, Feature.max_act,
+                      Feature.n_firing, Feature.logit_pos_ids)
+            .where(*where).order_by(order, Feature.feature).limit(query.size).offset((query.page - 1) * query.size)).all()
+        peaks = _peak_tokens(conn, sae, [r.feature for r in rows])
+    features = []
+    for r in rows:
+        peak_ids = peaks.get(r.feature, [])
+        label, kind = _label(r.label, r.label_kind, peak_ids, r.logit_pos_ids, vocab)
+        top = Counter(peak_ids).most_common(PEAK_TOKENS_SHOWN)
+        features.append({"index": r.feature, "label": label, "label_kind": kind, "density": r.density,
+                         "max_act": r.max_act, "dead": r.n_firing == 0,
+                         "top_tokens": [{"token_id": t, "text": vocab[t], "count": n} for t, n in top]})
+    return {"sae": sae.as_dict(), "query": asdict(query), "total": total, "page": query.page, "pages": pages,
+            "features": features, "matched_token_ids": vocab.ids_for(query.token) if query.token else None,
+            "density_histogram": density_histogram(sae)}
+
+
+def _table_conditions(sae: SAEInfo, query: FeatureQuery, vocab: TokenTexts) -> list[sa.ColumnElement[bool]]:
+    where = [Feature.model_id == sae.model_id, Feature.sae_id == sae.id]
+    if query.show == "alive":
+        where.append(Feature.n_firing > 0)
+    elif query.show == "dead":
+        where.append(Feature.n_firing == 0)
+    elif query.show == "dense":
+        where.append(Feature.density > DENSE_THRESHOLD)
+    if query.min_density is not None:
+        where.append(Feature.density >= query.min_density)
+    if query.max_density is not None:
+        where.append(Feature.density <= query.max_density)
+    if query.q:
+        where.append(Feature.label.icontains(query.q, autoescape=True))
+    if query.token:
+        token_ids = vocab.ids_for(query.token)
+        peak = sa.func.list_extract(Context.token_ids, Example.max_pos + 1)  # DuckDB lists are 1-indexed
+        peaking = (sa.select(Example.feature).join(Context, sa.and_(Context.run_id == Example.run_id,
+                                                                    Context.context_id == Example.context_id))
+                   .where(Example.model_id == sae.model_id, Example.sae_id == sae.id, Example.kind == "top",
+                          peak.in_(token_ids)))
+        where.append(Feature.feature.in_(peaking))
+    return where
+
+
+def _peak_tokens(conn: sa.Connection, sae: SAEInfo, features: list[int]) -> dict[int, list[int]]:
+    """Token id at the maximum of each top example, strongest example first, for each feature."""
+    if not features:
+        return {}
+    peak = sa.func.list_extract(Context.token_ids, Example.max_pos + 1)
+    rows = conn.execute(
+        sa.select(Example.feature, peak)
+        .join(Context, sa.and_(Context.run_id == Example.run_id, Context.context_id == Example.context_id))
+        .where(Example.model_id == sae.model_id, Example.sae_id == sae.id, Example.kind == "top",
+               Example.feature.in_(features))
+        .order_by(Example.feature, Example.rank)).all()
+    found: dict[int, list[int]] = {}
+    for feature, token_id in rows:
+        if token_id is not None:
+            found.setdefault(feature, []).append(token_id)
+    return found
+
+
+def _label(stored: str | None, kind: str | None, peak_ids: list[int], promoted_ids: list[int] | None,
+           vocab: TokenTexts) -> tuple[str, str]:
+    """The stored label, or for rows written without one the automatic label the writer would have stored."""
+    if stored is not None:
+        return stored, kind or LABEL_KIND_AUTO
+    return auto_label([vocab[t] for t in peak_ids], [vocab[t] for t in (promoted_ids or [])]), LABEL_KIND_AUTO
+
+
+def density_histogram(sae: SAEInfo) -> dict[str, Any]:
+    """Features per log10-density bin (DENSITY_BINS_PER_DECADE per decade), plus the dead count."""
+    cache_key = ("density_histogram", sae.model_id, sae.id)
+    cached = sae.file.cache.get(cache_key)
+    if cached is not None:
+        return cached
+    bin_ = sa.func.floor(sa.func.log10(Feature.density) * DENSITY_BINS_PER_DECADE).label("bin")
+    mine = [Feature.model_id == sae.model_id, Feature.sae_id == sae.id]
+    with sae.file.connect() as conn:
+        rows = conn.execute(sa.select(bin_, sa.func.count()).where(*mine, Feature.density > 0).group_by(bin_)).all()
+        dead = conn.execute(sa.select(sa.func.count()).select_from(Feature).where(*mine, Feature.n_firing == 0)).scalar()
+    counts = {int(b): n for b, n in rows}
+    lo, hi = (min(counts), max(counts) + 1) if counts else (-6 * DENSITY_BINS_PER_DECADE, 0)
+    result = {"log10_lo": lo / DENSITY_BINS_PER_DECADE, "bin_width_log10": 1 / DENSITY_BINS_PER_DECADE,
+              "counts": [counts.get(b, 0) for b in range(lo, hi)], "dead": dead or 0}
+    sae.file.cache[cache_key] = result
+    return result
+
+
+def random_feature(catalog: Catalog, model_id: str, sae_id: str, rng: random.Random | None = None) -> int:
+    """A random feature that fired at least once (any feature when all are dead)."""
+    sae = catalog.sae(model_id, sae_id)
+    cache_key = ("alive", model_id, sae_id)
+    alive = sae.file.cache.get(cache_key)
+    if alive is None:
+        with sae.file.connect() as conn:
+            alive = conn.execute(sa.select(Feature.feature).where(
+                Feature.model_id == model_id, Feature.sae_id == sae_id, Feature.n_firing > 0)).scalars().all()
+        sae.file.cache[cache_key] = alive
+    rng = rng or random.Random()
+    return rng.choice(alive) if alive else rng.randrange(sae.d_sae)
+
+
+# ---------------------------------------------------------------------------------------- feature page
+def check_index(sae: SAEInfo, index: int) -> None:
+    if not 0 <= index < sae.d_sae:
+        nearest = min(max(index, 0), sae.d_sae - 1)
+        raise NotFound("feature", str(index), f"SAE {sae.id!r} has features 0 to {sae.d_sae - 1}; there is no feature {index}.",
+                       model_id=sae.model_id, sae_id=sae.id, choices=[nearest], valid_range=(0, sae.d_sae - 1))
+
+
+def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text: str = "") -> dict[str, Any]:
+    sae = catalog.sae(model_id, sae_id)
+    check_index(sae, index)
+    vocab = token_texts(catalog.model(model_id))
+    mine = [Feature.model_id == model_id, Feature.sae_id == sae_id]
+    with sae.file.connect() as conn:
+        row = conn.execute(sa.select(Feature.__table__).where(*mine, Feature.feature == index)).mappings().first()
+        if row is None:
+            raise NotFound("feature", str(index), f"Feature {index} of {sae_id!r} is not in the published data.",
+                           model_id=model_id, sae_id=sae_id, choices=[], valid_range=(0, sae.d_sae - 1))
+        examples = conn.execute(
+            sa.select(Example.kind, Example.bin, Example.rank, Example.context_id, Example.max_act, Example.max_pos,
+                      Example.positions, Example.acts, Context.token_ids)
+            .join(Context, sa.and_(Context.run_id == Example.run_id, Context.context_id == Example.context_id))
+            .where(Example.model_id == model_id, Example.sae_id == sae_id, Example.feature == index)
+            .order_by(Example.kind.desc(), Example.bin, Example.rank)).all()  # 'top' before 'interval'
+        neighbour_ids = list(row["neighbour_ids"] or [])
+        neighbours = conn.execute(
+            sa.select(Feature.feature, Feature.label, Feature.label_kind, Feature.density, Feature.logit_pos_ids)
+            .where(*mine, Feature.feature.in_(neighbour_ids))).all() if neighbour_ids else []
+        unlabelled = [n.feature for n in neighbours if n.label is None]
+        peaks = _peak_tokens(conn, sae, unlabelled) if unlabelled else {}
+    top = [_example(e, vocab) for e in examples if e.kind == "top"]
+    label, label_kind = _label(row["label"], row["label_kind"], [e["token_ids"][e["max_pos"]] for e in top],
+                               row["logit_pos_ids"], vocab)
+    return {
+        "model_id": model_id, "sae": sae.as_dict(), "index": index, "label": label, "label_kind": label_kind,
+        "n_firing": row["n_firing"], "density": row["density"], "max_act": row["max_act"], "mean_act": row["mean_act"],
+        "activation_histogram": {"bin_width": row["hist_bin_width"], "counts": list(row["hist_counts"] or [])},
+        "logits": {
+            "promoted": _logit_tokens(row["logit_pos_ids"], row["logit_pos_values"], vocab),
+            "suppressed": _logit_tokens(row["logit_neg_ids"], row["logit_neg_values"], vocab),
+            "histogram": {"lo": row["logit_hist_lo"], "hi": row["logit_hist_hi"],
+                          "counts": list(row["logit_hist_counts"] or [])},
+        },
+        "top_examples": top,
+        "intervals": _intervals(row, examples, vocab),
+        "neighbours": _neighbours(neighbour_ids, list(row["neighbour_cos"] or []), neighbours, peaks, vocab),
+        "prev": index - 1 if index > 0 else None,
+        "next": index + 1 if index + 1 < sae.d_sae else None,
+        "test": {"text": text, "live_encoding": False},
+    }
+
+
+def _example(e: sa.Row, vocab: TokenTexts) -> dict[str, Any]:
+    token_ids = list(e.token_ids)
+    return {"context_id": e.context_id, "max_act": e.max_act, "max_pos": e.max_pos, "token_ids": token_ids,
+            "tokens": [vocab[t] for t in token_ids], "positions": list(e.positions), "acts": list(e.acts)}
+
+
+def _intervals(row: sa.RowMapping, examples: list[sa.Row], vocab: TokenTexts) -> list[dict[str, Any]]:
+    los, his, shares = row["interval_lo"] or [], row["interval_hi"] or [], row["interval_share"] or []
+    by_bin: dict[int, list[dict[str, Any]]] = {}
+    for e in examples:
+        if e.kind == "interval":
+            by_bin.setdefault(e.bin, []).append(_example(e, vocab))
+    return [{"bin": b, "lo": lo, "hi": hi, "share": share, "examples": by_bin.get(b, [])}
+            for b, (lo, hi, share) in enumerate(zip(los, his, shares))]
+
+
+def _logit_tokens(ids: list[int] | None, values: list[float] | None, vocab: TokenTexts) -> list[dict[str, Any]]:
+    return [{"token_id": t, "text": vocab[t], "value": v} for t, v in zip(ids or [], values or [])]
+
+
+def _neighbours(ids: list[int], cosines: list[float], rows: list[sa.Row], peaks: dict[int, list[int]],
+                vocab: TokenTexts) -> list[dict[str, Any]]:
+    by_index = {r.feature: r for r in rows}
+    out = []
+    for index, cosine in zip(ids, cosines):
+        r = by_index.get(index)
+        label, kind = _label(r.label, r.label_kind, peaks.get(index, []), r.logit_pos_ids, vocab) if r else ("", None)
+        out.append({"index": index, "cosine": cosine, "label": label, "label_kind": kind,
+                    "density": r.density if r else None})
+    return out

@@ -1,0 +1,132 @@
+"""The published DuckDB files of a data dir, opened read-only and reopened when a precompute run publishes.
+
+A precompute run publishes `<data_dir>/db/<name>.duckdb` with os.replace, so a new publication is a new
+inode at the same path. `DataDir.files()` re-lists the folder at most once per `rescan_seconds` and opens
+only files whose (inode, size, mtime) changed; requests already running keep the DataFile they started
+with, and a replaced file is closed once nothing references it.
+
+Each file is attached to its own in-memory DuckDB instance (`ATTACH ... (READ_ONLY)`) rather than opened
+with duckdb.connect(path): DuckDB caches instances by path, so connect() on a replaced file would return
+the old instance, and its old data, while any connection to it is alive.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import sqlalchemy as sa
+from duckdb_engine import ConnectionWrapper
+
+ATTACHED_NAME = "data"
+
+
+@dataclass(frozen=True)
+class FileSignature:
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> "FileSignature":
+        return cls(stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+class DataFile:
+    """One published database, read-only, with a SQLAlchemy engine whose pooled connections are cursors of
+    one DuckDB instance. `cache` memoises per-file results (vocab, histograms): the file never changes
+    under a DataFile, a new publication gets a new DataFile."""
+
+    def __init__(self, path: Path, signature: FileSignature, pool_size: int = 8) -> None:
+        self.path, self.signature, self.name = path, signature, path.stem
+        self.cache: dict[Any, Any] = {}
+        self.cache_lock = threading.Lock()
+        root = duckdb.connect(":memory:", config={"threads": 1})
+        root.execute(f"ATTACH ? AS {ATTACHED_NAME} (READ_ONLY)", [str(path)])
+        self._root = root
+
+        def new_connection() -> ConnectionWrapper:
+            cursor = root.cursor()
+            cursor.execute(f"USE {ATTACHED_NAME}")
+            return ConnectionWrapper(cursor)
+
+        self.engine = sa.create_engine("duckdb://", creator=new_connection, pool_size=pool_size, max_overflow=pool_size,
+                                       pool_pre_ping=False)
+        weakref.finalize(self, _close, self.engine, root)
+
+    def connect(self) -> sa.Connection:
+        return self.engine.connect()
+
+    def __repr__(self) -> str:
+        return f"DataFile({str(self.path)!r})"
+
+
+def _close(engine: sa.Engine, root: duckdb.DuckDBPyConnection) -> None:
+    engine.dispose()
+    root.close()
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    name: str
+    error: str
+
+
+class DataDir:
+    """The *.duckdb files of one folder, as DataFiles, kept current by cheap rescans."""
+
+    def __init__(self, folder: Path, rescan_seconds: float = 1.0) -> None:
+        self.folder, self.rescan_seconds = Path(folder), rescan_seconds
+        self._files: tuple[DataFile, ...] = ()
+        self._problems: tuple[FileProblem, ...] = ()
+        self._scanned_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def files(self) -> tuple[tuple[DataFile, ...], tuple[FileProblem, ...]]:
+        """The current files and the ones that could not be opened. Rescans when due; while one request
+        rescans, the others keep using the previous list rather than wait."""
+        if time.monotonic() - self._scanned_at >= self.rescan_seconds and self._lock.acquire(blocking=False):
+            try:
+                self._rescan()
+            finally:
+                self._lock.release()
+        return self._files, self._problems
+
+    def _rescan(self) -> None:
+        current = {f.path: f for f in self._files}
+        files, problems = [], []
+        for path, signature in _listing(self.folder):
+            known = current.get(path)
+            if known is not None and known.signature == signature:
+                files.append(known)
+                continue
+            try:
+                files.append(DataFile(path, signature))
+            except duckdb.Error as exc:
+                problems.append(FileProblem(path.name, f"cannot be opened read-only: {exc}"))
+        self._files, self._problems = tuple(files), tuple(problems)
+        self._scanned_at = time.monotonic()
+
+
+def _listing(folder: Path) -> list[tuple[Path, FileSignature]]:
+    """Published files, newest first. Hidden and temporary names are a writer's work in progress."""
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.name.endswith(".duckdb") or not entry.is_file():
+            continue
+        try:
+            found.append((Path(entry.path), FileSignature.of(entry.stat())))
+        except FileNotFoundError:  # replaced or removed between scandir and stat
+            continue
+    found.sort(key=lambda item: (-item[1].mtime_ns, item[0].name))
+    return found

@@ -1,0 +1,42 @@
+"""Shared FastAPI dependencies as named Annotated aliases. Everything comes from app.state, which
+create_app fills; nothing is created at import time."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.data import Catalog
+from app.render import Renderer
+from app.settings import Settings
+from app.urls import Urls
+
+
+def get_catalog(request: Request) -> Catalog:
+    return request.app.state.catalogs.current()
+
+
+def get_renderer(request: Request) -> Renderer:
+    return request.app.state.renderer
+
+
+def get_urls(request: Request) -> Urls:
+    return request.app.state.urls
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+CatalogDep = Annotated[Catalog, Depends(get_catalog)]
+RendererDep = Annotated[Renderer, Depends(get_renderer)]
+UrlsDep = Annotated[Urls, Depends(get_urls)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def split_format(segment: str, exists: bool) -> tuple[str, str | None]:
+    """'x.json' -> ('x', 'json') unless 'x.json' itself names something (ids may contain dots)."""
+    if segment.endswith(".json") and not exists:
+        return segment[: -len(".json")], "json"
+    return segment, None

@@ -1,0 +1,118 @@
+"""The FastAPI application factory: create_app(settings) wires data, templates, routers and error pages.
+
+    from app import Settings, create_app
+    app = create_app(Settings(data_dir=Path("data")))    # uvicorn.run(app, host="127.0.0.1", port=8000)
+
+`featurescope serve` does exactly this. Errors: unknown ids give 404 pages (and JSON errors for .json
+URLs) that link to the nearest valid choices; malformed query parameters give 422 with a readable message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.data import CatalogSource
+from app.databases import DataDir
+from app.errors import InvalidParameter, NotFound
+from app.render import Renderer
+from app.routes import features, home, meta, models, saes
+from app.settings import Settings
+from app.urls import APP_PREFIX, Urls
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(title="FeatureScope", summary="Feature dashboards of sparse autoencoders, with a JSON twin for every page.",
+                  docs_url=f"{APP_PREFIX}/docs", redoc_url=None, openapi_url=f"{APP_PREFIX}/openapi.json")
+    urls = Urls(settings)
+    app.state.settings, app.state.urls = settings, urls
+    app.state.renderer = Renderer(settings, urls)
+    app.state.catalogs = CatalogSource(DataDir(settings.db_dir, settings.rescan_seconds))
+    app.include_router(meta.router)  # before the static mount, which would otherwise own /-/static/htmx.min.js
+    app.mount(f"{APP_PREFIX}/static", StaticFiles(directory=STATIC), name="static")
+    for router in (home.router, features.router, saes.router, models.router):
+        app.include_router(router)
+    _add_error_pages(app)
+    return app
+
+
+def _wants_json(request: Request) -> bool:
+    return request.url.path.endswith(".json")
+
+
+def _add_error_pages(app: FastAPI) -> None:
+    @app.exception_handler(NotFound)
+    def not_found(request: Request, exc: NotFound) -> Response:
+        render, urls = request.app.state.renderer, request.app.state.urls
+        fmt = "json" if _wants_json(request) else None
+        suggestions = [{"id": choice, "url": _choice_url(urls, exc, choice, fmt)} for choice in exc.choices]
+        body: dict[str, Any] = {"error": "not_found", "kind": exc.kind, "missing": exc.missing, "message": exc.message,
+                                "suggestions": suggestions}
+        if exc.valid_range is not None:
+            body["valid_range"] = list(exc.valid_range)
+        if fmt == "json":
+            return render.json(body, status=404)
+        return render.html("error.html", status=404, status_code=404, title=f"Unknown {_KIND_NAMES[exc.kind]}",
+                           error=body, request=request)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_query(request: Request, exc: RequestValidationError) -> Response:
+        problems = [_describe(err) for err in exc.errors()]
+        bad = {str(err["loc"][-1]) for err in exc.errors() if err.get("loc") and err["loc"][0] == "query"}
+        kept = [(k, v) for k, v in request.query_params.multi_items() if k not in bad]
+        retry = request.url.path + (f"?{urlencode(kept)}" if kept else "")
+        return _invalid(request, problems, retry)
+
+    @app.exception_handler(InvalidParameter)
+    def invalid_parameter(request: Request, exc: InvalidParameter) -> Response:
+        kept = [(k, v) for k, v in request.query_params.multi_items() if k != exc.name]
+        return _invalid(request, [exc.message], request.url.path + (f"?{urlencode(kept)}" if kept else ""))
+
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        render = request.app.state.renderer
+        message = "There is no page at this address." if exc.status_code == 404 else str(exc.detail)
+        body = {"error": "not_found" if exc.status_code == 404 else "http_error", "message": message, "suggestions": []}
+        if _wants_json(request):
+            return render.json(body, status=exc.status_code)
+        return render.html("error.html", status=exc.status_code, status_code=exc.status_code,
+                           title="Page not found" if exc.status_code == 404 else f"Error {exc.status_code}",
+                           error=body, request=request)
+
+
+_KIND_NAMES = {"model": "model", "sae": "SAE", "feature": "feature"}
+
+
+def _choice_url(urls: Urls, exc: NotFound, choice: str | int, fmt: str | None) -> str:
+    if exc.kind == "model":
+        return urls.model(str(choice), fmt)
+    if exc.kind == "sae":
+        return urls.sae(exc.model_id, str(choice), fmt)
+    return urls.feature(exc.model_id, exc.sae_id, int(choice), fmt)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    where = f"Query parameter '{loc[-1]}'" if loc and loc[0] == "query" else " / ".join(loc) or "Request"
+    got = error.get("input")
+    shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    return f"{where}: {error.get('msg', 'invalid value')}{shown}."
+
+
+def _invalid(request: Request, problems: list[str], retry_url: str) -> Response:
+    render = request.app.state.renderer
+    body = {"error": "invalid_parameter", "message": " ".join(problems), "problems": problems, "retry_url": retry_url,
+            "suggestions": []}
+    if _wants_json(request):
+        return render.json(body, status=422)
+    return render.html("error.html", status=422, status_code=422, title="Invalid query parameter", error=body,
+                       request=request)

@@ -1,0 +1,91 @@
+"""Responses: Jinja2 pages (autoescaped, compiled once), their JSON twins and htmx fragments.
+
+One view's data goes to `Renderer.respond`, which answers JSON for `.json` URLs, the named partial when
+htmx asks for a fragment (its HX-Target header names the element to replace), and the page otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from fastapi import Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from app.present import visible
+from app.settings import Settings
+from app.urls import Urls
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+class TwinJSONResponse(JSONResponse):
+    """Strict JSON: NaN and infinities, which DuckDB FLOAT columns can hold, become null."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        except ValueError:
+            text = json.dumps(_finite(content), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode("utf-8")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def percent(share: float | None) -> str:
+    """A share of tokens as a percentage with useful precision at every scale (0.0032%, 0.41%, 12.5%)."""
+    if share is None or (isinstance(share, float) and math.isnan(share)):
+        return "–"
+    pct = share * 100
+    if pct == 0:
+        return "0%"
+    if pct >= 1:
+        return f"{pct:.1f}%"
+    if pct >= 0.01:
+        return f"{pct:.2f}%"
+    return f"{pct:.2g}%"
+
+
+def number(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}g}"
+
+
+def count(value: int | None) -> str:
+    return "–" if value is None else f"{value:,}"
+
+
+class Renderer:
+    def __init__(self, settings: Settings, urls: Urls) -> None:
+        self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, auto_reload=False,
+                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+        self.env.globals.update(urls=urls, settings=settings, htmx_integrity=settings.htmx_integrity)
+        self.env.filters.update(percent=percent, number=number, count=count, visible=visible)
+
+    def html(self, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+        return HTMLResponse(self.env.get_template(template).render(**context), status_code=status,
+                            headers={"Vary": "HX-Request, HX-Target"})
+
+    def json(self, data: Any, status: int = 200) -> JSONResponse:
+        return TwinJSONResponse(data, status_code=status)
+
+    def respond(self, request: Request, fmt: str | None, template: str, data: dict[str, Any],
+                partials: dict[str, str] | None = None, **context: Any) -> Response:
+        if fmt == "json":
+            return self.json(data)
+        target = request.headers.get("HX-Target") if request.headers.get("HX-Request") else None
+        if target and partials and target in partials:
+            return self.html(partials[target], data=data, request=request, **context)
+        return self.html(template, data=data, request=request, **context)

@@ -1,0 +1,61 @@
+"""The feature page (/{model}/{sae}/{index}): statistics, charts, highlighted examples, neighbours,
+the test box and sharing; plus /random and /jump, which redirect to a feature's stable URL.
+`?context=full` shows whole contexts (htmx swaps #examples), `?embed=1` just the dashboard."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import RedirectResponse, Response
+
+from app import charts, data, present
+from app.deps import CatalogDep, RendererDep, UrlsDep, split_format
+from app.errors import NotFound
+
+router = APIRouter(tags=["features"])
+INDEX = re.compile(r"-?[0-9]{1,12}")
+
+
+@router.get("/{model_id}/{sae_id}/random", summary="Redirect to a random feature that fired")
+def random_feature(model_id: str, sae_id: str, catalog: CatalogDep, urls: UrlsDep) -> Response:
+    return RedirectResponse(urls.feature(model_id, sae_id, data.random_feature(catalog, model_id, sae_id)), status_code=302)
+
+
+@router.get("/{model_id}/{sae_id}/jump", summary="Redirect to feature `index` (the jump-to box)")
+def jump(model_id: str, sae_id: str, catalog: CatalogDep, urls: UrlsDep,
+         index: Annotated[int, Query(description="Feature index.")]) -> Response:
+    data.check_index(catalog.sae(model_id, sae_id), index)
+    return RedirectResponse(urls.feature(model_id, sae_id, index), status_code=302)
+
+
+@router.get("/{model_id}/{sae_id}/{index}", summary="A feature's dashboard (append .json for JSON)")
+def feature(
+    request: Request, model_id: str, sae_id: str, index: str, catalog: CatalogDep, render: RendererDep, urls: UrlsDep,
+    text: Annotated[str, Query(max_length=2000, description="Text typed into the test box, kept in the URL.")] = "",
+    context: Annotated[Literal["snippet", "full"], Query(description="Examples as snippets around the maximum, or whole contexts.")] = "snippet",
+    embed: Annotated[bool, Query(description="Only the dashboard, for an iframe.")] = False,
+) -> Response:
+    index_text, fmt = split_format(index, False)
+    sae = catalog.sae(model_id, sae_id)
+    if not INDEX.fullmatch(index_text):
+        raise NotFound("feature", index_text, f"{index_text!r} is not a feature index: SAE {sae_id!r} has features 0 to {sae.d_sae - 1}.",
+                       model_id=model_id, sae_id=sae_id, choices=[0], valid_range=(0, sae.d_sae - 1))
+    view = data.feature_view(catalog, model_id, sae_id, int(index_text), text)
+    if fmt == "json":
+        return render.json(view)
+    model = catalog.model(model_id)
+    forms = present.display_forms(data.token_texts(model), model.special_token_ids)
+    page_url = urls.feature(model_id, sae_id, view["index"])
+    share_params = {"text": text or None, "context": context if context != "snippet" else None}
+    base = str(request.base_url).rstrip("/")
+    return render.respond(
+        request, None, "embed.html" if embed else "feature.html", view, partials={"examples": "_examples.html"},
+        examples=present.show_examples(view, context, forms), context=context, embed=embed,
+        activation_chart=charts.activation_histogram(view["activation_histogram"]),
+        logit_chart=charts.logit_histogram(view["logits"]["histogram"]),
+        share_url=base + urls.feature(model_id, sae_id, view["index"], **share_params),
+        embed_url=base + urls.feature(model_id, sae_id, view["index"], embed=1, **share_params),
+        canonical_url=base + page_url,
+    )

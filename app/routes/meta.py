@@ -1,0 +1,26 @@
+"""The app's own pages, under /-/ so they never collide with model ids: health and the local htmx copy.
+(/-/static and /-/docs are mounted by app/main.py.)"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, Response
+
+from app.deps import CatalogDep, RendererDep, SettingsDep
+from app.urls import APP_PREFIX, LOCAL_HTMX_PATH
+
+router = APIRouter(prefix=APP_PREFIX, tags=["app"])
+
+
+@router.get("/health", summary="Liveness and what the server is serving")
+def health(catalog: CatalogDep, render: RendererDep) -> Response:
+    return render.json({"status": "ok", "databases": catalog.n_files, "models": len(catalog.models),
+                        "saes": sum(len(m.saes) for m in catalog.models.values()),
+                        "problems": [{"database": p.name, "error": p.error} for p in catalog.problems]})
+
+
+@router.get(LOCAL_HTMX_PATH.removeprefix(APP_PREFIX), include_in_schema=False)
+def local_htmx(settings: SettingsDep) -> Response:
+    if settings.local_htmx is None:
+        return Response("htmx is loaded from its CDN on this server.", status_code=404, media_type="text/plain")
+    return FileResponse(settings.local_htmx, media_type="text/javascript", headers={"Cache-Control": "public, max-age=3600"})

@@ -1,0 +1,46 @@
+"""The explorer's one configuration object. `featurescope serve` builds it from its options; tests build it
+directly (create_app(Settings(data_dir=...))). Nothing here is read at import time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+HTMX_VERSION = "2.0.11"
+HTMX_CDN_URL = f"https://unpkg.com/htmx.org@{HTMX_VERSION}/dist/htmx.min.js"
+# Subresource integrity of that exact file (npm's htmx.org 2.0.11 dist/htmx.min.js, which unpkg serves as is).
+HTMX_CDN_INTEGRITY = "sha384-2OatzQy1H+Zd/IIrjr1TcuDGqLXeHhbooAyJY1KdQMKnr4LZ22k31GBLdYKHmVjg"
+# Where `npm install htmx.org@2` (scripts/install_test_tools.sh) puts the local copy.
+DEFAULT_LOCAL_HTMX = Path(__file__).resolve().parent.parent / "node_modules" / "htmx.org" / "dist" / "htmx.min.js"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("data")  # published databases are data_dir/db/*.duckdb
+    host: str = "127.0.0.1"
+    port: int = 8000
+    htmx_url: str = HTMX_CDN_URL
+    # When set, this file is served at /-/static/htmx.min.js and pages load htmx from there instead of htmx_url.
+    local_htmx: Path | None = None
+    rescan_seconds: float = 1.0  # how often, at most, a request re-lists data_dir/db for new publications
+    page_size: int = 50  # rows of the SAE page's feature table
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.local_htmx is not None:
+            object.__setattr__(self, "local_htmx", Path(self.local_htmx))
+            if not self.local_htmx.is_file():
+                raise FileNotFoundError(f"Local htmx file {self.local_htmx} does not exist "
+                                        "(bash scripts/install_test_tools.sh puts one in node_modules/).")
+
+    @property
+    def db_dir(self) -> Path:
+        return self.data_dir / "db"
+
+    @property
+    def htmx_integrity(self) -> str | None:
+        return HTMX_CDN_INTEGRITY if self.local_htmx is None and self.htmx_url == HTMX_CDN_URL else None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/"

@@ -1,0 +1,67 @@
+"""Every URL the explorer links to, built in one place (templates and routes never glue paths by hand).
+
+    urls.feature("gemma-2-2b", "20-res-16k", 12345)               -> /gemma-2-2b/20-res-16k/12345
+    urls.feature("gemma-2-2b", "20-res-16k", 12345, fmt="json")   -> /gemma-2-2b/20-res-16k/12345.json
+    urls.sae("gemma-2-2b", "20-res-16k", sort="density", desc=1)  -> /gemma-2-2b/20-res-16k?sort=density&desc=1
+
+Model and SAE ids are data, so the app's own pages live under /-/ where no id can collide with them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from app.settings import Settings
+
+APP_PREFIX = "/-"
+LOCAL_HTMX_PATH = f"{APP_PREFIX}/static/htmx.min.js"
+
+
+def _segment(value: str | int) -> str:
+    return quote(str(value), safe="")
+
+
+def _with(path: str, fmt: str | None, params: dict[str, Any]) -> str:
+    if fmt:
+        path = f"{path}.{fmt}"
+    query = urlencode({k: v for k, v in params.items() if v is not None and v != ""})
+    return f"{path}?{query}" if query else path
+
+
+class Urls:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def home(self, fmt: str | None = None) -> str:
+        return "/.json" if fmt == "json" else "/"
+
+    def model(self, model_id: str, fmt: str | None = None) -> str:
+        return _with(f"/{_segment(model_id)}", fmt, {})
+
+    def sae(self, model_id: str, sae_id: str, fmt: str | None = None, **params: Any) -> str:
+        return _with(f"/{_segment(model_id)}/{_segment(sae_id)}", fmt, params)
+
+    def feature(self, model_id: str, sae_id: str, index: int, fmt: str | None = None, **params: Any) -> str:
+        return _with(f"/{_segment(model_id)}/{_segment(sae_id)}/{int(index)}", fmt, params)
+
+    def random_feature(self, model_id: str, sae_id: str) -> str:
+        return f"/{_segment(model_id)}/{_segment(sae_id)}/random"
+
+    def jump(self, model_id: str, sae_id: str) -> str:
+        return f"/{_segment(model_id)}/{_segment(sae_id)}/jump"
+
+    def static(self, name: str) -> str:
+        return f"{APP_PREFIX}/static/{name}"
+
+    def htmx(self) -> str:
+        return LOCAL_HTMX_PATH if self.settings.local_htmx is not None else self.settings.htmx_url
+
+    def health(self) -> str:
+        return f"{APP_PREFIX}/health"
+
+    def docs(self) -> str:
+        return f"{APP_PREFIX}/docs"
+
+    def openapi(self) -> str:
+        return f"{APP_PREFIX}/openapi.json"
