@@ -31,7 +31,7 @@ from featurescope.sae_loading import load_sae
 from featurescope.sites import parse_site
 from precompute.corpus_sources import CorpusError, CorpusSpec, iter_texts
 from precompute.feature_stats import FeatureStats, example_context_ids, fill_example_acts
-from precompute.static_stats import logit_effect, nearest_features
+from precompute.static_stats import decoder_neighbours, logit_effect, unembedding
 from precompute.writer import SAEResult, write_run_db
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -191,13 +191,14 @@ def _stream(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict, s
 def _finish(cfg, lm: LoadedModel, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict) -> list[SAEResult]:
     finals = {name: s.finalize() for name, s in stats.items()}
     interval_acts = _interval_token_acts(cfg, encoder, contexts, finals)
-    W_U = lm.model.get_output_embeddings().weight.detach()
+    W_U = unembedding(lm)  # [vocab, d_model], final norm gain folded in
     results = []
     for name, sae in encoder.saes.items():
-        static = {**logit_effect(sae.W_dec, W_U), **nearest_features(sae.W_dec)}
+        logits, near = logit_effect(sae.W_dec, W_U), decoder_neighbours(sae.W_dec)
+        static = {f"logit_{k}": v for k, v in logits.items()}
+        static.update(neighbour_ids=near["ids"], neighbour_cos=near["cos"])
         results.append(SAEResult(row=_sae_row(lm, name, sae, encoder, finals[name], cfg), stats=finals[name],
-                                 static={k: (v.cpu() if torch.is_tensor(v) else v) for k, v in static.items()},
-                                 interval_token_acts=interval_acts[name].numpy()))
+                                 static=static, interval_token_acts=interval_acts[name].numpy()))
     return results
 
 

@@ -1,0 +1,186 @@
+"""The precompute job end to end on a tiny Gemma 2: what it stores equals what the live encoder computes,
+it resumes after kill -9 with the same result, re-runs are no-ops, and bad input writes nothing."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_sae_params
+from featurescope.encoder import FeatureEncoder
+from featurescope.sae_loading import load_sae, save_sae
+from precompute.corpus_sources import CorpusSpec
+from precompute.job import PrecomputeConfig, PrecomputeError, published_path, run_precompute
+
+EXE = shutil.which("featurescope") or str(Path(sys.executable).parent / "featurescope")
+
+
+@pytest.fixture(scope="module")
+def sae_dirs(tmp_path_factory) -> list[str]:
+    """Two SAE folders (params.npz + card) at layers 1 and 3; biased so each feature fires on a minority of tokens."""
+    root = tmp_path_factory.mktemp("saes")
+    paths = []
+    for layer, seed in ((1, 1), (3, 2)):
+        params = random_sae_params(64, 48, seed=seed, threshold=0.0)
+        params["b_enc"] -= 1.5
+        np.savez(root / "params.npz", **params)
+        paths.append(str(save_sae(load_sae(str(root / "params.npz"), site=f"{layer}-res"), root / f"l{layer}")))
+    return paths
+
+
+def _config(tmp_path, sae_dirs, **overrides) -> PrecomputeConfig:
+    values = dict(model="unused", saes=[sae_dirs[0]], max_tokens=2500, context_len=32, batch_size=4,
+                  top_k=5, n_intervals=3, examples_per_interval=2, device="cpu", data_dir=str(tmp_path / "data"),
+                  progress=False)
+    values.update(overrides)
+    return PrecomputeConfig(**values)
+
+
+def _tables(path: Path) -> dict:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        out = {}
+        for table, order in [("features", "sae_id, feature"), ("examples", "sae_id, feature, kind, bin, rank"),
+                             ("contexts", "context_id"), ("saes", "id"), ("vocab", "token_id"), ("models", "id")]:
+            out[table] = con.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
+        return out
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def one_run(tiny_gemma2, tiny_gemma2_path, sae_dirs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = _config(tmp, sae_dirs, model=str(tiny_gemma2_path), saes=sae_dirs, sae_ids=["1-res-a", "3-res-b"])
+    path = run_precompute(cfg, lm=tiny_gemma2, log=lambda *_: None)
+    return cfg, path
+
+
+def test_stored_per_token_activations_equal_the_live_encoder(one_run, tiny_gemma2):
+    cfg, path = one_run
+    lm = tiny_gemma2
+    encoder = FeatureEncoder(lm, {"1-res-a": load_sae(cfg.saes[0]), "3-res-b": load_sae(cfg.saes[1])})
+    con = duckdb.connect(str(path), read_only=True)
+    rows = con.execute("SELECT e.sae_id, e.feature, e.kind, e.max_act, e.max_pos, e.positions, e.acts, c.token_ids "
+                       "FROM examples e JOIN contexts c USING (run_id, context_id) ORDER BY random() LIMIT 200").fetchall()
+    con.close()
+    assert {r[2] for r in rows} == {"top", "interval"}
+    special = torch.tensor(sorted(lm.special_token_ids))
+    for sae_id, feature, kind, max_act, max_pos, positions, acts, token_ids in rows:
+        ids = torch.tensor([token_ids])
+        live = encoder(ids)[sae_id][0, :, feature]  # [T]
+        live[torch.isin(ids[0], special)] = 0.0
+        stored = torch.zeros_like(live)
+        stored[torch.tensor(positions, dtype=torch.long)] = torch.tensor(acts, dtype=torch.float32)
+        torch.testing.assert_close(stored, live, rtol=1e-5, atol=1e-6)
+        assert max_act == pytest.approx(float(live.max()), rel=1e-5)
+        assert live[max_pos] == live.max()
+
+
+def test_special_tokens_never_count(one_run, tiny_gemma2):
+    _, path = one_run
+    con = duckdb.connect(str(path), read_only=True)
+    special = sorted(tiny_gemma2.special_token_ids)
+    at_special = con.execute(
+        "SELECT count(*) FROM examples e JOIN contexts c USING (run_id, context_id), unnest(e.positions) AS p(pos) "
+        "WHERE list_contains(?, c.token_ids[pos + 1])", [special]).fetchone()[0]
+    bos_first = con.execute("SELECT bool_and(token_ids[1] = ?) FROM contexts", [tiny_gemma2.bos_token_id]).fetchone()[0]
+    n_tokens, n_contexts, ctx_len = con.execute("SELECT n_tokens, n_contexts, context_len FROM runs").fetchone()
+    n_special = con.execute("SELECT sum(len(list_filter(token_ids, lambda t: list_contains(?, t)))) FROM contexts", [special]).fetchone()[0]
+    con.close()
+    assert at_special == 0 and bos_first
+    assert n_tokens == n_contexts * ctx_len - n_special
+
+
+def test_top_examples_are_the_strongest_contexts(one_run, tiny_gemma2):
+    """Brute force over every stored context: feature f's top-k maxima are the k largest per-context maxima."""
+    cfg, path = one_run
+    lm = tiny_gemma2
+    encoder = FeatureEncoder(lm, {"1-res-a": load_sae(cfg.saes[0])})
+    con = duckdb.connect(str(path), read_only=True)
+    contexts = torch.tensor([r[0] for r in con.execute("SELECT token_ids FROM contexts ORDER BY context_id").fetchall()])
+    top = con.execute("SELECT feature, list(max_act ORDER BY rank) FROM examples WHERE sae_id = '1-res-a' AND kind = 'top' "
+                      "GROUP BY feature").fetchall()
+    density = dict(con.execute("SELECT feature, density FROM features WHERE sae_id = '1-res-a'").fetchall())
+    con.close()
+    acts = torch.cat([encoder(contexts[i:i + 16])["1-res-a"] for i in range(0, len(contexts), 16)])  # [N, T, F]
+    acts[torch.isin(contexts, torch.tensor(sorted(lm.special_token_ids)))] = 0
+    per_context_max = acts.amax(1)  # [N, F]
+    for feature, maxima in top:
+        expected = per_context_max[:, feature].topk(len(maxima)).values
+        torch.testing.assert_close(torch.tensor(maxima), expected, rtol=1e-5, atol=1e-6)
+        firing = (acts[:, :, feature] > 0).sum().item()
+        content = (~torch.isin(contexts, torch.tensor(sorted(lm.special_token_ids)))).sum().item()
+        assert density[feature] == pytest.approx(firing / content, rel=1e-5)
+
+
+def test_a_finished_run_is_a_no_op_and_force_redoes_it(one_run, tiny_gemma2):
+    cfg, path = one_run
+    messages = []
+    mtime = path.stat().st_mtime_ns
+    assert run_precompute(cfg, lm=tiny_gemma2, log=messages.append) == path
+    assert any("Already complete" in m for m in messages) and path.stat().st_mtime_ns == mtime
+    before = _tables(path)
+    cfg.force = True
+    try:
+        run_precompute(cfg, lm=tiny_gemma2, log=lambda *_: None)
+    finally:
+        cfg.force = False
+    assert path.stat().st_mtime_ns != mtime and _tables(path) == before
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(corpus=CorpusSpec("EMPTY")), "no complete context"),
+    (dict(context_len=1024), "over model"),
+    (dict(corpus=CorpusSpec("JSONL", text_column="body")), "has no column 'body'"),
+    (dict(saes=["WIDE"]), "has d_in=2304"),
+])
+def test_bad_input_fails_clearly_and_writes_nothing(tiny_gemma2, sae_dirs, tmp_path, overrides, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "c.jsonl").write_text('{"text": "hello world"}\n')
+    np.savez(tmp_path / "wide.npz", **random_sae_params(2304, 8))
+    wide = str(save_sae(load_sae(str(tmp_path / "wide.npz"), site="1-res"), tmp_path / "wide"))
+    subst = {"EMPTY": str(tmp_path / "empty.txt"), "JSONL": str(tmp_path / "c.jsonl"), "WIDE": wide}
+    if "corpus" in overrides:
+        c = overrides["corpus"]
+        overrides["corpus"] = CorpusSpec(subst[c.source], text_column=c.text_column)
+    if "saes" in overrides:
+        overrides["saes"] = [subst[s] for s in overrides["saes"]]
+    cfg = _config(tmp_path, sae_dirs, **overrides)
+    with pytest.raises(PrecomputeError if "d_in" not in message else Exception, match=message):
+        run_precompute(cfg, lm=tiny_gemma2, log=lambda *_: None)
+    assert not (tmp_path / "data" / "db").exists() or not any((tmp_path / "data" / "db").iterdir())
+
+
+def test_kill_9_then_rerun_gives_the_same_result_as_an_uninterrupted_run(tiny_gemma2_path, sae_dirs, tmp_path):
+    args = ["precompute", "--model", str(tiny_gemma2_path), "--sae", sae_dirs[0], "--sae", sae_dirs[1],
+            "--tokens", "40000", "--context-len", "32", "--batch-size", "2", "--top-k", "5", "--n-intervals", "3",
+            "--examples-per-interval", "2", "--checkpoint-every", "10", "--device", "cpu"]
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([EXE, *args, "--data-dir", str(killed_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not list(killed_dir.glob("runs/*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(killed_dir.glob("runs/*/checkpoint.pt")), "no checkpoint was written before the kill"
+    assert not list(killed_dir.glob("db/*.duckdb")), "the run finished before it could be killed"
+
+    resumed = subprocess.run([EXE, *args, "--data-dir", str(killed_dir)], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming run" in resumed.stdout
+    straight = subprocess.run([EXE, *args, "--data-dir", str(tmp_path / "straight")], capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    (killed_db,), (straight_db,) = list(killed_dir.glob("db/*.duckdb")), list((tmp_path / "straight").glob("db/*.duckdb"))
+    assert killed_db.name == straight_db.name
+    assert _tables(killed_db) == _tables(straight_db)
+    assert not list(killed_dir.glob("runs/*/checkpoint.pt"))
