@@ -94,8 +94,9 @@ def published_path(cfg: PrecomputeConfig, model_id: str) -> Path:
     return Path(cfg.data_dir) / "db" / f"{model_id}--{cfg.run_id()}.duckdb"
 
 
-def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=print) -> Path:
-    """Run (or resume) the job and publish its DuckDB file; returns the published path."""
+def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=print, timings: dict | None = None) -> Path:
+    """Run (or resume) the job and publish its DuckDB file; returns the published path.
+    `timings`, if given, receives seconds per phase: stream, finish, write, total."""
     if not cfg.saes:
         raise PrecomputeError("No SAEs given: pass at least one --sae.")
     saes = [load_sae(src, site=cfg.site) for src in cfg.saes]
@@ -114,9 +115,12 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
 
     started = time.time()
     stats, next_context, elapsed_before = _start_or_resume(cfg, work_dir, encoder, log)
-    elapsed_before += _stream(cfg, encoder, contexts, stats, next_context, work_dir)
+    stream_seconds = _stream(cfg, encoder, contexts, stats, next_context, work_dir)
+    elapsed_before += stream_seconds
     log("Finishing: interval examples, logit effects, neighbours ...")
+    finish_started = time.time()
     results = _finish(cfg, lm, encoder, contexts, stats)
+    finish_seconds = time.time() - finish_started
     run_seconds = elapsed_before + (time.time() - started)
     staging = work_dir / "staging.duckdb"
     write_started = time.time()
@@ -127,6 +131,8 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     os.replace(staging, target)  # atomic publish: readers see the old file or the complete new one
     (work_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     _summary(log, cfg, target, contexts, stats, time.time() - started, write_seconds)
+    if timings is not None:
+        timings.update(stream=stream_seconds, finish=finish_seconds, write=write_seconds, total=time.time() - started)
     return target
 
 
