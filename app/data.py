@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
+import numpy as np
 import sqlalchemy as sa
 
 from app.databases import DataDir, DataFile, FileProblem
@@ -192,6 +194,13 @@ class TokenTexts:
     def __getitem__(self, token_id: int) -> str:
         return self.texts[token_id] if 0 <= token_id < len(self.texts) else f"<unk {token_id}>"
 
+    def many(self, token_ids: list[int]) -> list[str]:
+        texts = self.texts
+        try:
+            return [texts[t] for t in token_ids] if min(token_ids, default=0) >= 0 else [self[t] for t in token_ids]
+        except IndexError:
+            return [self[t] for t in token_ids]
+
     def ids_for(self, text: str) -> list[int]:
         """Tokens whose text is `text`; a query without surrounding whitespace (" Paris" typed as "Paris")
         also matches tokens that differ from it only in surrounding whitespace."""
@@ -221,6 +230,55 @@ def token_texts(model: ModelInfo) -> TokenTexts:
                 texts[token_id] = text
             model.file.cache[cache_key] = TokenTexts(texts)
     return model.file.cache[cache_key]
+
+
+# ---------------------------------------------------------------------------------------------- contexts
+class ContextStore:
+    """Token ids of every stored context of a run, held in memory (4 bytes a token) once per file: a
+    context lookup is then an array slice instead of a DuckDB scan of the contexts table."""
+
+    def __init__(self, context_ids: np.ndarray, flat: np.ndarray, offsets: np.ndarray) -> None:
+        self.flat, self.offsets = flat, offsets
+        self.row_of = {int(c): i for i, c in enumerate(context_ids)}
+
+    def tokens(self, context_id: int) -> list[int]:
+        row = self.row_of.get(context_id)
+        if row is None:
+            return []
+        return self.flat[self.offsets[row]:self.offsets[row + 1]].tolist()
+
+
+def context_store(sae: SAEInfo) -> ContextStore:
+    cache_key = ("contexts", sae.run_id)
+    store = sae.file.cache.get(cache_key)
+    if store is not None:
+        return store
+    with sae.file.cache_lock:
+        if cache_key not in sae.file.cache:
+            with sae.file.connect() as conn:
+                result = conn.execute(sa.select(Context.context_id, Context.token_ids).where(Context.run_id == sae.run_id))
+                with warnings.catch_warnings():  # "Arrow output on a DB-API result makes an extra copy": once per file
+                    warnings.simplefilter("ignore")
+                    table = result.cursor.to_arrow_table()
+            lists = table.column(1).combine_chunks()
+            sae.file.cache[cache_key] = ContextStore(
+                table.column(0).to_numpy(), lists.values.to_numpy(zero_copy_only=False).astype(np.int32),
+                lists.offsets.to_numpy())
+    return sae.file.cache[cache_key]
+
+
+def feature_labels(sae: SAEInfo) -> dict[int, tuple[str | None, str | None, float]]:
+    """(label, label_kind, density) of every feature of an SAE, loaded once per file; neighbour lists and
+    links read it instead of querying."""
+    cache_key = ("labels", sae.model_id, sae.id)
+    labels = sae.file.cache.get(cache_key)
+    if labels is None:
+        with sae.file.connect() as conn:
+            rows = conn.execute(sa.select(Feature.feature, Feature.label, Feature.label_kind, Feature.density)
+                                .where(Feature.model_id == sae.model_id, Feature.sae_id == sae.id)).all()
+        labels = {r[0]: (r[1], r[2], r[3]) for r in rows}
+        sae.file.cache[cache_key] = labels
+    return labels
 
 
 # -------------------------------------------------------------------------------------------------- home
@@ -393,17 +451,12 @@ def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text:
                            model_id=model_id, sae_id=sae_id, choices=[], valid_range=(0, sae.d_sae - 1))
         examples = conn.execute(
             sa.select(Example.kind, Example.bin, Example.rank, Example.context_id, Example.max_act, Example.max_pos,
-                      Example.positions, Example.acts, Context.token_ids)
-            .join(Context, sa.and_(Context.run_id == Example.run_id, Context.context_id == Example.context_id))
+                      Example.positions, Example.acts)
             .where(Example.model_id == model_id, Example.sae_id == sae_id, Example.feature == index)
             .order_by(Example.kind.desc(), Example.bin, Example.rank)).all()  # 'top' before 'interval'
-        neighbour_ids = list(row["neighbour_ids"] or [])
-        neighbours = conn.execute(
-            sa.select(Feature.feature, Feature.label, Feature.label_kind, Feature.density, Feature.logit_pos_ids)
-            .where(*mine, Feature.feature.in_(neighbour_ids))).all() if neighbour_ids else []
-        unlabelled = [n.feature for n in neighbours if n.label is None]
-        peaks = _peak_tokens(conn, sae, unlabelled) if unlabelled else {}
-    top = [_example(e, vocab) for e in examples if e.kind == "top"]
+        neighbours = _neighbours(conn, sae, list(row["neighbour_ids"] or []), list(row["neighbour_cos"] or []), vocab)
+    contexts = context_store(sae)
+    top = [_example(e, contexts, vocab) for e in examples if e.kind == "top"]
     label, label_kind = _label(row["label"], row["label_kind"], [e["token_ids"][e["max_pos"]] for e in top],
                                row["logit_pos_ids"], vocab)
     return {
@@ -417,26 +470,26 @@ def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text:
                           "counts": list(row["logit_hist_counts"] or [])},
         },
         "top_examples": top,
-        "intervals": _intervals(row, examples, vocab),
-        "neighbours": _neighbours(neighbour_ids, list(row["neighbour_cos"] or []), neighbours, peaks, vocab),
+        "intervals": _intervals(row, examples, contexts, vocab),
+        "neighbours": neighbours,
         "prev": index - 1 if index > 0 else None,
         "next": index + 1 if index + 1 < sae.d_sae else None,
         "test": {"text": text, "live_encoding": False},
     }
 
 
-def _example(e: sa.Row, vocab: TokenTexts) -> dict[str, Any]:
-    token_ids = list(e.token_ids)
+def _example(e: sa.Row, contexts: ContextStore, vocab: TokenTexts) -> dict[str, Any]:
+    token_ids = contexts.tokens(e.context_id)
     return {"context_id": e.context_id, "max_act": e.max_act, "max_pos": e.max_pos, "token_ids": token_ids,
-            "tokens": [vocab[t] for t in token_ids], "positions": list(e.positions), "acts": list(e.acts)}
+            "tokens": vocab.many(token_ids), "positions": list(e.positions), "acts": list(e.acts)}
 
 
-def _intervals(row: sa.RowMapping, examples: list[sa.Row], vocab: TokenTexts) -> list[dict[str, Any]]:
+def _intervals(row: sa.RowMapping, examples: list[sa.Row], contexts: ContextStore, vocab: TokenTexts) -> list[dict[str, Any]]:
     los, his, shares = row["interval_lo"] or [], row["interval_hi"] or [], row["interval_share"] or []
     by_bin: dict[int, list[dict[str, Any]]] = {}
     for e in examples:
         if e.kind == "interval":
-            by_bin.setdefault(e.bin, []).append(_example(e, vocab))
+            by_bin.setdefault(e.bin, []).append(_example(e, contexts, vocab))
     return [{"bin": b, "lo": lo, "hi": hi, "share": share, "examples": by_bin.get(b, [])}
             for b, (lo, hi, share) in enumerate(zip(los, his, shares))]
 
@@ -445,13 +498,20 @@ def _logit_tokens(ids: list[int] | None, values: list[float] | None, vocab: Toke
     return [{"token_id": t, "text": vocab[t], "value": v} for t, v in zip(ids or [], values or [])]
 
 
-def _neighbours(ids: list[int], cosines: list[float], rows: list[sa.Row], peaks: dict[int, list[int]],
+def _neighbours(conn: sa.Connection, sae: SAEInfo, ids: list[int], cosines: list[float],
                 vocab: TokenTexts) -> list[dict[str, Any]]:
-    by_index = {r.feature: r for r in rows}
+    labels = feature_labels(sae)
+    missing = [i for i in ids if i in labels and labels[i][0] is None]
+    fallback: dict[int, str] = {}
+    if missing:  # rows written without labels: build the automatic ones from peaks and promoted tokens
+        peaks = _peak_tokens(conn, sae, missing)
+        promoted = dict(conn.execute(sa.select(Feature.feature, Feature.logit_pos_ids).where(
+            Feature.model_id == sae.model_id, Feature.sae_id == sae.id, Feature.feature.in_(missing))).all())
+        fallback = {i: _label(None, None, peaks.get(i, []), promoted.get(i), vocab)[0] for i in missing}
     out = []
     for index, cosine in zip(ids, cosines):
-        r = by_index.get(index)
-        label, kind = _label(r.label, r.label_kind, peaks.get(index, []), r.logit_pos_ids, vocab) if r else ("", None)
-        out.append({"index": index, "cosine": cosine, "label": label, "label_kind": kind,
-                    "density": r.density if r else None})
+        label, kind, density = labels.get(index, ("", None, None))
+        if index in fallback:
+            label, kind = fallback[index], LABEL_KIND_AUTO
+        out.append({"index": index, "cosine": cosine, "label": label or "", "label_kind": kind, "density": density})
     return out

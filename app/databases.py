@@ -57,7 +57,15 @@ class DataFile:
             return ConnectionWrapper(cursor)
 
         self.engine = sa.create_engine("duckdb://", creator=new_connection, pool_size=pool_size, max_overflow=pool_size,
-                                       pool_pre_ping=False)
+                                       pool_reset_on_return=None)
+        dialect = self.engine.dialect
+        # duckdb_engine opts out of SQLAlchemy's compiled-statement cache; the explorer only runs SELECTs on
+        # core tables, which compile the same way every time, and compiling them anew cost ~4 ms a page.
+        dialect._supports_statement_cache = True
+        # The file is read-only and never changes under this DataFile, so each SELECT is consistent on its
+        # own: skip the BEGIN/ROLLBACK round trips (~1 ms a request).
+        dialect.do_begin = _no_transaction
+        dialect.do_rollback = _no_transaction
         weakref.finalize(self, _close, self.engine, root)
 
     def connect(self) -> sa.Connection:
@@ -65,6 +73,10 @@ class DataFile:
 
     def __repr__(self) -> str:
         return f"DataFile({str(self.path)!r})"
+
+
+def _no_transaction(connection: Any) -> None:
+    return None
 
 
 def _close(engine: sa.Engine, root: duckdb.DuckDBPyConnection) -> None:
