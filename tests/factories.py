@@ -278,3 +278,82 @@ def make_app_client(data_dir: str | Path, **settings) -> Iterator["TestClient"]:
 
     with TestClient(create_app(Settings(data_dir=Path(data_dir), **settings))) as client:
         yield client
+
+
+_SHARED: dict[str, Path] = {}
+
+
+def shared_data_dir() -> Path:
+    """One make_data_dir per test process, for tests that only read (built in ~2 s, removed at exit)."""
+    if "root" not in _SHARED:
+        import atexit
+        import shutil
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="featurescope-app-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _SHARED["root"] = make_data_dir(root)
+    return _SHARED["root"]
+
+
+# ------------------------------------------------------------------------------------ HTML for assertions
+VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+@dataclass
+class Element:
+    tag: str
+    attrs: dict[str, str | None]
+    children: list["Element | str"]
+
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
+
+    def iter(self) -> Iterator["Element"]:
+        yield self
+        for c in self.children:
+            if isinstance(c, Element):
+                yield from c.iter()
+
+    def find_all(self, tag: str | None = None, cls: str | None = None, **attrs: str) -> list["Element"]:
+        return [e for e in self.iter() if (tag is None or e.tag == tag)
+                and (cls is None or cls in (e.attrs.get("class") or "").split())
+                and all(e.attrs.get(k) == v for k, v in attrs.items())]
+
+    def find(self, tag: str | None = None, cls: str | None = None, **attrs: str) -> "Element":
+        found = self.find_all(tag, cls, **attrs)
+        assert found, f"no <{tag or '*'}> with class={cls!r} {attrs}"
+        return found[0]
+
+
+def parse_html(markup: str) -> Element:
+    """A DOM-ish tree from html.parser: attribute values and text come back unescaped, exactly as a
+    browser would see them, so assertions check what renders, not what the source looks like."""
+    from html.parser import HTMLParser
+
+    root = Element("#document", {}, [])
+    stack = [root]
+
+    class Builder(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            element = Element(tag, dict(attrs), [])
+            stack[-1].children.append(element)
+            if tag not in VOID_TAGS:
+                stack.append(element)
+
+        def handle_startendtag(self, tag, attrs):
+            stack[-1].children.append(Element(tag, dict(attrs), []))
+
+        def handle_endtag(self, tag):
+            for depth in range(len(stack) - 1, 0, -1):
+                if stack[depth].tag == tag:
+                    del stack[depth:]
+                    return
+
+        def handle_data(self, data):
+            stack[-1].children.append(data)
+
+    builder = Builder(convert_charrefs=True)
+    builder.feed(markup)
+    builder.close()
+    return root
