@@ -254,10 +254,15 @@ def precompute(
     data_dir: Annotated[str, typer.Option(help="Where runs, checkpoints and published DuckDB files go.")] = "data",
     checkpoint_every: Annotated[int, typer.Option(help="Batches between checkpoints (a killed run resumes from the last).")] = 200,
     force: Annotated[bool, typer.Option("--force", help="Recompute a run that is already published.")] = False,
+    shard: Annotated[str | None, typer.Option(help="I/N: process only slice I of N of the contexts (e.g. 0/4) and save its statistics.")] = None,
+    merge_shards: Annotated[int, typer.Option(help="N: merge the N saved shards of this run and publish it.")] = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
 ) -> None:
-    """Run the model once over a corpus for all SAEs; store every feature's statistics in DuckDB."""
+    """Run the model once over a corpus for all SAEs; store every feature's statistics in DuckDB.
+
+    Split a big corpus across machines with --shard 0/2, --shard 1/2 (same data dir), then --merge-shards 2:
+    the merged result equals one run over the whole corpus."""
     from precompute.corpus_sources import CorpusSpec
     from precompute.job import PrecomputeConfig, run_precompute
 
@@ -265,8 +270,19 @@ def precompute(
                            corpus=CorpusSpec(corpus, text_column, dataset_config, split, data_files),
                            max_tokens=tokens, context_len=context_len, batch_size=batch_size, top_k=top_k,
                            n_intervals=n_intervals, examples_per_interval=examples_per_interval, device=device,
-                           dtype=dtype, data_dir=data_dir, checkpoint_every=checkpoint_every, force=force)
+                           dtype=dtype, data_dir=data_dir, checkpoint_every=checkpoint_every, force=force,
+                           shard=_parse_shard(shard), merge_shards=merge_shards)
     run_precompute(cfg, log=typer.echo)
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise typer.BadParameter(f"--shard takes I/N, e.g. 0/4; got {text!r}.") from None
+    return i, n
 
 
 db_app = typer.Typer(help="Create and migrate FeatureScope DuckDB files (Alembic).", no_args_is_help=True)

@@ -55,11 +55,13 @@ class PrecomputeConfig:
     data_dir: str = "data"
     checkpoint_every: int = 200  # batches between checkpoints
     force: bool = False  # redo a run that is already published
+    shard: tuple[int, int] | None = None  # (i, n): process only the i-th of n slices, save its statistics
+    merge_shards: int = 0  # n: merge the n saved shards of this run and publish
     progress: bool = True
 
     def run_id(self) -> str:
         """Same inputs -> same id, so the same command finds its checkpoint and its published file.
-        Batch size, device and progress do not change the result, so they are not part of it."""
+        Batch size, device, progress and sharding do not change the result, so they are not part of it."""
         keys = dict(model=self.model, saes=self.saes, sae_ids=self.sae_ids, site=self.site, corpus=asdict(self.corpus),
                     max_tokens=self.max_tokens, context_len=self.context_len, top_k=self.top_k,
                     n_intervals=self.n_intervals, examples_per_interval=self.examples_per_interval, dtype=self.dtype)
@@ -96,44 +98,96 @@ def published_path(cfg: PrecomputeConfig, model_id: str) -> Path:
 
 def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=print, timings: dict | None = None) -> Path:
     """Run (or resume) the job and publish its DuckDB file; returns the published path.
+    With cfg.shard = (i, n) it processes only the i-th of n slices of the contexts and saves that
+    shard's statistics instead (returns their path); with cfg.merge_shards it merges all n saved
+    shards and publishes: exactly the result of one run over the whole corpus.
     `timings`, if given, receives seconds per phase: stream, finish, write, total."""
-    if not cfg.saes:
-        raise PrecomputeError("No SAEs given: pass at least one --sae.")
-    saes = [load_sae(src, site=cfg.site) for src in cfg.saes]
-    sae_ids = cfg.sae_ids or default_sae_ids(saes)
-    if len(sae_ids) != len(saes) or len(set(sae_ids)) != len(sae_ids):
-        raise PrecomputeError(f"Need one distinct id per SAE; got {sae_ids} for {len(saes)} SAEs.")
-    lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    target = published_path(cfg, lm.name)
+    started = time.time()
+    lm, encoder, target = _prepare(cfg, lm)
     if target.exists() and not cfg.force:
         log(f"Already complete: {target} (run {cfg.run_id()}). Pass --force to recompute.")
         return target
-    encoder = FeatureEncoder(lm, dict(zip(sae_ids, saes)))  # checks every SAE's width against its site
     contexts = _contexts(cfg, lm)
     work_dir = Path(cfg.data_dir) / "runs" / cfg.run_id()
     work_dir.mkdir(parents=True, exist_ok=True)
-
-    started = time.time()
-    stats, next_context, elapsed_before = _start_or_resume(cfg, work_dir, encoder, log)
-    stream_seconds = _stream(cfg, encoder, contexts, stats, next_context, work_dir)
-    elapsed_before += stream_seconds
+    if cfg.merge_shards:
+        stats, previous_seconds = _merge_shard_files(cfg, work_dir, encoder)
+        stream_seconds = 0.0
+    else:
+        first, last = _shard_range(cfg, len(contexts))
+        checkpoint = work_dir / _checkpoint_name(cfg)
+        stats, next_context, previous_seconds = _start_or_resume(cfg, checkpoint, encoder, first, log)
+        stream_seconds = _stream(cfg, encoder, contexts, stats, next_context, last, checkpoint)
+        if cfg.shard:
+            return _save_shard(cfg, work_dir, stats, previous_seconds + stream_seconds, checkpoint, log)
     log("Finishing: interval examples, logit effects, neighbours ...")
     finish_started = time.time()
     results = _finish(cfg, lm, encoder, contexts, stats)
     finish_seconds = time.time() - finish_started
-    run_seconds = elapsed_before + (time.time() - started)
-    staging = work_dir / "staging.duckdb"
     write_started = time.time()
+    staging = work_dir / "staging.duckdb"
+    run_seconds = previous_seconds + (time.time() - started)
     write_run_db(staging, model_row=_model_row(lm), vocab=_vocab(lm), contexts=contexts.numpy(),
                  run_row=_run_row(cfg, lm, contexts, stats, run_seconds), saes=results)
     write_seconds = time.time() - write_started
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, target)  # atomic publish: readers see the old file or the complete new one
-    (work_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    _summary(log, cfg, target, contexts, stats, time.time() - started, write_seconds)
+    for leftover in [work_dir / CHECKPOINT_FILE, *work_dir.glob("checkpoint-*.pt"), *work_dir.glob("shard-*.pt")]:
+        leftover.unlink(missing_ok=True)
+    _summary(log, target, contexts, stats, time.time() - started, write_seconds)
     if timings is not None:
         timings.update(stream=stream_seconds, finish=finish_seconds, write=write_seconds, total=time.time() - started)
     return target
+
+
+def _prepare(cfg: PrecomputeConfig, lm: LoadedModel | None) -> tuple[LoadedModel, FeatureEncoder, Path]:
+    if not cfg.saes:
+        raise PrecomputeError("No SAEs given: pass at least one --sae.")
+    if cfg.shard and not (0 <= cfg.shard[0] < cfg.shard[1]):
+        raise PrecomputeError(f"Shard {cfg.shard[0]}/{cfg.shard[1]} does not exist: use i/n with 0 <= i < n.")
+    saes = [load_sae(src, site=cfg.site) for src in cfg.saes]
+    sae_ids = cfg.sae_ids or default_sae_ids(saes)
+    if len(sae_ids) != len(saes) or len(set(sae_ids)) != len(sae_ids):
+        raise PrecomputeError(f"Need one distinct id per SAE; got {sae_ids} for {len(saes)} SAEs.")
+    lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    encoder = FeatureEncoder(lm, dict(zip(sae_ids, saes)))  # checks every SAE's width against its site
+    return lm, encoder, published_path(cfg, lm.name)
+
+
+def _shard_range(cfg: PrecomputeConfig, n_contexts: int) -> tuple[int, int]:
+    """Contexts [first, last) of this shard: n contiguous, near-equal slices."""
+    if not cfg.shard:
+        return 0, n_contexts
+    i, n = cfg.shard
+    return i * n_contexts // n, (i + 1) * n_contexts // n
+
+
+def _checkpoint_name(cfg: PrecomputeConfig) -> str:
+    return f"checkpoint-{cfg.shard[0]}-of-{cfg.shard[1]}.pt" if cfg.shard else CHECKPOINT_FILE
+
+
+def _save_shard(cfg, work_dir: Path, stats: dict, seconds: float, checkpoint: Path, log) -> Path:
+    i, n = cfg.shard
+    path = work_dir / f"shard-{i}-of-{n}.pt"
+    _atomic_save({"seconds": seconds, "stats": {name: s.state_dict() for name, s in stats.items()}}, path)
+    checkpoint.unlink(missing_ok=True)
+    log(f"Saved shard {i}/{n} to {path}; when all {n} are done, run the same command with --merge-shards {n}.")
+    return path
+
+
+def _merge_shard_files(cfg, work_dir: Path, encoder: FeatureEncoder) -> tuple[dict, float]:
+    n = cfg.merge_shards
+    paths = [work_dir / f"shard-{i}-of-{n}.pt" for i in range(n)]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise PrecomputeError(f"Cannot merge: {', '.join(missing)} not found in {work_dir} (run those shards first).")
+    stats, seconds = _new_stats(cfg, encoder), 0.0
+    for path in paths:
+        state = torch.load(path, map_location=encoder.lm.device, weights_only=False)
+        seconds += state["seconds"]
+        for name, s in stats.items():
+            s.merge(FeatureStats.from_state_dict(state["stats"][name], device=encoder.lm.device))
+    return stats, seconds
 
 
 def _contexts(cfg: PrecomputeConfig, lm: LoadedModel) -> torch.Tensor:
@@ -154,11 +208,10 @@ def _new_stats(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> dict[str, Feat
             for name, sae in encoder.saes.items()}
 
 
-def _start_or_resume(cfg, work_dir: Path, encoder: FeatureEncoder, log) -> tuple[dict, int, float]:
-    checkpoint = work_dir / CHECKPOINT_FILE
+def _start_or_resume(cfg, checkpoint: Path, encoder: FeatureEncoder, first: int, log) -> tuple[dict, int, float]:
     stats = _new_stats(cfg, encoder)
     if not checkpoint.exists() or cfg.force:
-        return stats, 0, 0.0
+        return stats, first, 0.0
     state = torch.load(checkpoint, map_location=encoder.lm.device, weights_only=False)
     for name, s in stats.items():
         s.load_state_dict(state["stats"][name])
@@ -166,29 +219,33 @@ def _start_or_resume(cfg, work_dir: Path, encoder: FeatureEncoder, log) -> tuple
     return stats, state["next_context"], state["elapsed"]
 
 
-def _save_checkpoint(work_dir: Path, stats: dict, next_context: int, elapsed: float) -> None:
-    tmp = work_dir / (CHECKPOINT_FILE + ".tmp")
-    torch.save({"next_context": next_context, "elapsed": elapsed,
-                "stats": {name: s.state_dict() for name, s in stats.items()}}, tmp)
-    os.replace(tmp, work_dir / CHECKPOINT_FILE)
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill mid-save leaves the previous file intact
 
 
-def _stream(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict, start: int, work_dir: Path) -> float:
-    """The main loop: forward once per batch, every SAE's statistics updated from it. Returns seconds."""
-    lm, n, T = encoder.lm, len(contexts), contexts.shape[1]
-    bar = tqdm(total=n * T, initial=start * T, unit="tok", unit_scale=True, disable=not cfg.progress,
-               desc=f"precompute {len(stats)} SAE{'s' * (len(stats) > 1)}", dynamic_ncols=True)
+def _stream(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict, start: int, stop: int,
+            checkpoint: Path) -> float:
+    """The main loop over contexts [start, stop): one forward per batch, every SAE's statistics updated from it.
+    Returns the seconds it took."""
+    lm, T = encoder.lm, contexts.shape[1]
+    first_of_range = _shard_range(cfg, len(contexts))[0]
+    bar = tqdm(total=(stop - first_of_range) * T, initial=(start - first_of_range) * T, unit="tok", unit_scale=True,
+               disable=not cfg.progress, dynamic_ncols=True,
+               desc=f"precompute {len(stats)} SAE{'s' * (len(stats) > 1)}" + (f" shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else ""))
     started = time.time()
-    for batch_no, first in enumerate(range(start, n, cfg.batch_size), start=1):
-        ids = contexts[first: first + cfg.batch_size]  # [B, T]
+    for batch_no, first in enumerate(range(start, stop, cfg.batch_size), start=1):
+        ids = contexts[first: min(first + cfg.batch_size, stop)]  # [B, T]
         context_ids = torch.arange(first, first + len(ids), device=lm.device)
         mask = content_mask(lm, ids).to(lm.device)  # False at BOS/EOS/pad: never counted
         feature_acts = encoder(ids)  # {sae: [B, T, d_sae]}
         for name, acts in feature_acts.items():
             stats[name].update(acts, context_ids, mask)
         bar.update(ids.numel())
-        if cfg.checkpoint_every and batch_no % cfg.checkpoint_every == 0 and first + len(ids) < n:
-            _save_checkpoint(work_dir, stats, first + len(ids), time.time() - started)
+        if cfg.checkpoint_every and batch_no % cfg.checkpoint_every == 0 and first + len(ids) < stop:
+            _atomic_save({"next_context": first + len(ids), "elapsed": time.time() - started,
+                          "stats": {name: s.state_dict() for name, s in stats.items()}}, checkpoint)
     bar.close()
     return time.time() - started
 
@@ -252,7 +309,7 @@ def _run_row(cfg, lm, contexts: torch.Tensor, stats: dict, seconds: float) -> di
                 started_at=now - dt.timedelta(seconds=seconds), finished_at=now, seconds=seconds)
 
 
-def _summary(log, cfg, target: Path, contexts: torch.Tensor, stats: dict, seconds: float, write_seconds: float) -> None:
+def _summary(log, target: Path, contexts: torch.Tensor, stats: dict, seconds: float, write_seconds: float) -> None:
     n_tokens = int(next(iter(stats.values())).n_tokens)
     log(f"Published {target} ({target.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s "
         f"({write_seconds:.1f} s writing DuckDB): {len(contexts)} contexts, {n_tokens} content tokens.")

@@ -186,3 +186,25 @@ def test_kill_9_then_rerun_gives_the_same_result_as_an_uninterrupted_run(tiny_ge
     assert killed_db.name == straight_db.name
     assert _tables(killed_db) == _tables(straight_db)
     assert not list(killed_dir.glob("runs/*/checkpoint.pt"))
+
+
+def test_two_shards_merged_equal_one_run(one_run, tiny_gemma2, tmp_path):
+    cfg, path = one_run
+    sharded = PrecomputeConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "data")})
+    for i in range(2):
+        sharded.shard = (i, 2)
+        shard_file = run_precompute(sharded, lm=tiny_gemma2, log=lambda *_: None)
+        assert shard_file.name == f"shard-{i}-of-2.pt"
+    assert not (tmp_path / "data" / "db").exists()
+    sharded.shard, sharded.merge_shards = None, 2
+    merged = run_precompute(sharded, lm=tiny_gemma2, log=lambda *_: None)
+    assert merged.name == path.name and _tables(merged) == _tables(path)
+
+
+def test_merging_before_every_shard_is_done_names_the_missing_ones(one_run, tiny_gemma2, tmp_path):
+    cfg, _ = one_run
+    sharded = PrecomputeConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "data"), "shard": (1, 3)})
+    run_precompute(sharded, lm=tiny_gemma2, log=lambda *_: None)
+    sharded.shard, sharded.merge_shards = None, 3
+    with pytest.raises(PrecomputeError, match="shard-0-of-3.pt, shard-2-of-3.pt not found"):
+        run_precompute(sharded, lm=tiny_gemma2, log=lambda *_: None)
