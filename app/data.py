@@ -138,7 +138,7 @@ def _build_catalog(files: tuple[DataFile, ...], problems: list[FileProblem], hea
             try:
                 data_file.cache["catalog"] = _read_file_catalog(data_file, head)
             except sa.exc.DBAPIError as exc:
-                data_file.cache["catalog"] = FileProblem(data_file.name, f"is not a FeatureScope database: {exc.orig}")
+                data_file.cache["catalog"] = FileProblem(data_file.path.name, f"is not a FeatureScope database: {exc.orig}")
         read = data_file.cache["catalog"]
         if isinstance(read, FileProblem):
             problems.append(read)
@@ -159,7 +159,7 @@ def _read_file_catalog(data_file: DataFile, head: str) -> list[ModelInfo] | File
     with data_file.connect() as conn:
         revision = conn.execute(sa.select(version.c.version_num)).scalar()
         if revision != head:
-            return FileProblem(data_file.name, f"has schema revision {revision}; this server reads {head} "
+            return FileProblem(data_file.path.name, f"has schema revision {revision}; this server reads {head} "
                                                "(publish it again with this version of featurescope)")
         model_rows = conn.execute(sa.select(Model.__table__).order_by(Model.id)).mappings().all()
         sae_rows = conn.execute(
