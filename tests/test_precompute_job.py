@@ -164,8 +164,8 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny_gemma2, sae_dirs, tmp_p
 
 def test_kill_9_then_rerun_gives_the_same_result_as_an_uninterrupted_run(tiny_gemma2_path, sae_dirs, tmp_path):
     args = ["precompute", "--model", str(tiny_gemma2_path), "--sae", sae_dirs[0], "--sae", sae_dirs[1],
-            "--tokens", "20000", "--context-len", "32", "--batch-size", "2", "--top-k", "5", "--n-intervals", "3",
-            "--examples-per-interval", "2", "--checkpoint-every", "5", "--device", "cpu"]
+            "--tokens", "12000", "--context-len", "32", "--batch-size", "4", "--top-k", "5", "--n-intervals", "3",
+            "--examples-per-interval", "2", "--checkpoint-every", "3", "--device", "cpu"]
 
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen([EXE, *args, "--data-dir", str(killed_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
