@@ -170,7 +170,7 @@ class FeatureStats:
         self.n_contexts += B
 
         self._merge_top(p_f, p_b, p_val, p_pos, p_ctx, acts, content_mask)
-        unit = (p_val * _pow2(UNIT_BITS - exp)[p_f]).long()
+        unit = (p_val * _pow2(UNIT_BITS - exp).index_select(0, p_f)).long()
         self._insert_candidates(p_f, unit, self._priority(p_ctx, p_f), p_val, p_pos.int())
 
     def _priority(self, ctx: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
@@ -179,10 +179,10 @@ class FeatureStats:
     def _merge_top(self, p_f, p_b, p_val, p_pos, p_ctx, acts, content_mask) -> None:
         """Merge the batch's firing pairs into the top-k slots; gather per-token acts only for entrants."""
         key = (p_val.view(torch.int32).long() << 32) | (LOW32 - p_ctx)
-        enters = key > self.top_key.amin(1)[p_f]
-        if not bool(enters.any()):
+        enters = (key > self.top_key.amin(1).index_select(0, p_f)).nonzero().squeeze(1)
+        if enters.numel() == 0:
             return
-        p_f, p_b, key, p_pos = p_f[enters], p_b[enters], key[enters], p_pos[enters]
+        p_f, p_b, key, p_pos = (x.index_select(0, enters) for x in (p_f, p_b, key, p_pos))
         feats, local = torch.unique(p_f, return_inverse=True)  # [H] features with entrants
         B, H, k = acts.shape[0], feats.numel(), self.top_k
         new_key = torch.full((H, B), -2, dtype=torch.int64, device=self.device)  # -2 < empty slot (-1)
@@ -209,10 +209,11 @@ class FeatureStats:
         s = self.examples_per_interval
         cells_prio = self.cand_prio.view(-1, s)
         cell = feat * UNITS + unit
-        fits = prio < cells_prio[cell, s - 1]  # a cell's worst priority is its last
-        if not bool(fits.any()):
+        worst = self.cand_prio.view(-1).index_select(0, cell * s + s - 1)  # cells are sorted: worst is last
+        fits = (prio < worst).nonzero().squeeze(1)
+        if fits.numel() == 0:
             return
-        cell, prio, val, pos = cell[fits], prio[fits], val[fits], pos[fits]
+        cell, prio, val, pos = (x.index_select(0, fits) for x in (cell, prio, val, pos))
         order = prio.argsort()
         order = order[cell[order].argsort(stable=True)]  # grouped by cell, ascending priority inside
         cell, prio, val, pos = cell[order], prio[order], val[order], pos[order]
@@ -226,11 +227,12 @@ class FeatureStats:
         new_pos = torch.zeros(cells.numel(), s, dtype=torch.int32, device=self.device)
         new_prio[group, rank], new_val[group, rank], new_pos[group, rank] = prio[top], val[top], pos[top]
         cells_val, cells_pos = self.cand_val.view(-1, s), self.cand_pos.view(-1, s)
-        all_prio = torch.cat([cells_prio[cells], new_prio], 1)  # [m, 2s]
+        all_prio = torch.cat([cells_prio.index_select(0, cells), new_prio], 1)  # [m, 2s]
         all_prio, pick = all_prio.sort(1)
-        cells_prio[cells] = all_prio[:, :s]
-        cells_val[cells] = torch.cat([cells_val[cells], new_val], 1).gather(1, pick[:, :s])
-        cells_pos[cells] = torch.cat([cells_pos[cells], new_pos], 1).gather(1, pick[:, :s])
+        pick = pick[:, :s]
+        cells_prio.index_copy_(0, cells, all_prio[:, :s].contiguous())
+        cells_val.index_copy_(0, cells, torch.cat([cells_val.index_select(0, cells), new_val], 1).gather(1, pick))
+        cells_pos.index_copy_(0, cells, torch.cat([cells_pos.index_select(0, cells), new_pos], 1).gather(1, pick))
 
     def _rescale(self, old_exp: torch.Tensor, exp: torch.Tensor) -> None:
         """Re-express histogram and candidates of features whose range R_f grew from 2**old_exp to 2**exp."""

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.feature_stats import (FINE_BINS, UNITS, FeatureStats, example_context_ids, fill_example_acts,
-                                      priority_hash)
+from precompute.feature_stats import (FINE_BINS, UNITS, FeatureStats, example_context_ids, expected_memory_bytes,
+                                      fill_example_acts, positive_candidates, priority_hash)
 
 N, T, F = 48, 16, 40  # contexts, positions, features
 K, N_IV, S = 6, 5, 3  # top-k, intervals, samples per interval
@@ -234,6 +234,28 @@ def test_checkpoint_with_other_settings_is_refused(corpus):
     state = run(*corpus[:3], batch=16).state_dict()
     with pytest.raises(ValueError, match="settings"):
         FeatureStats(F, T, top_k=K + 1, n_intervals=N_IV, examples_per_interval=S).load_state_dict(state)
+
+
+def test_finalize_leaves_the_state_unchanged_and_memory_matches_the_estimate(corpus):
+    acts, ids, mask, _, res = corpus
+    stats = run(acts[:24], ids[:24], mask[:24], batch=8)
+    before = stats.state_dict()
+    stats.finalize()
+    assert all(torch.equal(before[k], v) for k, v in stats.state_dict().items() if k != "settings")
+    for i in range(24, N, 8):
+        stats.update(acts[i:i + 8], ids[i:i + 8], mask[i:i + 8])
+    assert_same_result(stats.finalize(), res)
+    state_bytes = sum(v.nbytes for k, v in before.items() if k != "settings")
+    assert state_bytes - 16 == expected_memory_bytes(F, T, top_k=K, examples_per_interval=S)
+
+
+@pytest.mark.parametrize("numel", [4096, 4099, 0])
+def test_positive_candidates_cover_every_positive_entry_and_only_non_zeros(numel):
+    g = torch.Generator().manual_seed(numel)
+    x = torch.randn(numel, generator=g) * (torch.rand(numel, generator=g) < 0.03)  # sparse, half negative
+    found = positive_candidates(x)
+    assert set((x > 0).nonzero().squeeze(1).tolist()) <= set(found.tolist()) <= set(x.nonzero().squeeze(1).tolist())
+    assert len(set(found.tolist())) == found.numel()
 
 
 def test_update_reads_acts_without_changing_them(corpus):
