@@ -82,10 +82,13 @@ class Renderer:
         return TwinJSONResponse(data, status_code=status)
 
     def respond(self, request: Request, fmt: str | None, template: str, data: dict[str, Any],
-                partials: dict[str, str] | None = None, **context: Any) -> Response:
+                partials: dict[str, str] | None = None, push_url: str | None = None, **context: Any) -> Response:
         if fmt == "json":
             return self.json(data)
         target = request.headers.get("HX-Target") if request.headers.get("HX-Request") else None
         if target and partials and target in partials:
-            return self.html(partials[target], data=data, request=request, **context)
+            response = self.html(partials[target], data=data, request=request, **context)
+            if push_url:
+                response.headers["HX-Push-Url"] = push_url
+            return response
         return self.html(template, data=data, request=request, **context)

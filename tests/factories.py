@@ -191,8 +191,9 @@ class _FeatureMaker:
         dense = f % 17 == 5
         density = 0.0 if dead else float(rng.uniform(0.12, 0.3) if dense else 10 ** rng.uniform(-4.5, -1.5))
         n_firing = int(round(density * self.n_tokens)) if not dead else 0
-        if not dead and n_firing == 0:
-            n_firing, density = 1, 1 / self.n_tokens
+        if not dead and n_firing < 3 * self.n_top:  # enough firing tokens for the examples shown
+            n_firing = 3 * self.n_top
+            density = n_firing / self.n_tokens
         max_act = 0.0 if dead else float(rng.gamma(4.0, 2.5) + 0.5)
         hist = rng.multinomial(n_firing, _decaying(HIST_BINS)) if n_firing else np.zeros(HIST_BINS, dtype=int)
         favourite = self._favourite_token(f)

@@ -322,3 +322,11 @@ def test_htmx_from_cdn_by_default_and_local_copy_when_set(tmp_path):
         assert script.attrs["src"] == "/-/static/htmx.min.js" and "integrity" not in script.attrs
         assert served.get("/-/static/htmx.min.js").text == "/* htmx stand-in */"
     assert served.get("/-/static/app.css").status_code == 200
+
+
+def test_blank_filter_fields_mean_no_bound_and_htmx_pushes_the_canonical_url(client):
+    form = "q=&token=&show=all&min_density=&max_density=&sort=density&desc=1"
+    assert get_json(client, f"/{MODEL}/{SAE}.json?{form}")["total"] == D_SAE
+    response = client.get(f"/{MODEL}/{SAE}?{form}", headers={"HX-Request": "true", "HX-Target": "features"})
+    assert response.status_code == 200
+    assert response.headers["HX-Push-Url"] == f"/{MODEL}/{SAE}?sort=density&desc=1"

@@ -1,0 +1,163 @@
+"""The explorer in a real browser: a real uvicorn server on 127.0.0.1 over a factory data dir, with the
+local htmx copy, driven by Debian's Chromium through Playwright. Home -> SAE page -> feature page,
+highlighted tokens, htmx sorting and search, the copy-link URL reopening the same view, hostile tokens
+that never execute, and a screenshot of the feature page in test-artifacts/ for review.
+
+Needs /usr/bin/chromium, the playwright package and node_modules/htmx.org (bash scripts/install_test_tools.sh).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from factories import shared_data_dir
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+MODEL, SAE = "tiny-gemma-2", "2-res-64"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update"]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
+                                                             "(bash scripts/install_test_tools.sh)")
+
+
+@pytest.fixture(scope="module")
+def server():
+    import uvicorn
+
+    from app import Settings, create_app
+    from app.settings import DEFAULT_LOCAL_HTMX
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (bash scripts/install_test_tools.sh)")
+    if not DEFAULT_LOCAL_HTMX.is_file():
+        pytest.skip(f"{DEFAULT_LOCAL_HTMX} is missing (bash scripts/install_test_tools.sh)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(Settings(data_dir=shared_data_dir(), port=port, local_htmx=DEFAULT_LOCAL_HTMX))
+    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uvicorn_server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    uvicorn_server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1360, "height": 900})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server)
+    page = context.new_page()
+    page.problems = []  # console errors, failed requests, dialogs: none are expected on any page
+    page.on("console", lambda m: m.type == "error" and page.problems.append(f"console: {m.text}"))
+    page.on("pageerror", lambda e: page.problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: page.problems.append(f"request failed: {r.url}"))
+    page.on("dialog", lambda d: (page.problems.append(f"dialog: {d.message}"), d.dismiss()))
+    yield page
+    context.close()
+
+
+def test_home_to_sae_to_feature_with_highlighted_tokens(page, server):
+    page.goto(server + "/")
+    page.locator(f"#model-{MODEL}").get_by_role("link", name=SAE, exact=True).click()
+    page.wait_for_url(f"{server}/{MODEL}/{SAE}")
+    assert page.evaluate("typeof htmx") == "object", "the local htmx copy did not load"
+    page.locator("table.feature-table").get_by_role("link", name="3", exact=True).click()
+    page.wait_for_url(f"{server}/{MODEL}/{SAE}/3")
+    assert page.locator("h1").inner_text() == "Feature 3"
+    highlighted = page.locator("#examples li.example").first.locator(".t[title]")
+    assert highlighted.count() > 0
+    peak = page.locator("#examples li.example").first.locator(".t.peak")
+    assert peak.evaluate("e => getComputedStyle(e).backgroundColor") not in ("rgba(0, 0, 0, 0)", "transparent")
+    assert float(peak.get_attribute("title")) > 0
+    assert page.locator("figure.activation svg rect").count() == 50
+    assert page.locator("span.badge", has_text="auto").count() >= 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "feature-page.png"), full_page=True)
+    assert page.problems == []
+
+
+def densities(page) -> list[float]:
+    cells = page.locator("table.feature-table tbody tr td:nth-child(3)").all_inner_texts()
+    return [float(c.rstrip("%")) for c in cells]
+
+
+def test_sorting_and_search_swap_the_table_and_keep_the_url(page, server):
+    page.goto(f"{server}/{MODEL}/{SAE}")
+    marker = page.evaluate("() => { window.__sameDocument = true; return true; }")
+    page.locator("table.feature-table a.sort", has_text="density").click()
+    page.wait_for_url(f"{server}/{MODEL}/{SAE}?sort=density&desc=1")
+    page.wait_for_function("document.querySelector('a.sort.active') && document.querySelector('a.sort.active').textContent.includes('density')")
+    values = densities(page)
+    assert len(values) == 50 and values == sorted(values, reverse=True)
+    assert marker and page.evaluate("window.__sameDocument === true"), "sorting reloaded the page instead of swapping the table"
+
+    page.fill("input[name=q]", "Paris")
+    page.locator("#filters button[type=submit]").click()
+    page.wait_for_function("location.search.includes('q=Paris')")
+    page.wait_for_function("document.querySelector('.result-count').textContent.includes('Paris')")
+    labels = page.locator("table.feature-table tbody tr td:nth-child(2) .label").all_inner_texts()
+    assert labels and all("paris" in label.lower() for label in labels)
+
+    page.goto(f"{server}/{MODEL}/{SAE}")
+    page.fill("input[name=token]", "Paris")
+    page.locator("#filters button[type=submit]").click()
+    page.wait_for_function("location.search.includes('token=Paris')")
+    page.wait_for_function("document.querySelector('.result-count').textContent.includes('peak on')")
+    tokens = page.locator("table.feature-table tbody tr td.toks").all_inner_texts()
+    assert tokens and all("Paris" in t for t in tokens)
+    assert page.problems == []
+
+
+def test_copy_link_reopens_the_same_view(page, browser, server):
+    page.goto(f"{server}/{MODEL}/{SAE}/5?text=" + "The capital of France is")
+    page.locator("#examples a.seg", has_text="Full context").click()
+    page.wait_for_function("location.search.includes('context=full')")
+    page.wait_for_selector("#examples.full")
+    page.get_by_role("button", name="Copy link").first.click()
+    page.wait_for_function("document.querySelector('button.copied') !== null")
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert parse_qs(urlsplit(copied).query) == {"text": ["The capital of France is"], "context": ["full"]}
+    shown_before = page.locator("#examples").inner_text()
+
+    other = browser.new_page()
+    other.goto(copied)
+    assert other.locator("#examples").inner_text() == shown_before
+    assert other.locator("#examples.full").count() == 1
+    assert other.locator("#test-text").input_value() == "The capital of France is"
+    other.close()
+    assert page.problems == []
+
+
+def test_hostile_tokens_and_prompts_never_execute(page, server):
+    page.add_init_script("window.__pwned = 0")
+    prompt = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">"
+    page.goto(f"{server}/{MODEL}/{SAE}/0?context=full&text=" + prompt.replace("#", "%23"))
+    assert page.evaluate("window.__pwned") == 0
+    assert page.locator("#examples script, #examples img, .test-box img, .test-box script").count() == 0
+    assert "<script>alert(1)</script>" in page.locator("#examples").inner_text()
+    assert page.locator("pre.test-text").inner_text() == prompt
+    page.goto(f"{server}/{MODEL}/{SAE}?size=500")
+    assert "<script>alert(1)</script>" in page.locator("table.feature-table").inner_text()
+    assert page.evaluate("window.__pwned") == 0
+    assert page.problems == []
