@@ -3,7 +3,8 @@ directly (create_app(Settings(data_dir=...))). Nothing here is read at import ti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HTMX_VERSION = "2.0.11"
@@ -24,6 +25,7 @@ class Settings:
     local_htmx: Path | None = None
     rescan_seconds: float = 1.0  # how often, at most, a request re-lists data_dir/db for new publications
     page_size: int = 50  # rows of the SAE page's feature table
+    workers: int = 1  # server processes; each opens the databases read-only on its own
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -32,6 +34,13 @@ class Settings:
             if not self.local_htmx.is_file():
                 raise FileNotFoundError(f"Local htmx file {self.local_htmx} does not exist "
                                         "(bash scripts/install_test_tools.sh puts one in node_modules/).")
+
+    def to_json(self) -> str:
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Settings":
+        return cls(**json.loads(text))
 
     @property
     def db_dir(self) -> Path:

@@ -4,7 +4,7 @@ requests/s. No assertions: the figures are for reading (targets: p50 <= 20 ms, >
 
     .venv/bin/python bench/serve.py                      # builds a factory database (6,144 features)
     .venv/bin/python bench/serve.py --data-dir data      # the demo's published data instead
-    .venv/bin/python bench/serve.py --requests 4000 --clients 8
+    .venv/bin/python bench/serve.py --workers 2                         # two server processes
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def build_bench_data(folder: Path) -> Path:
     return folder
 
 
-def start_server(data_dir: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen([str(ROOT / ".venv/bin/featurescope"), "serve", "--data-dir", str(data_dir), "--port", str(port)],
+def start_server(data_dir: Path, port: int, workers: int = 1) -> subprocess.Popen:
+    server = subprocess.Popen([str(ROOT / ".venv/bin/featurescope"), "serve", "--data-dir", str(data_dir), "--port", str(port),
+                               "--workers", str(workers)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -102,16 +103,18 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="Serve this data dir instead of building a factory database.")
     parser.add_argument("--requests", type=int, default=2000, help="Requests per format (HTML, JSON).")
     parser.add_argument("--clients", type=int, default=8, help="Concurrent clients.")
+    parser.add_argument("--workers", type=int, default=1, help="Server processes (featurescope serve --workers).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="featurescope-bench-") as tmp:
         data_dir = args.data_dir or build_bench_data(Path(tmp))
         port = free_port()
-        server = start_server(data_dir, port)
+        server = start_server(data_dir, port, args.workers)
         base = f"http://127.0.0.1:{port}"
         try:
-            print(f"server: featurescope serve on {base}, {os.cpu_count()} CPU cores, {args.clients} concurrent clients")
+            print(f"server: featurescope serve --workers {args.workers} on {base}, {os.cpu_count()} CPU cores, "
+                  f"{args.clients} concurrent clients, load average before: {os.getloadavg()[0]:.1f}")
             asyncio.run(run_load(feature_urls(base, 100, "", rng), args.clients))  # warm-up: vocab, pools, templates
             for name, suffix in (("feature HTML", ""), ("feature JSON", ".json")):
                 latencies, seconds, errors = asyncio.run(run_load(feature_urls(base, args.requests, suffix, rng), args.clients))

@@ -320,6 +320,7 @@ def serve(
     htmx_url: Annotated[str | None, typer.Option(help="Where pages load htmx 2 from (default: its CDN).")] = None,
     local_htmx: Annotated[bool, typer.Option("--local-htmx", help="Serve the local htmx copy in node_modules/ (npm install htmx.org@2) instead of the CDN's.")] = False,
     htmx_file: Annotated[Path | None, typer.Option(help="Serve this htmx.min.js instead of the CDN's.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes (about one per CPU core serves the most requests).")] = 1,
 ) -> None:
     """Serve the feature explorer (read-only; picks up newly published precompute runs without a restart)."""
     import uvicorn
@@ -330,11 +331,21 @@ def serve(
     local = htmx_file or (DEFAULT_LOCAL_HTMX if local_htmx else None)
     if local is not None and not Path(local).is_file():
         raise typer.BadParameter(f"{local} does not exist (bash scripts/install_test_tools.sh installs htmx into node_modules/).")
-    settings = Settings(data_dir=data_dir, host=host, port=port, htmx_url=htmx_url or HTMX_CDN_URL, local_htmx=local)
+    settings = Settings(data_dir=data_dir.resolve(), host=host, port=port, htmx_url=htmx_url or HTMX_CDN_URL,
+                        local_htmx=local, workers=workers)
     if not settings.db_dir.is_dir():
         typer.echo(f"Note: {settings.db_dir} does not exist yet; the explorer shows databases as soon as they are published there.")
     typer.echo(f"FeatureScope explorer: {settings.url}  (Ctrl+C to stop)")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        return
+    import os
+
+    from app.main import SETTINGS_ENV
+
+    os.environ[SETTINGS_ENV] = settings.to_json()
+    uvicorn.run("app.main:create_app_from_environment", factory=True, workers=workers, host=host, port=port,
+                log_level="warning")
 
 
 def main() -> None:
