@@ -376,8 +376,11 @@ def train_step(st: SiteState, x: torch.Tensor, step: int, cfg: TrainConfig) -> N
 
 
 def _update_metrics(metrics: dict, **values: float) -> None:
-    for k, v in values.items():  # exponential moving average over ~50 steps
-        metrics[k] = v if k not in metrics else 0.98 * metrics[k] + 0.02 * v
+    """Exponential moving averages over ~20 steps, bias-corrected so early values do not linger."""
+    n = metrics["n"] = metrics.get("n", 0) + 1
+    for k, v in values.items():
+        raw = metrics[f"_{k}"] = 0.95 * metrics.get(f"_{k}", 0.0) + 0.05 * v
+        metrics[k] = raw / (1 - 0.95 ** n)
 
 
 @torch.no_grad()
