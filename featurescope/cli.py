@@ -331,7 +331,7 @@ def serve(
     local = htmx_file or (DEFAULT_LOCAL_HTMX if local_htmx else None)
     if local is not None and not Path(local).is_file():
         raise typer.BadParameter(f"{local} does not exist (bash scripts/install_test_tools.sh installs htmx into node_modules/).")
-    settings = Settings(data_dir=data_dir.resolve(), host=host, port=port, htmx_url=htmx_url or HTMX_CDN_URL,
+    settings = Settings(data_dir=Path(data_dir).resolve(), host=host, port=port, htmx_url=htmx_url or HTMX_CDN_URL,
                         local_htmx=local, workers=workers)
     if not settings.db_dir.is_dir():
         typer.echo(f"Note: {settings.db_dir} does not exist yet; the explorer shows databases as soon as they are published there.")
