@@ -376,17 +376,17 @@ def _peak_tokens(conn: sa.Connection, sae: SAEInfo, features: list[int]) -> dict
     """Token id at the maximum of each top example, strongest example first, for each feature."""
     if not features:
         return {}
-    peak = sa.func.list_extract(Context.token_ids, Example.max_pos + 1)
     rows = conn.execute(
-        sa.select(Example.feature, peak)
-        .join(Context, sa.and_(Context.run_id == Example.run_id, Context.context_id == Example.context_id))
+        sa.select(Example.feature, Example.context_id, Example.max_pos)
         .where(Example.model_id == sae.model_id, Example.sae_id == sae.id, Example.kind == "top",
                Example.feature.in_(features))
         .order_by(Example.feature, Example.rank)).all()
+    contexts = context_store(sae)
     found: dict[int, list[int]] = {}
-    for feature, token_id in rows:
-        if token_id is not None:
-            found.setdefault(feature, []).append(token_id)
+    for feature, context_id, max_pos in rows:
+        tokens = contexts.tokens(context_id)
+        if 0 <= max_pos < len(tokens):
+            found.setdefault(feature, []).append(tokens[max_pos])
     return found
 
 
