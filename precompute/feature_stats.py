@@ -93,7 +93,7 @@ class FeatureStats:
 
     def __init__(self, d_sae: int, context_len: int, top_k: int = 20, n_intervals: int = 5,
                  examples_per_interval: int = 5, hist_bins: int = 50, seed: int = 0,
-                 device: str | torch.device = "cpu"):
+                 keep_interval_acts: bool = False, device: str | torch.device = "cpu"):
         if not 1 <= n_intervals <= UNITS // 2:
             raise ValueError(f"n_intervals must be in [1, {UNITS // 2}], got {n_intervals}.")
         if not 1 <= hist_bins <= FINE_BINS // 2:
@@ -102,7 +102,7 @@ class FeatureStats:
             raise ValueError("d_sae, context_len, top_k and examples_per_interval must be positive.")
         self.d_sae, self.context_len, self.top_k = d_sae, context_len, top_k
         self.n_intervals, self.examples_per_interval, self.hist_bins = n_intervals, examples_per_interval, hist_bins
-        self.seed = seed
+        self.seed, self.keep_interval_acts = seed, keep_interval_acts
         self.device = torch.device(device)
         F, k, s, dev = d_sae, top_k, examples_per_interval, self.device
         self.n_tokens = torch.zeros((), dtype=torch.int64, device=dev)  # content tokens seen
@@ -118,6 +118,8 @@ class FeatureStats:
         self.cand_prio = torch.full((F, UNITS, s), INT64_MAX, dtype=torch.int64, device=dev)
         self.cand_val = torch.zeros(F, UNITS, s, device=dev)
         self.cand_pos = torch.zeros(F, UNITS, s, dtype=torch.int32, device=dev)
+        # Optional per-token acts of every candidate: no second pass, UNITS * s * T floats per feature.
+        self.cand_acts = torch.zeros(F, UNITS, s, context_len, device=dev) if keep_interval_acts else None
 
     # ---------------------------------------------------------------- streaming
 
@@ -171,7 +173,13 @@ class FeatureStats:
 
         self._merge_top(p_f, p_b, p_val, p_pos, p_ctx, acts, content_mask)
         unit = (p_val * _pow2(UNIT_BITS - exp).index_select(0, p_f)).long()
-        self._insert_candidates(p_f, unit, self._priority(p_ctx, p_f), p_val, p_pos.int())
+        self._insert_candidates(p_f, unit, self._priority(p_ctx, p_f), p_val, p_pos.int(),
+                                lambda sel: self._rows(acts, content_mask, p_b.index_select(0, sel),
+                                                       p_f.index_select(0, sel)))
+
+    def _rows(self, acts, content_mask, b, f) -> torch.Tensor:
+        rows = token_acts(acts, content_mask, b, f)  # [n, T]
+        return torch.nn.functional.pad(rows, (0, self.context_len - rows.shape[1]))  # [n, context_len]
 
     def _priority(self, ctx: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         return (priority_hash(ctx, feat, self.seed) << 32) | ctx
@@ -199,13 +207,12 @@ class FeatureStats:
         pos_of = torch.zeros(H, B, dtype=torch.int32, device=self.device)
         pos_of[local, p_b] = p_pos.int()
         self.top_pos.view(-1).index_copy_(0, slot, pos_of.view(-1).index_select(0, src))
-        rows = token_acts(acts, content_mask, in_b, feats.index_select(0, in_h))  # [n, T]
-        if rows.shape[1] < self.context_len:
-            rows = torch.nn.functional.pad(rows, (0, self.context_len - rows.shape[1]))
+        rows = self._rows(acts, content_mask, in_b, feats.index_select(0, in_h))
         self.top_acts.view(-1, self.context_len).index_copy_(0, slot, rows)
 
-    def _insert_candidates(self, feat, unit, prio, val, pos) -> None:
-        """Merge (feature, unit, priority, value, position) entries into the bottom-s sets of their cells."""
+    def _insert_candidates(self, feat, unit, prio, val, pos, rows_of=None) -> None:
+        """Merge (feature, unit, priority, value, position) entries into the bottom-s sets of their cells.
+        With keep_interval_acts, rows_of(entry indices) gives those entries' per-token acts [n, context_len]."""
         s = self.examples_per_interval
         cells_prio = self.cand_prio.view(-1, s)
         cell = feat * UNITS + unit
@@ -216,7 +223,7 @@ class FeatureStats:
         cell, prio, val, pos = (x.index_select(0, fits) for x in (cell, prio, val, pos))
         order = prio.argsort()
         order = order[cell[order].argsort(stable=True)]  # grouped by cell, ascending priority inside
-        cell, prio, val, pos = cell[order], prio[order], val[order], pos[order]
+        cell, prio, val, pos, entry = cell[order], prio[order], val[order], pos[order], fits[order]
         cells, counts = torch.unique_consecutive(cell, return_counts=True)
         group = torch.repeat_interleave(torch.arange(cells.numel(), device=self.device), counts)
         rank = torch.arange(cell.numel(), device=self.device) - (counts.cumsum(0) - counts)[group]
@@ -226,6 +233,8 @@ class FeatureStats:
         new_val = torch.zeros(cells.numel(), s, device=self.device)
         new_pos = torch.zeros(cells.numel(), s, dtype=torch.int32, device=self.device)
         new_prio[group, rank], new_val[group, rank], new_pos[group, rank] = prio[top], val[top], pos[top]
+        new_entry = torch.full((cells.numel(), s), -1, dtype=torch.int64, device=self.device)
+        new_entry[group, rank] = entry[top]
         cells_val, cells_pos = self.cand_val.view(-1, s), self.cand_pos.view(-1, s)
         all_prio = torch.cat([cells_prio.index_select(0, cells), new_prio], 1)  # [m, 2s]
         all_prio, pick = all_prio.sort(1)
@@ -233,6 +242,18 @@ class FeatureStats:
         cells_prio.index_copy_(0, cells, all_prio[:, :s].contiguous())
         cells_val.index_copy_(0, cells, torch.cat([cells_val.index_select(0, cells), new_val], 1).gather(1, pick))
         cells_pos.index_copy_(0, cells, torch.cat([cells_pos.index_select(0, cells), new_pos], 1).gather(1, pick))
+        if self.cand_acts is not None:
+            self._insert_rows(cells, pick, new_entry, rows_of)
+
+    def _insert_rows(self, cells, pick, new_entry, rows_of) -> None:
+        """Per-token acts for the cells' new contents: kept rows move within the cell, newcomers come from rows_of."""
+        s, T = self.examples_per_interval, self.context_len
+        cells_acts = self.cand_acts.view(-1, s, T)
+        rows = cells_acts.index_select(0, cells).gather(1, pick.clamp(max=s - 1)[:, :, None].expand(-1, -1, T))
+        cell_i, slot = (pick >= s).nonzero(as_tuple=True)  # slots taken by newcomers
+        if cell_i.numel():
+            rows[cell_i, slot] = rows_of(new_entry[cell_i, pick[cell_i, slot] - s])
+        cells_acts.index_copy_(0, cells, rows)  # rows: [m, s, T]
 
     def _rescale(self, old_exp: torch.Tensor, exp: torch.Tensor) -> None:
         """Re-express histogram and candidates of features whose range R_f grew from 2**old_exp to 2**exp."""
@@ -246,8 +267,10 @@ class FeatureStats:
         prio = self.cand_prio[grown]  # [g, UNITS, s]
         g, unit, slot = (prio != INT64_MAX).nonzero(as_tuple=True)
         val, pos, prio = self.cand_val[grown][g, unit, slot], self.cand_pos[grown][g, unit, slot], prio[g, unit, slot]
+        rows = self.cand_acts[grown][g, unit, slot] if self.cand_acts is not None else None  # [n, T]
         self.cand_prio[grown] = INT64_MAX
-        self._insert_candidates(grown[g], unit >> shift.clamp(max=UNIT_BITS)[g], prio, val, pos)
+        self._insert_candidates(grown[g], unit >> shift.clamp(max=UNIT_BITS)[g], prio, val, pos,
+                                lambda sel: rows.index_select(0, sel))
 
     # ---------------------------------------------------------------- merge and checkpoints
 
@@ -267,8 +290,9 @@ class FeatureStats:
         self.sum_fixed += theirs.sum_fixed
         self.fine_hist += theirs.fine_hist
         g, unit, slot = (theirs.cand_prio != INT64_MAX).nonzero(as_tuple=True)
+        rows = theirs.cand_acts[g, unit, slot] if self.cand_acts is not None else None  # [n, T]
         self._insert_candidates(g, unit, theirs.cand_prio[g, unit, slot], theirs.cand_val[g, unit, slot],
-                                theirs.cand_pos[g, unit, slot])
+                                theirs.cand_pos[g, unit, slot], lambda sel: rows.index_select(0, sel))
         keys = torch.cat([self.top_key, theirs.top_key], 1)  # [F, 2k]
         pick = keys.topk(self.top_k, 1).indices
         self.top_key = keys.gather(1, pick)
@@ -278,16 +302,21 @@ class FeatureStats:
 
     def _settings(self) -> dict:
         return dict(d_sae=self.d_sae, context_len=self.context_len, top_k=self.top_k, n_intervals=self.n_intervals,
-                    examples_per_interval=self.examples_per_interval, hist_bins=self.hist_bins, seed=self.seed)
+                    examples_per_interval=self.examples_per_interval, hist_bins=self.hist_bins, seed=self.seed,
+                    keep_interval_acts=self.keep_interval_acts)
 
     def state_dict(self) -> dict:
         """Settings and a copy of the state tensors (on their device); torch.save it for a checkpoint."""
-        return {"settings": self._settings(), **{name: getattr(self, name).clone() for name in STATE_TENSORS}}
+        return {"settings": self._settings(), **{name: getattr(self, name).clone() for name in self._state_names()}}
+
+    def _state_names(self) -> tuple[str, ...]:
+        return STATE_TENSORS + (("cand_acts",) if self.keep_interval_acts else ())
 
     def load_state_dict(self, state: dict) -> None:
-        if state["settings"] != self._settings():
-            raise ValueError(f"Checkpoint settings {state['settings']} differ from {self._settings()}.")
-        for name in STATE_TENSORS:
+        settings = {"keep_interval_acts": False, **state["settings"]}  # checkpoints from before the option
+        if settings != self._settings():
+            raise ValueError(f"Checkpoint settings {settings} differ from {self._settings()}.")
+        for name in self._state_names():
             mine = getattr(self, name)
             if state[name].shape != mine.shape or state[name].dtype != mine.dtype:
                 raise ValueError(f"Checkpoint tensor {name} has {state[name].dtype}{tuple(state[name].shape)}, "
@@ -296,7 +325,7 @@ class FeatureStats:
 
     @classmethod
     def from_state_dict(cls, state: dict, device: str | torch.device = "cpu") -> FeatureStats:
-        stats = cls(**state["settings"], device=device)
+        stats = cls(**{"keep_interval_acts": False, **state["settings"]}, device=device)
         stats.load_state_dict(state)
         return stats
 
@@ -369,9 +398,15 @@ class FeatureStats:
         act[f_i, dst_iv, dst_rank] = self.cand_val.view(F, -1)[f_i, src]
         pos[f_i, dst_iv, dst_rank] = self.cand_pos.view(F, -1)[f_i, src]
         act, by_act = act.sort(dim=2, descending=True, stable=True)  # strongest first within an interval
-        return {"interval_lo": lo, "interval_hi": hi, "interval_count": count,
-                "interval_share": count.double() / n_firing.clamp(min=1)[:, None],
-                "interval_ctx": ctx.gather(2, by_act), "interval_act": act, "interval_pos": pos.gather(2, by_act)}
+        out = {"interval_lo": lo, "interval_hi": hi, "interval_count": count,
+               "interval_share": count.double() / n_firing.clamp(min=1)[:, None],
+               "interval_ctx": ctx.gather(2, by_act), "interval_act": act, "interval_pos": pos.gather(2, by_act)}
+        if self.cand_acts is not None:
+            T = self.context_len
+            rows = torch.zeros(F, n, s, T, device=self.device)
+            rows[f_i, dst_iv, dst_rank] = self.cand_acts.view(F, -1, T)[f_i, src]
+            out["interval_token_acts"] = rows.gather(2, by_act[..., None].expand(-1, -1, -1, T))  # [F, n, s, T]
+        return out
 
 
 def token_acts(acts: torch.Tensor, content_mask: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -409,8 +444,9 @@ def fill_example_acts(example_ctx: torch.Tensor, context_ids: torch.Tensor, acts
     out.view(F, -1, out.shape[-1])[f.to(out.device), j.to(out.device), :T] = rows
 
 
-def expected_memory_bytes(d_sae: int, context_len: int, top_k: int = 20, examples_per_interval: int = 5) -> int:
+def expected_memory_bytes(d_sae: int, context_len: int, top_k: int = 20, examples_per_interval: int = 5,
+                          keep_interval_acts: bool = False) -> int:
     """State size of one FeatureStats, to plan how many SAEs fit on a device at once."""
     per_feature = (4 + 8 + 4 * FINE_BINS + top_k * (8 + 4 + 4 * context_len)
-                   + UNITS * examples_per_interval * (8 + 4 + 4))
+                   + UNITS * examples_per_interval * (8 + 4 + 4 + (4 * context_len if keep_interval_acts else 0)))
     return d_sae * per_feature

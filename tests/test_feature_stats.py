@@ -296,6 +296,33 @@ def test_shorter_contexts_and_dead_features_give_empty_rows():
     assert res["interval_ctx"][2].tolist() == [[-1, -1], [8, -1]]  # 0.75 lies in the upper half of [0, max]
 
 
+def test_kept_interval_token_acts_equal_the_dense_reference_and_change_nothing_else(corpus):
+    acts, ids, mask, ref, res = corpus
+    kept = run(acts, ids, mask, batch=8, keep_interval_acts=True).finalize()
+    token_acts = kept.pop("interval_token_acts")  # [F, n, s, T]
+    assert_same_result(kept, res)
+    row_of = {int(c): r for r, c in enumerate(ids)}
+    for f, i, j in torch.nonzero(res["interval_ctx"] >= 0).tolist():
+        expected = ref["a"][row_of[int(res["interval_ctx"][f, i, j])], :, f].astype(np.float32)
+        np.testing.assert_array_equal(token_acts[f, i, j].numpy(), expected)
+    assert (token_acts[res["interval_ctx"] < 0] == 0).all()
+
+
+def test_kept_interval_token_acts_are_exact_across_batch_sizes_merges_and_checkpoints(corpus):
+    acts, ids, mask, _, _ = corpus
+    one_run = run(acts, ids, mask, batch=8, keep_interval_acts=True).finalize()
+    assert_same_result(run(acts, ids, mask, batch=3, keep_interval_acts=True).finalize(), one_run)
+    first = run(acts[:30], ids[:30], mask[:30], batch=7, keep_interval_acts=True)
+    first.merge(run(acts[30:], ids[30:], mask[30:], batch=5, keep_interval_acts=True))
+    assert_same_result(first.finalize(), one_run)
+    resumed = FeatureStats.from_state_dict(run(acts[:16], ids[:16], mask[:16], batch=8, keep_interval_acts=True).state_dict())
+    for i in range(16, N, 8):
+        resumed.update(acts[i:i + 8], ids[i:i + 8], mask[i:i + 8])
+    assert_same_result(resumed.finalize(), one_run)
+    assert expected_memory_bytes(F, T, top_k=K, examples_per_interval=S, keep_interval_acts=True) + 16 == sum(
+        v.nbytes for k, v in resumed.state_dict().items() if k != "settings")
+
+
 def test_bad_shapes_and_ids_are_refused():
     stats = FeatureStats(4, 8)
     with pytest.raises(ValueError, match="shape"):
