@@ -6,7 +6,7 @@
 Layout: settings.py (the one config object), databases.py (published files, read-only, reopened on
 publication), data.py (every query; one data function per view), present.py and charts.py (tokens and
 SVG histograms for HTML), render.py (pages, JSON twins, htmx fragments), urls.py (every URL), deps.py,
-routes/ (one router per resource), templates/ and static/.
+routes/ (one router per resource); the Jinja2 templates and CSS/JS live in the top-level templates/ and static/.
 """
 
 from app.main import create_app

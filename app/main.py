@@ -28,7 +28,7 @@ from app.routes import features, home, meta, models, saes
 from app.settings import Settings
 from app.urls import APP_PREFIX, Urls
 
-STATIC = Path(__file__).resolve().parent / "static"
+STATIC = Path(__file__).resolve().parent.parent / "static"  # top-level static/, beside templates/
 
 
 def create_app(settings: Settings) -> FastAPI:

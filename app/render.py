@@ -19,7 +19,7 @@ from app.present import visible
 from app.settings import Settings
 from app.urls import Urls
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"  # top-level templates/
 
 
 class TwinJSONResponse(JSONResponse):
