@@ -114,7 +114,8 @@ class FeatureStats:
         self.top_key = torch.full((F, k), -1, dtype=torch.int64, device=dev)
         self.top_pos = torch.zeros(F, k, dtype=torch.int32, device=dev)
         self.top_acts = torch.zeros(F, k, context_len, device=dev)
-        # Interval candidates per (feature, unit), sorted by priority = hash << 32 | context id; INT64_MAX = empty.
+        # Interval candidates per (feature, unit) in unordered slots: priority = hash << 32 | context id,
+        # INT64_MAX = empty.
         self.cand_prio = torch.full((F, UNITS, s), INT64_MAX, dtype=torch.int64, device=dev)
         self.cand_val = torch.zeros(F, UNITS, s, device=dev)
         self.cand_pos = torch.zeros(F, UNITS, s, dtype=torch.int32, device=dev)
@@ -212,48 +213,42 @@ class FeatureStats:
 
     def _insert_candidates(self, feat, unit, prio, val, pos, rows_of=None) -> None:
         """Merge (feature, unit, priority, value, position) entries into the bottom-s sets of their cells.
-        With keep_interval_acts, rows_of(entry indices) gives those entries' per-token acts [n, context_len]."""
+        A cell's s slots are unordered (finalize sorts); a newcomer takes the slot of an evicted entry, so
+        nothing else moves. With keep_interval_acts, rows_of(entry indices) gives per-token acts [n, T]."""
         s = self.examples_per_interval
-        cells_prio = self.cand_prio.view(-1, s)
         cell = feat * UNITS + unit
-        worst = self.cand_prio.view(-1).index_select(0, cell * s + s - 1)  # cells are sorted: worst is last
-        fits = (prio < worst).nonzero().squeeze(1)
+        cells_prio = self.cand_prio.view(-1, s)
+        fits = (prio < cells_prio.index_select(0, cell).amax(1)).nonzero().squeeze(1)  # beats the cell's worst
         if fits.numel() == 0:
             return
-        cell, prio, val, pos = (x.index_select(0, fits) for x in (cell, prio, val, pos))
+        cell, prio = cell.index_select(0, fits), prio.index_select(0, fits)
         order = prio.argsort()
         order = order[cell[order].argsort(stable=True)]  # grouped by cell, ascending priority inside
-        cell, prio, val, pos, entry = cell[order], prio[order], val[order], pos[order], fits[order]
-        cells, counts = torch.unique_consecutive(cell, return_counts=True)
+        cell, prio, entry = cell[order], prio[order], fits[order]
+        cells, counts = torch.unique_consecutive(cell, return_counts=True)  # [m] touched cells
         group = torch.repeat_interleave(torch.arange(cells.numel(), device=self.device), counts)
         rank = torch.arange(cell.numel(), device=self.device) - (counts.cumsum(0) - counts)[group]
-        top = rank < s
-        group, rank = group[top], rank[top]
+        top = (rank < s).nonzero().squeeze(1)  # only a cell's s best newcomers can enter
         new_prio = torch.full((cells.numel(), s), INT64_MAX, dtype=torch.int64, device=self.device)
-        new_val = torch.zeros(cells.numel(), s, device=self.device)
-        new_pos = torch.zeros(cells.numel(), s, dtype=torch.int32, device=self.device)
-        new_prio[group, rank], new_val[group, rank], new_pos[group, rank] = prio[top], val[top], pos[top]
-        new_entry = torch.full((cells.numel(), s), -1, dtype=torch.int64, device=self.device)
-        new_entry[group, rank] = entry[top]
-        cells_val, cells_pos = self.cand_val.view(-1, s), self.cand_pos.view(-1, s)
-        all_prio = torch.cat([cells_prio.index_select(0, cells), new_prio], 1)  # [m, 2s]
-        all_prio, pick = all_prio.sort(1)
-        pick = pick[:, :s]
-        cells_prio.index_copy_(0, cells, all_prio[:, :s].contiguous())
-        cells_val.index_copy_(0, cells, torch.cat([cells_val.index_select(0, cells), new_val], 1).gather(1, pick))
-        cells_pos.index_copy_(0, cells, torch.cat([cells_pos.index_select(0, cells), new_pos], 1).gather(1, pick))
+        new_entry = torch.zeros(cells.numel(), s, dtype=torch.int64, device=self.device)
+        new_prio[group[top], rank[top]] = prio.index_select(0, top)
+        new_entry[group[top], rank[top]] = entry.index_select(0, top)
+        both = torch.cat([cells_prio.index_select(0, cells), new_prio], 1)  # [m, 2s]
+        chosen = torch.zeros_like(both, dtype=torch.bool)
+        chosen.scatter_(1, both.topk(s, 1, largest=False, sorted=False).indices, True)
+        # Pair evicted slots with admitted newcomers in order; a padding newcomer (INT64_MAX) only ever
+        # displaces an empty slot, and such pairs are dropped.
+        out_c, out_slot = (~chosen[:, :s]).nonzero(as_tuple=True)
+        in_c, in_j = chosen[:, s:].nonzero(as_tuple=True)
+        incoming = new_prio[in_c, in_j]
+        real = (incoming != INT64_MAX).nonzero().squeeze(1)
+        slot = cells.index_select(0, out_c.index_select(0, real)) * s + out_slot.index_select(0, real)
+        src = new_entry[in_c, in_j].index_select(0, real)  # entry index of each admitted newcomer
+        self.cand_prio.view(-1).index_copy_(0, slot, incoming.index_select(0, real))
+        self.cand_val.view(-1).index_copy_(0, slot, val.index_select(0, src))
+        self.cand_pos.view(-1).index_copy_(0, slot, pos.index_select(0, src))
         if self.cand_acts is not None:
-            self._insert_rows(cells, pick, new_entry, rows_of)
-
-    def _insert_rows(self, cells, pick, new_entry, rows_of) -> None:
-        """Per-token acts for the cells' new contents: kept rows move within the cell, newcomers come from rows_of."""
-        s, T = self.examples_per_interval, self.context_len
-        cells_acts = self.cand_acts.view(-1, s, T)
-        rows = cells_acts.index_select(0, cells).gather(1, pick.clamp(max=s - 1)[:, :, None].expand(-1, -1, T))
-        cell_i, slot = (pick >= s).nonzero(as_tuple=True)  # slots taken by newcomers
-        if cell_i.numel():
-            rows[cell_i, slot] = rows_of(new_entry[cell_i, pick[cell_i, slot] - s])
-        cells_acts.index_copy_(0, cells, rows)  # rows: [m, s, T]
+            self.cand_acts.view(-1, self.context_len).index_copy_(0, slot, rows_of(src))
 
     def _rescale(self, old_exp: torch.Tensor, exp: torch.Tensor) -> None:
         """Re-express histogram and candidates of features whose range R_f grew from 2**old_exp to 2**exp."""
@@ -278,7 +273,8 @@ class FeatureStats:
     def merge(self, other: FeatureStats) -> None:
         """Add another state over disjoint contexts: afterwards self equals one run over both corpora."""
         if self._settings() != other._settings():
-            raise ValueError(f"Cannot merge statistics with different settings: {self._settings()} vs {other._settings()}.")
+            raise ValueError(f"Cannot merge statistics with different settings: {self._settings()} vs "
+                             f"{other._settings()}.")
         exp = range_exponent(torch.maximum(self.max, other.max.to(self.device)))
         theirs = FeatureStats(**self._settings(), device=self.device)
         theirs.load_state_dict(other.state_dict())

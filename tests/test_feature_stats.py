@@ -158,7 +158,8 @@ def test_interval_samples_are_the_lowest_priority_contexts_of_each_interval(corp
             chosen = chosen[np.lexsort((prio[chosen], -ref["cmax"][chosen, f]))]  # shown strongest first
             n = len(chosen)
             np.testing.assert_array_equal(res["interval_ctx"][f, i, :n].numpy(), ref["ids"][chosen])
-            np.testing.assert_array_equal(res["interval_act"][f, i, :n].numpy(), ref["cmax"][chosen, f].astype(np.float32))
+            np.testing.assert_array_equal(res["interval_act"][f, i, :n].numpy(),
+                                          ref["cmax"][chosen, f].astype(np.float32))
             np.testing.assert_array_equal(res["interval_pos"][f, i, :n].numpy(), ref["cpos"][chosen, f])
             assert (res["interval_ctx"][f, i, n:] == -1).all()
             seen += n
@@ -225,8 +226,9 @@ def test_checkpoint_round_trip_mid_run_resumes_bit_for_bit(corpus):
     resumed = FeatureStats.from_state_dict(torch.load(buffer))
     for i in range(24, N, 8):
         resumed.update(acts[i:i + 8], ids[i:i + 8], mask[i:i + 8])
+    mine = resumed.state_dict()
     for key, value in uninterrupted.state_dict().items():
-        assert value == resumed.state_dict()[key] if key == "settings" else torch.equal(value, resumed.state_dict()[key])
+        assert value == mine[key] if key == "settings" else torch.equal(value, mine[key])
     assert_same_result(resumed.finalize(), uninterrupted.finalize())
 
 
@@ -315,7 +317,8 @@ def test_kept_interval_token_acts_are_exact_across_batch_sizes_merges_and_checkp
     first = run(acts[:30], ids[:30], mask[:30], batch=7, keep_interval_acts=True)
     first.merge(run(acts[30:], ids[30:], mask[30:], batch=5, keep_interval_acts=True))
     assert_same_result(first.finalize(), one_run)
-    resumed = FeatureStats.from_state_dict(run(acts[:16], ids[:16], mask[:16], batch=8, keep_interval_acts=True).state_dict())
+    partial = run(acts[:16], ids[:16], mask[:16], batch=8, keep_interval_acts=True)
+    resumed = FeatureStats.from_state_dict(partial.state_dict())
     for i in range(16, N, 8):
         resumed.update(acts[i:i + 8], ids[i:i + 8], mask[i:i + 8])
     assert_same_result(resumed.finalize(), one_run)
