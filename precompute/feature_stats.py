@@ -21,11 +21,30 @@ What it keeps, per feature f (memory depends on d_sae and the settings, never on
 equal-width intervals over [0, max]; interval edges sit on unit boundaries (within R_f/UNITS <= max/32
 of linspace(0, max, n+1)) and are returned as they are, so labels, shares and samples agree exactly.
 
-Per-token activations are stored for the top-k contexts only ([d_sae, k, T] float32). Those of interval
-samples are not kept while streaming: every unit may end up supplying a sample, so that would be
-UNITS * examples_per_interval contexts per feature (~41 MB per 1k features at T=128). The writer
-re-encodes the contexts in `example_context_ids(result)` with the same encoder and calls
-`fill_example_acts` on each batch, which also makes the stored values the live encoder's values.
+Per-token activations are always stored for the top-k contexts ([d_sae, k, T] float32, gathered only
+when a context enters). For interval samples there are two options:
+- default (bounded, small memory): not kept. Every unit may end up supplying a sample, so that would be
+  UNITS * examples_per_interval rows per feature (160 KB per feature at T=128, ~8x the rest of the
+  state). The writer re-encodes the contexts in `example_context_ids(result)` with the same encoder and
+  calls `fill_example_acts` on each batch. On a small corpus nearly every context is some feature's
+  sample (measured: all 896 of 896 contexts at 4096 features), so this is a second encoder pass.
+- keep_interval_acts=True: kept on the device and returned as "interval_token_acts", no second pass,
+  for ~30% more update() time and the memory above (see `expected_memory_bytes`).
+
+finalize() returns (F = d_sae, k = top_k, n = n_intervals, s = examples_per_interval, T = context_len;
+every tensor on the CPU; "empty" rows hold context id -1, position -1, activation 0):
+    n_tokens, n_contexts      int: content tokens and contexts seen
+    n_firing [F] int64        content tokens with act > 0;  density [F] float64 = n_firing / n_tokens
+    max_act [F] float32;  mean_act [F] float64 (over firing tokens; exact to 2**-21 per activation)
+    hist_counts [F, hist_bins=50] int64, hist_bin_width [F] float32: bin i holds acts in [i*w, (i+1)*w); the
+        bins cover [0, max] and at most ~10% beyond it (trailing bins may be empty); w = 0 if dead
+    top_ctx [F, k] int64, top_act [F, k] float32, top_pos [F, k] int32, top_token_acts [F, k, T] float32:
+        strongest first (ties: lower context id); token acts are 0 at special positions
+    interval_lo / interval_hi [F, n] float32: interval i holds context maxima / activations in [lo, hi)
+    interval_count [F, n] int64 firing tokens in it;  interval_share [F, n] float64 = count / n_firing
+    interval_ctx [F, n, s] int64, interval_act [F, n, s] float32, interval_pos [F, n, s] int32: a uniform
+        sample of the contexts whose max lies in the interval, strongest first
+    interval_token_acts [F, n, s, T] float32: only with keep_interval_acts=True
 
 Tie-breaks are deterministic (equal max activation: lower context id first; equal values within a
 context: first position), so results are identical for any batch size, order of batches or split.
@@ -329,8 +348,8 @@ class FeatureStats:
 
     @torch.no_grad()
     def finalize(self) -> dict[str, torch.Tensor | int]:
-        """Plain dict of CPU tensors (shapes with F = d_sae, k = top_k, n = n_intervals, s = examples_per_interval,
-        T = context_len); see the README section of precompute for each field. Does not change the state."""
+        """The statistics as a plain dict of CPU tensors, fields as in the module docstring. The state is
+        unchanged: streaming may go on after it."""
         exp = range_exponent(self.max)
         n_firing = self.fine_hist.sum(1, dtype=torch.int64)  # [F]
         cum = torch.nn.functional.pad(self.fine_hist.cumsum(1, dtype=torch.int64), (1, 0))  # [F, FINE_BINS + 1]
