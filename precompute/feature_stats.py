@@ -64,6 +64,7 @@ EMPTY_EXP = -(1 << 20)  # range exponent of a feature that never fired
 PRIME = 2_147_483_647  # 2**31 - 1: hash arithmetic stays below 2**63 on every device
 INT64_MAX = torch.iinfo(torch.int64).max
 LOW32 = 0xFFFFFFFF
+MAX_TOKENS = 2**31 - 1  # per FeatureStats: fine_hist counts are int32 (half the memory of int64)
 
 STATE_TENSORS = ("n_tokens", "n_contexts", "max", "sum_fixed", "fine_hist", "top_key", "top_pos", "top_acts",
                  "cand_prio", "cand_val", "cand_pos")
@@ -157,6 +158,7 @@ class FeatureStats:
         content_mask = content_mask.to(self.device, torch.bool)
         if bool(((context_ids < 0) | (context_ids > LOW32)).any()):
             raise ValueError("context ids must lie in [0, 2**32).")
+        self._check_capacity(B * T)
 
         flat = acts.reshape(-1)
         idx = positive_candidates(flat)  # [N] flat indices into [B, T, F]: every positive entry, maybe a few more
@@ -200,6 +202,11 @@ class FeatureStats:
     def _rows(self, acts, content_mask, b, f) -> torch.Tensor:
         rows = token_acts(acts, content_mask, b, f)  # [n, T]
         return torch.nn.functional.pad(rows, (0, self.context_len - rows.shape[1]))  # [n, context_len]
+
+    def _check_capacity(self, more_tokens: int) -> None:
+        if int(self.n_tokens) + more_tokens > MAX_TOKENS:  # int32 histogram counts must not wrap
+            raise OverflowError(f"FeatureStats counts at most {MAX_TOKENS} tokens (int32 histogram counts; "
+                                "the fixed-point sums then stay exact for mean activations below 4096).")
 
     def _priority(self, ctx: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         return (priority_hash(ctx, feat, self.seed) << 32) | ctx
@@ -294,6 +301,7 @@ class FeatureStats:
         if self._settings() != other._settings():
             raise ValueError(f"Cannot merge statistics with different settings: {self._settings()} vs "
                              f"{other._settings()}.")
+        self._check_capacity(int(other.n_tokens))
         exp = range_exponent(torch.maximum(self.max, other.max.to(self.device)))
         theirs = FeatureStats(**self._settings(), device=self.device)
         theirs.load_state_dict(other.state_dict())

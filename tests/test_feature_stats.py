@@ -332,3 +332,6 @@ def test_bad_shapes_and_ids_are_refused():
         stats.update(torch.zeros(2, 8, 5), torch.tensor([0, 1]), torch.ones(2, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="context ids"):
         stats.update(torch.zeros(2, 8, 4), torch.tensor([0, -1]), torch.ones(2, 8, dtype=torch.bool))
+    stats.n_tokens += 2**31 - 10  # the int32 histogram counts could wrap past this
+    with pytest.raises(OverflowError, match="at most"):
+        stats.update(torch.zeros(2, 8, 4), torch.tensor([0, 1]), torch.ones(2, 8, dtype=torch.bool))
