@@ -8,6 +8,8 @@ Activations come from a random JumpReLU SAE (d_in 576, SmolLM2's width) whose th
 log-normal firing rate with mean L0 ~ 70, like Gemma Scope; BOS (position 0) is masked. The first batches
 fill the empty top-k and candidate tables, so "warm-up" and "steady" (the rest) are reported apart; the
 steady cost keeps falling over a long run as fewer contexts enter the top-k and the interval samples.
+On a shared, oversubscribed CPU, OpenMP's default active wait makes the many small ops of update() ~15x
+slower with 2 threads: measure with --threads 1 or OMP_WAIT_POLICY=PASSIVE there (the load average is printed).
 """
 
 from __future__ import annotations
