@@ -254,6 +254,7 @@ def precompute(
     data_dir: Annotated[str, typer.Option(help="Where runs, checkpoints and published DuckDB files go.")] = "data",
     checkpoint_every: Annotated[int, typer.Option(help="Batches between checkpoints (a killed run resumes from the last).")] = 200,
     force: Annotated[bool, typer.Option("--force", help="Recompute a run that is already published.")] = False,
+    interval_acts: Annotated[str, typer.Option(help="Interval samples' per-token acts: keep (memory), reencode (a partial second pass) or auto.")] = "auto",
     shard: Annotated[str | None, typer.Option(help="I/N: process only slice I of N of the contexts (e.g. 0/4) and save its statistics.")] = None,
     merge_shards: Annotated[int, typer.Option(help="N: merge the N saved shards of this run and publish it.")] = 0,
     device: DeviceOpt = "auto",
@@ -271,7 +272,7 @@ def precompute(
                            max_tokens=tokens, context_len=context_len, batch_size=batch_size, top_k=top_k,
                            n_intervals=n_intervals, examples_per_interval=examples_per_interval, device=device,
                            dtype=dtype, data_dir=data_dir, checkpoint_every=checkpoint_every, force=force,
-                           shard=_parse_shard(shard), merge_shards=merge_shards)
+                           shard=_parse_shard(shard), merge_shards=merge_shards, interval_acts=interval_acts)
     run_precompute(cfg, log=typer.echo)
 
 

@@ -60,7 +60,8 @@ class JumpReLUSAE(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_in] activations -> [..., d_sae] feature activations (float32)."""
         pre = self.pre_acts(x)
-        return pre * (pre > self.threshold)
+        # Same values as pre * (pre > threshold), without materialising a float mask.
+        return pre.masked_fill_(pre <= self.threshold, 0.0)
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         return acts.float() @ self.W_dec + self.b_dec

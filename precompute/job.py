@@ -30,7 +30,7 @@ from featurescope.sae import JumpReLUSAE
 from featurescope.sae_loading import load_sae
 from featurescope.sites import parse_site
 from precompute.corpus_sources import CorpusError, CorpusSpec, iter_texts
-from precompute.feature_stats import FeatureStats, example_context_ids, fill_example_acts
+from precompute.feature_stats import FeatureStats, example_context_ids, expected_memory_bytes, fill_example_acts
 from precompute.static_stats import decoder_neighbours, logit_effect, unembedding
 from precompute.writer import SAEResult, write_run_db
 
@@ -50,6 +50,9 @@ class PrecomputeConfig:
     top_k: int = 20  # top examples kept per feature
     n_intervals: int = 5  # equal-width activation intervals from 0 to the max ...
     examples_per_interval: int = 5  # ... and examples sampled from each
+    # Per-token acts of interval samples: "keep" them while streaming (memory), "reencode" their contexts
+    # at the end (a second, partial pass), or "auto": keep when that fits in a quarter of the device's memory.
+    interval_acts: str = "auto"
     device: str = "auto"
     dtype: str = "float32"
     data_dir: str = "data"
@@ -203,9 +206,26 @@ def _contexts(cfg: PrecomputeConfig, lm: LoadedModel) -> torch.Tensor:
 
 
 def _new_stats(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> dict[str, FeatureStats]:
+    keep = _keep_interval_acts(cfg, encoder)
     return {name: FeatureStats(sae.d_sae, cfg.context_len, top_k=cfg.top_k, n_intervals=cfg.n_intervals,
-                               examples_per_interval=cfg.examples_per_interval, device=encoder.lm.device)
+                               examples_per_interval=cfg.examples_per_interval, keep_interval_acts=keep,
+                               device=encoder.lm.device)
             for name, sae in encoder.saes.items()}
+
+
+def _keep_interval_acts(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> bool:
+    if cfg.interval_acts not in ("auto", "keep", "reencode"):
+        raise PrecomputeError(f"interval_acts must be auto, keep or reencode; got {cfg.interval_acts!r}.")
+    if cfg.interval_acts != "auto":
+        return cfg.interval_acts == "keep"
+    need = sum(expected_memory_bytes(sae.d_sae, cfg.context_len, cfg.top_k, cfg.examples_per_interval,
+                                     keep_interval_acts=True) for sae in encoder.saes.values())
+    device = encoder.lm.device
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return need <= available // 4
 
 
 def _start_or_resume(cfg, checkpoint: Path, encoder: FeatureEncoder, first: int, log) -> tuple[dict, int, float]:
@@ -266,8 +286,10 @@ def _finish(cfg, lm: LoadedModel, encoder: FeatureEncoder, contexts: torch.Tenso
 
 
 def _interval_token_acts(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, finals: dict) -> dict[str, torch.Tensor]:
-    """Per-token acts of the interval samples, re-encoded with the same encoder (the values the live
-    encoder gives). Only the contexts that some sample names are run again."""
+    """Per-token acts of the interval samples: kept while streaming, or re-encoded with the same encoder
+    (the values the live encoder gives), running again only the contexts that some sample names."""
+    if all("interval_token_acts" in f for f in finals.values()):
+        return {name: f["interval_token_acts"] for name, f in finals.items()}
     lm = encoder.lm
     wanted = torch.unique(torch.cat([example_context_ids(f) for f in finals.values()]))
     out = {name: torch.zeros(*f["interval_ctx"].shape, cfg.context_len) for name, f in finals.items()}

@@ -208,3 +208,10 @@ def test_merging_before_every_shard_is_done_names_the_missing_ones(one_run, tiny
     sharded.shard, sharded.merge_shards = None, 3
     with pytest.raises(PrecomputeError, match="shard-0-of-3.pt, shard-2-of-3.pt not found"):
         run_precompute(sharded, lm=tiny_gemma2, log=lambda *_: None)
+
+
+def test_keeping_interval_acts_or_reencoding_them_store_the_same_rows(one_run, tiny_gemma2, tmp_path):
+    cfg, path = one_run
+    assert cfg.interval_acts == "auto"  # small enough to keep on this machine
+    reencoded = PrecomputeConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "data"), "interval_acts": "reencode"})
+    assert _tables(run_precompute(reencoded, lm=tiny_gemma2, log=lambda *_: None)) == _tables(path)
