@@ -121,7 +121,8 @@ def demo(
         typer.echo(f"Done: {published}. Serve it with: featurescope serve --data-dir {data_dir}")
         return
     del lm  # the server loads what it needs itself
-    local_htmx = Path("node_modules/htmx.org/dist/htmx.min.js")
+    from app.settings import DEFAULT_LOCAL_HTMX as local_htmx  # the npm copy scripts/demo.sh installs, if any
+
     typer.echo(f"[4/4] Serving the explorer at http://127.0.0.1:{port}/ (Ctrl+C to stop)")
     serve(data_dir=data_dir, host="127.0.0.1", port=port, htmx_url=None, local_htmx=False,
           htmx_file=local_htmx if local_htmx.is_file() else None)
