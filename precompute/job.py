@@ -304,7 +304,7 @@ def _interval_token_acts(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, f
 
 def _sae_row(lm, name: str, sae: JumpReLUSAE, encoder: FeatureEncoder, final: dict, cfg) -> dict:
     site = encoder.sites[name]
-    metrics = (sae.cfg.metadata or {}).get("metrics", {})
+    metrics = (sae.cfg.metadata or {}).get("eval", {})  # written by `featurescope eval` into the SAE's card
     density = final["density"]
     return dict(model_id=lm.name, id=name, run_id=cfg.run_id(), hook_name=site.hook_name, layer=site.layer,
                 site_kind=site.kind, d_in=sae.d_in, d_sae=sae.d_sae, source=sae.cfg.source,
