@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from featurescope.errors import FeatureScopeError
+from featurescope.sites import parse_site
 from featurescope.training import TrainConfig
 
 USER_ERRORS = (FeatureScopeError,)
@@ -112,7 +113,7 @@ def demo(
     typer.echo(f"      {lm.n_layers} layers, d_model {lm.d_model}, vocab {lm.vocab_size}, device {lm.device}")
     typer.echo(f"[2/4] Demo SAEs (residual stream, Gemma Scope recipe) in {data_dir / 'saes'}: training, or reusing a cached run ...")
     sae_dirs = train_demo_saes(lm, data_dir / "saes")
-    typer.echo("      " + ", ".join(f"{site.short_name}" for site in sae_dirs))
+    _evaluate_demo_saes(lm, sae_dirs)
     typer.echo(f"[3/4] Precomputing every demo SAE's features over {tokens:,} tokens of the Python docs into DuckDB ...")
     cfg = PrecomputeConfig(model="smollm2-135m", saes=[str(p) for p in sae_dirs.values()], max_tokens=tokens,
                            device=device, data_dir=str(data_dir))
@@ -126,6 +127,27 @@ def demo(
     typer.echo(f"[4/4] Serving the explorer at http://127.0.0.1:{port}/ (Ctrl+C to stop)")
     serve(data_dir=data_dir, host="127.0.0.1", port=port, htmx_url=None, local_htmx=False,
           htmx_file=local_htmx if local_htmx.is_file() else None)
+
+
+def _evaluate_demo_saes(lm, sae_dirs: dict, tokens: int = 8192) -> None:
+    """Quality of the demo SAEs on held-out tokens, measured once and kept in their cards, then printed."""
+    from featurescope.evaluation import SAEMetrics, evaluate_saes, format_table, store_metrics
+    from featurescope.sae_loading import load_sae
+    from featurescope.training import DEMO_CONFIG, default_contexts
+
+    saes = {site.short_name: load_sae(str(folder)) for site, folder in sae_dirs.items()}
+    missing = {name: sae for name, sae in saes.items() if "eval" not in sae.cfg.metadata}
+    if missing:
+        typer.echo(f"      evaluating {', '.join(missing)} on {tokens:,} held-out tokens (L0, FVU, delta LM loss) ...")
+        held_out = default_contexts(lm, DEMO_CONFIG)[1]
+        measured = evaluate_saes(lm, missing, held_out, max_tokens=tokens, max_norm_ratio=DEMO_CONFIG.max_norm_ratio)
+        for name, m in measured.items():
+            store_metrics(sae_dirs[parse_site(name)], m, {"corpus": "built-in python docs, held-out contexts",
+                                                          "model": lm.source, "max_norm_ratio": DEMO_CONFIG.max_norm_ratio})
+        saes = {site.short_name: load_sae(str(folder)) for site, folder in sae_dirs.items()}
+    fields = set(SAEMetrics.__dataclass_fields__)
+    typer.echo(format_table({name: SAEMetrics(**{k: v for k, v in sae.cfg.metadata["eval"].items() if k in fields})
+                             for name, sae in saes.items()}))
 
 
 @app.command()
