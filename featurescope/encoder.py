@@ -32,6 +32,28 @@ def check_sae_fits(lm: LoadedModel, sae: JumpReLUSAE, name: str = "") -> Site:
     return site
 
 
+def outlier_norm(sae: JumpReLUSAE) -> float | None:
+    """Activation norm above which a position is out of this SAE's training distribution, or None.
+
+    SAEs trained here leave attention-sink tokens (norms ~100x typical, like BOS) out of training; their
+    card keeps the input scale (typical norm = 1 / input_scale) and the ratio used. Such positions are
+    then treated like BOS: never counted in statistics. Fixed per SAE, so it does not depend on batching."""
+    card = sae.cfg.metadata or {}
+    ratio = (card.get("train_config") or {}).get("max_norm_ratio")
+    scale = card.get("input_scale")
+    return ratio / scale if ratio and scale else None
+
+
+def counted_positions(lm: LoadedModel, input_ids: torch.Tensor, sae: JumpReLUSAE, site_acts: torch.Tensor) -> torch.Tensor:
+    """Bool [batch, seq]: positions that count for this SAE (not BOS/EOS/pad, not a norm outlier)."""
+    special = torch.tensor(sorted(lm.special_token_ids), dtype=input_ids.dtype, device=input_ids.device)
+    mask = ~torch.isin(input_ids, special)
+    limit = outlier_norm(sae)
+    if limit is not None:
+        mask &= site_acts.float().norm(dim=-1).to(mask.device) <= limit
+    return mask
+
+
 class FeatureEncoder:
     def __init__(self, lm: LoadedModel, saes: dict[str, JumpReLUSAE]):
         if not saes:
@@ -47,5 +69,14 @@ class FeatureEncoder:
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """[batch, seq] token ids -> {sae name: [batch, seq, d_sae] float32 feature activations}."""
+        return self.encode_with_masks(input_ids, attention_mask)[0]
+
+    @torch.no_grad()
+    def encode_with_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Feature activations as __call__, plus per SAE the bool [batch, seq] mask of positions that count."""
         site_acts = capture_sites(self.lm, input_ids, set(self.sites.values()), attention_mask)
-        return {name: sae.encode(site_acts[self.sites[name]]) for name, sae in self.saes.items()}
+        ids = input_ids.to(self.lm.device)
+        acts = {name: sae.encode(site_acts[self.sites[name]]) for name, sae in self.saes.items()}
+        masks = {name: counted_positions(self.lm, ids, sae, site_acts[self.sites[name]]) for name, sae in self.saes.items()}
+        return acts, masks

@@ -258,10 +258,10 @@ def _stream(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict, s
     for batch_no, first in enumerate(range(start, stop, cfg.batch_size), start=1):
         ids = contexts[first: min(first + cfg.batch_size, stop)]  # [B, T]
         context_ids = torch.arange(first, first + len(ids), device=lm.device)
-        mask = content_mask(lm, ids).to(lm.device)  # False at BOS/EOS/pad: never counted
-        feature_acts = encoder(ids)  # {sae: [B, T, d_sae]}
+        # {sae: [B, T, d_sae]}, and per SAE the positions that count (never BOS/EOS/pad or norm outliers)
+        feature_acts, masks = encoder.encode_with_masks(ids)
         for name, acts in feature_acts.items():
-            stats[name].update(acts, context_ids, mask)
+            stats[name].update(acts, context_ids, masks[name])
         bar.update(ids.numel())
         if cfg.checkpoint_every and batch_no % cfg.checkpoint_every == 0 and first + len(ids) < stop:
             _atomic_save({"next_context": first + len(ids), "elapsed": time.time() - started,
@@ -290,15 +290,14 @@ def _interval_token_acts(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, f
     (the values the live encoder gives), running again only the contexts that some sample names."""
     if all("interval_token_acts" in f for f in finals.values()):
         return {name: f["interval_token_acts"] for name, f in finals.items()}
-    lm = encoder.lm
     wanted = torch.unique(torch.cat([example_context_ids(f) for f in finals.values()]))
     out = {name: torch.zeros(*f["interval_ctx"].shape, cfg.context_len) for name, f in finals.items()}
     for first in range(0, len(wanted), cfg.batch_size):
         context_ids = wanted[first: first + cfg.batch_size]
         ids = contexts[context_ids]
-        mask = content_mask(lm, ids).to(lm.device)
-        for name, acts in encoder(ids).items():
-            fill_example_acts(finals[name]["interval_ctx"], context_ids, acts, mask, out[name])
+        feature_acts, masks = encoder.encode_with_masks(ids)
+        for name, acts in feature_acts.items():
+            fill_example_acts(finals[name]["interval_ctx"], context_ids, acts, masks[name], out[name])
     return out
 
 
@@ -323,7 +322,7 @@ def _vocab(lm: LoadedModel) -> list[str]:
 
 
 def _run_row(cfg, lm, contexts: torch.Tensor, stats: dict, seconds: float) -> dict:
-    n_tokens = int(next(iter(stats.values())).n_tokens)
+    n_tokens = int(content_mask(lm, contexts).sum())  # each SAE's density counts its own positions (features.n_firing)
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     config = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "force")}
     return dict(id=cfg.run_id(), model_id=lm.name, corpus=cfg.corpus.describe(), n_contexts=len(contexts),
@@ -332,10 +331,10 @@ def _run_row(cfg, lm, contexts: torch.Tensor, stats: dict, seconds: float) -> di
 
 
 def _summary(log, target: Path, contexts: torch.Tensor, stats: dict, seconds: float, write_seconds: float) -> None:
-    n_tokens = int(next(iter(stats.values())).n_tokens)
     log(f"Published {target} ({target.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s "
-        f"({write_seconds:.1f} s writing DuckDB): {len(contexts)} contexts, {n_tokens} content tokens.")
+        f"({write_seconds:.1f} s writing DuckDB): {len(contexts)} contexts of {contexts.shape[1]} tokens.")
     for name, s in stats.items():
-        n_firing = s.fine_hist.sum(1)
+        n_tokens, n_firing = int(s.n_tokens), s.fine_hist.sum(1)
         dead = float((n_firing == 0).float().mean())
-        log(f"  {name:<16} mean density {float(n_firing.double().mean() / max(n_tokens, 1)):.4f}   dead {dead:.1%}")
+        log(f"  {name:<16} {n_tokens} tokens counted   mean density {float(n_firing.double().mean() / max(n_tokens, 1)):.4f}"
+            f"   dead {dead:.1%}")

@@ -215,3 +215,28 @@ def test_keeping_interval_acts_or_reencoding_them_store_the_same_rows(one_run, t
     assert cfg.interval_acts == "auto"  # small enough to keep on this machine
     reencoded = PrecomputeConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "data"), "interval_acts": "reencode"})
     assert _tables(run_precompute(reencoded, lm=tiny_gemma2, log=lambda *_: None)) == _tables(path)
+
+
+def test_norm_outliers_named_by_an_sae_card_count_like_bos(tiny_gemma2, sae_dirs, tmp_path):
+    """SAEs trained here skip attention-sink tokens; their card's scale and ratio make precompute skip them too."""
+    from featurescope.encoder import outlier_norm
+
+    sae = load_sae(sae_dirs[0])
+    folder = save_sae(sae, tmp_path / "sae", card={"input_scale": 1 / 16, "train_config": {"max_norm_ratio": 1.1}})
+    sae = load_sae(str(folder))
+    assert outlier_norm(sae) == pytest.approx(17.6)
+    cfg = _config(tmp_path, [str(folder)], model="tiny", sae_ids=["1-res-x"])
+    path = run_precompute(cfg, lm=tiny_gemma2, log=lambda *_: None)
+    con = duckdb.connect(str(path), read_only=True)
+    rows = con.execute("SELECT e.positions, c.token_ids FROM examples e JOIN contexts c USING (run_id, context_id)").fetchall()
+    total_firing = con.execute("SELECT sum(n_firing) FROM features").fetchone()[0]
+    con.close()
+    encoder = FeatureEncoder(tiny_gemma2, {"1-res-x": sae})
+    contexts = torch.tensor([r[1] for r in rows])
+    _, masks = encoder.encode_with_masks(contexts)
+    counted = masks["1-res-x"]
+    special = torch.isin(contexts, torch.tensor(sorted(tiny_gemma2.special_token_ids)))
+    assert (~counted & ~special).any(), "the chosen limit excludes no ordinary token: the test would prove nothing"
+    for i, (positions, _) in enumerate(rows):
+        assert all(counted[i, p] for p in positions)
+    assert total_firing > 0
