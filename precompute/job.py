@@ -35,6 +35,8 @@ from precompute.static_stats import decoder_neighbours, logit_effect, unembeddin
 from precompute.writer import SAEResult, write_run_db
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Part of every run id: bump it when a code change alters what a run stores, so old runs are not reused.
+RESULTS_VERSION = 2
 
 
 @dataclass
@@ -65,7 +67,7 @@ class PrecomputeConfig:
     def run_id(self) -> str:
         """Same inputs -> same id, so the same command finds its checkpoint and its published file.
         Batch size, device, progress and sharding do not change the result, so they are not part of it."""
-        keys = dict(model=self.model, saes=self.saes, sae_ids=self.sae_ids, site=self.site, corpus=asdict(self.corpus),
+        keys = dict(results_version=RESULTS_VERSION, model=self.model, saes=self.saes, sae_ids=self.sae_ids, site=self.site, corpus=asdict(self.corpus),
                     max_tokens=self.max_tokens, context_len=self.context_len, top_k=self.top_k,
                     n_intervals=self.n_intervals, examples_per_interval=self.examples_per_interval, dtype=self.dtype)
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
