@@ -216,20 +216,27 @@ class TokenTexts:
         return sorted(set(self._by_text.get(text, [])) | set(self._by_stripped.get(text, [])))
 
 
-def token_texts(model: ModelInfo) -> TokenTexts:
-    cache_key = ("vocab", model.id)
-    cached = model.file.cache.get(cache_key)
+def _cached_per_file(file, key: tuple, build):
+    """build() once per published file (files never change once published), safe across threads."""
+    cached = file.cache.get(key)
     if cached is not None:
         return cached
-    with model.file.cache_lock:
-        if cache_key not in model.file.cache:
-            with model.file.connect() as conn:
-                rows = conn.execute(sa.select(Vocab.token_id, Vocab.text).where(Vocab.model_id == model.id)).all()
-            texts = [""] * max(model.vocab_size, max((r[0] for r in rows), default=-1) + 1)
-            for token_id, text in rows:
-                texts[token_id] = text
-            model.file.cache[cache_key] = TokenTexts(texts)
-    return model.file.cache[cache_key]
+    with file.cache_lock:
+        if key not in file.cache:
+            file.cache[key] = build()
+    return file.cache[key]
+
+
+def token_texts(model: ModelInfo) -> TokenTexts:
+    def build() -> TokenTexts:
+        with model.file.connect() as conn:
+            rows = conn.execute(sa.select(Vocab.token_id, Vocab.text).where(Vocab.model_id == model.id)).all()
+        texts = [""] * max(model.vocab_size, max((r[0] for r in rows), default=-1) + 1)
+        for token_id, text in rows:
+            texts[token_id] = text
+        return TokenTexts(texts)
+
+    return _cached_per_file(model.file, ("vocab", model.id), build)
 
 
 # ---------------------------------------------------------------------------------------------- contexts
@@ -249,36 +256,29 @@ class ContextStore:
 
 
 def context_store(sae: SAEInfo) -> ContextStore:
-    cache_key = ("contexts", sae.run_id)
-    store = sae.file.cache.get(cache_key)
-    if store is not None:
-        return store
-    with sae.file.cache_lock:
-        if cache_key not in sae.file.cache:
-            with sae.file.connect() as conn:
-                result = conn.execute(sa.select(Context.context_id, Context.token_ids).where(Context.run_id == sae.run_id))
-                with warnings.catch_warnings():  # "Arrow output on a DB-API result makes an extra copy": once per file
-                    warnings.simplefilter("ignore")
-                    table = result.cursor.to_arrow_table()
-            lists = table.column(1).combine_chunks()
-            sae.file.cache[cache_key] = ContextStore(
-                table.column(0).to_numpy(), lists.values.to_numpy(zero_copy_only=False).astype(np.int32),
-                lists.offsets.to_numpy())
-    return sae.file.cache[cache_key]
+    def build() -> ContextStore:
+        with sae.file.connect() as conn:
+            result = conn.execute(sa.select(Context.context_id, Context.token_ids).where(Context.run_id == sae.run_id))
+            with warnings.catch_warnings():  # "Arrow output on a DB-API result makes an extra copy": once per file
+                warnings.simplefilter("ignore")
+                table = result.cursor.to_arrow_table()
+        lists = table.column(1).combine_chunks()
+        return ContextStore(table.column(0).to_numpy(), lists.values.to_numpy(zero_copy_only=False).astype(np.int32),
+                            lists.offsets.to_numpy())
+
+    return _cached_per_file(sae.file, ("contexts", sae.run_id), build)
 
 
 def feature_labels(sae: SAEInfo) -> dict[int, tuple[str | None, str | None, float]]:
     """(label, label_kind, density) of every feature of an SAE, loaded once per file; neighbour lists and
     links read it instead of querying."""
-    cache_key = ("labels", sae.model_id, sae.id)
-    labels = sae.file.cache.get(cache_key)
-    if labels is None:
+    def build() -> dict[int, tuple[str | None, str | None, float]]:
         with sae.file.connect() as conn:
             rows = conn.execute(sa.select(Feature.feature, Feature.label, Feature.label_kind, Feature.density)
                                 .where(Feature.model_id == sae.model_id, Feature.sae_id == sae.id)).all()
-        labels = {r[0]: (r[1], r[2], r[3]) for r in rows}
-        sae.file.cache[cache_key] = labels
-    return labels
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    return _cached_per_file(sae.file, ("labels", sae.model_id, sae.id), build)
 
 
 # -------------------------------------------------------------------------------------------------- home
