@@ -97,6 +97,16 @@ def smollm2():
     return load_model("smollm2-135m", device="cpu")
 
 
+def require_test_tool(present: bool, message: str) -> None:
+    """Skip when a test tool is missing on a developer's machine; in CI (which installs it via
+    scripts/install_test_tools.sh) a missing tool is a failure, so the browser tests can never silently vanish."""
+    if present:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} - CI must install it", pytrace=False)
+    pytest.skip(message)
+
+
 def random_sae_params(d_in: int, d_sae: int, seed: int = 0, threshold: float = 0.05) -> dict:
     """Float32 arrays in the Gemma Scope params.npz layout."""
     import numpy as np

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 import sqlalchemy as sa
 
+from conftest import require_test_tool
 from factories import SAESpec, make_app_client, make_db
 from featurescope import db as fsdb
 from featurescope.labels import auto_label, token_for_label
@@ -146,8 +147,7 @@ def test_newest_file_wins_when_two_hold_the_same_sae(tmp_path):
 # --------------------------------------------------------------------------------------- docker compose
 def test_docker_compose_file_is_valid():
     binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.skip("docker-compose is not installed (bash scripts/install_test_tools.sh installs it)")
+    require_test_tool(binary is not None, "docker-compose is not installed (bash scripts/install_test_tools.sh installs it)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([binary, "-f", os.path.join(root, "docker-compose.yml"), "config"], capture_output=True,
                             text=True, env={**os.environ, "HF_TOKEN": "hf_test"}, timeout=60)

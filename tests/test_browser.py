@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from conftest import require_test_tool
 from factories import shared_data_dir
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -35,10 +36,8 @@ def server():
     from app import Settings, create_app
     from app.settings import DEFAULT_LOCAL_HTMX
 
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is not installed (bash scripts/install_test_tools.sh)")
-    if not DEFAULT_LOCAL_HTMX.is_file():
-        pytest.skip(f"{DEFAULT_LOCAL_HTMX} is missing (bash scripts/install_test_tools.sh)")
+    require_test_tool(CHROMIUM.exists(), f"{CHROMIUM} is not installed (bash scripts/install_test_tools.sh)")
+    require_test_tool(DEFAULT_LOCAL_HTMX.is_file(), f"{DEFAULT_LOCAL_HTMX} is missing (bash scripts/install_test_tools.sh)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
