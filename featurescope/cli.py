@@ -83,14 +83,13 @@ def encode(
     import torch
 
     ids = lm.tokenize(text)
-    acts = encoder(torch.tensor([ids]))
+    acts, counted = encoder.encode_with_masks(torch.tensor([ids]))
     tokens = lm.token_strings(ids)
-    special = lm.special_token_ids
     for name, feature_acts in acts.items():
         typer.echo(f"\n{name}  ({encoder.sites[name].hook_name})")
         values, indices = feature_acts[0].topk(min(top, feature_acts.shape[-1]), dim=-1)
         for pos, tok in enumerate(tokens):
-            shown = "(special token: excluded)" if ids[pos] in special else "  ".join(
+            shown = "(excluded: special token or norm outlier)" if not counted[name][0, pos] else "  ".join(
                 f"#{i}={v:.2f}" for v, i in zip(values[pos].tolist(), indices[pos].tolist()) if v > 0) or "(none active)"
             typer.echo(f"  {pos:>3} {tok!r:<16} {shown}")
 

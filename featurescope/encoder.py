@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from featurescope.corpus import content_mask
 from featurescope.errors import FeatureScopeError
 from featurescope.models import LoadedModel
 from featurescope.sae import JumpReLUSAE
@@ -46,8 +47,7 @@ def outlier_norm(sae: JumpReLUSAE) -> float | None:
 
 def counted_positions(lm: LoadedModel, input_ids: torch.Tensor, sae: JumpReLUSAE, site_acts: torch.Tensor) -> torch.Tensor:
     """Bool [batch, seq]: positions that count for this SAE (not BOS/EOS/pad, not a norm outlier)."""
-    special = torch.tensor(sorted(lm.special_token_ids), dtype=input_ids.dtype, device=input_ids.device)
-    mask = ~torch.isin(input_ids, special)
+    mask = content_mask(lm, input_ids)
     limit = outlier_norm(sae)
     if limit is not None:
         mask &= site_acts.float().norm(dim=-1).to(mask.device) <= limit

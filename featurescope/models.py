@@ -94,7 +94,7 @@ class LoadedModel:
 
     def token_strings(self, ids: list[int]) -> list[str]:
         """Display text of each token on its own (decoded one by one, so spaces and newlines stay visible)."""
-        return [self.tokenizer.decode([int(t)]) for t in ids]
+        return self.tokenizer.batch_decode([[int(t)] for t in ids])
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -132,7 +132,7 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     write_started = time.time()
     staging = work_dir / "staging.duckdb"
     run_seconds = previous_seconds + (time.time() - started)
-    write_run_db(staging, model_row=_model_row(lm), vocab=_vocab(lm), contexts=contexts.numpy(),
+    write_run_db(staging, model_row=_model_row(lm), vocab=lm.token_strings(range(lm.vocab_size)), contexts=contexts.numpy(),
                  run_row=_run_row(cfg, lm, contexts, stats, run_seconds), saes=results)
     write_seconds = time.time() - write_started
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -317,10 +317,6 @@ def _sae_row(lm, name: str, sae: JumpReLUSAE, encoder: FeatureEncoder, final: di
 def _model_row(lm: LoadedModel) -> dict:
     return dict(id=lm.name, source=lm.source, n_layers=lm.n_layers, d_model=lm.d_model, vocab_size=lm.vocab_size,
                 bos_token_id=lm.bos_token_id, special_token_ids=sorted(lm.special_token_ids))
-
-
-def _vocab(lm: LoadedModel) -> list[str]:
-    return lm.tokenizer.batch_decode([[i] for i in range(lm.vocab_size)])
 
 
 def _run_row(cfg, lm, contexts: torch.Tensor, stats: dict, seconds: float) -> dict:
