@@ -10,6 +10,7 @@ URLs) that link to the nearest valid choices; malformed query parameters give 42
 from __future__ import annotations
 
 import os
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -23,25 +24,42 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.data import CatalogSource
 from app.databases import DataDir
 from app.errors import InvalidParameter, NotFound
+from app.live import LiveService, LiveUnavailable, ServiceBusy
 from app.render import Renderer
-from app.routes import features, home, meta, models, saes
+from app.routes import features, home, live, meta, models, saes
+from app.routes import lineage
+from app.routes.live import ClientGone
 from app.settings import Settings
 from app.urls import APP_PREFIX, Urls
 
 STATIC = Path(__file__).resolve().parent.parent / "static"  # top-level static/, beside templates/
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, live_service: LiveService | None = None) -> FastAPI:
+    """`live_service` lets a caller that already holds the model (a benchmark, a notebook) share it."""
+    catalogs = CatalogSource(DataDir(settings.db_dir, settings.rescan_seconds))
+    live_service = live_service or LiveService(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if settings.live and settings.load_models == "startup":
+            live_service.start(list(catalogs.current().models.values()))
+        yield
+        live_service.close()
+
     app = FastAPI(title="FeatureScope", summary="Feature dashboards of sparse autoencoders, with a JSON twin for every page.",
-                  docs_url=f"{APP_PREFIX}/docs", redoc_url=None, openapi_url=f"{APP_PREFIX}/openapi.json")
+                  docs_url=f"{APP_PREFIX}/docs", redoc_url=None, openapi_url=f"{APP_PREFIX}/openapi.json", lifespan=lifespan)
     urls = Urls(settings)
     app.state.settings, app.state.urls = settings, urls
     app.state.renderer = Renderer(settings, urls)
-    app.state.catalogs = CatalogSource(DataDir(settings.db_dir, settings.rescan_seconds))
+    app.state.catalogs = catalogs
+    app.state.live = live_service
     app.include_router(meta.router)  # before the static mount, which would otherwise own /-/static/htmx.min.js
     app.mount(f"{APP_PREFIX}/static", StaticFiles(directory=STATIC), name="static")
-    for router in (home.router, features.router, saes.router, models.router):
+    # live first: /{model}/encode and /{model}/steer would otherwise be read as SAE ids
+    for router in (home.router, live.router, features.router, saes.router, models.router):
         app.include_router(router)
+    app.include_router(lineage.router)
     _add_error_pages(app)
     return app
 
@@ -87,6 +105,18 @@ def _add_error_pages(app: FastAPI) -> None:
         kept = [(k, v) for k, v in request.query_params.multi_items() if k != exc.name]
         return _invalid(request, [exc.message], request.url.path + (f"?{urlencode(kept)}" if kept else ""))
 
+    @app.exception_handler(LiveUnavailable)
+    def live_unavailable(request: Request, exc: LiveUnavailable) -> Response:
+        return _unavailable(request, str(exc), None)
+
+    @app.exception_handler(ServiceBusy)
+    def busy(request: Request, exc: ServiceBusy) -> Response:
+        return _unavailable(request, exc.message, exc.retry_after)
+
+    @app.exception_handler(ClientGone)
+    def client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
     @app.exception_handler(StarletteHTTPException)
     def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         render = request.app.state.renderer
@@ -118,11 +148,36 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{where}: {error.get('msg', 'invalid value')}{shown}."
 
 
+def _htmx_target(request: Request) -> str | None:
+    """The element an htmx request will replace: its errors come back as that element, holding the message."""
+    return request.headers.get("HX-Target") if request.headers.get("HX-Request") else None
+
+
+def _unavailable(request: Request, message: str, retry_after: int | None) -> Response:
+    render = request.app.state.renderer
+    body = {"error": "busy" if retry_after else "live_unavailable", "message": message, "suggestions": []}
+    if retry_after:
+        body["retry_after"] = retry_after
+    if _wants_json(request):
+        response = render.json(body, status=503)
+    elif _htmx_target(request):
+        response = render.html("_error_fragment.html", status=503, target=_htmx_target(request), error=body)
+    else:
+        response = render.html("error.html", status=503, status_code=503,
+                               title="Busy, try again shortly" if retry_after else "Live encoding unavailable",
+                               error=body, request=request)
+    if retry_after:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
 def _invalid(request: Request, problems: list[str], retry_url: str) -> Response:
     render = request.app.state.renderer
     body = {"error": "invalid_parameter", "message": " ".join(problems), "problems": problems, "retry_url": retry_url,
             "suggestions": []}
     if _wants_json(request):
         return render.json(body, status=422)
+    if _htmx_target(request):
+        return render.html("_error_fragment.html", status=422, target=_htmx_target(request), error=body)
     return render.html("error.html", status=422, status_code=422, title="Invalid query parameter", error=body,
                        request=request)

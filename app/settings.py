@@ -26,9 +26,21 @@ class Settings:
     rescan_seconds: float = 1.0  # how often, at most, a request re-lists data_dir/db for new publications
     page_size: int = 50  # rows of the SAE page's feature table
     workers: int = 1  # server processes; each opens the databases read-only on its own
+    # Live encoding (app/live.py): the models and SAEs of the published runs, loaded by the server itself.
+    live: bool = True
+    load_models: str = "first-use"  # "startup": load every model and SAE in the background when serving starts
+    device: str = "auto"
+    dtype: str | None = None  # None: the dtype the precompute run used, so live values equal stored ones
+    max_prompt_tokens: int = 512  # BOS included
+    max_batch: int = 16  # requests that share one forward pass
+    max_queue: int = 64  # requests waiting per model before the server answers 503
+    max_new_tokens: int = 64  # steering: tokens generated per continuation
+    live_timeout_seconds: float = 300.0  # a request gives up waiting (model load included) after this
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.load_models not in ("startup", "first-use"):
+            raise ValueError(f"load_models must be 'startup' or 'first-use', not {self.load_models!r}.")
         if self.local_htmx is not None:
             object.__setattr__(self, "local_htmx", Path(self.local_htmx))
             if not self.local_htmx.is_file():

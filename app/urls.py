@@ -3,6 +3,7 @@
     urls.feature("gemma-2-2b", "20-res-16k", 12345)               -> /gemma-2-2b/20-res-16k/12345
     urls.feature("gemma-2-2b", "20-res-16k", 12345, fmt="json")   -> /gemma-2-2b/20-res-16k/12345.json
     urls.sae("gemma-2-2b", "20-res-16k", sort="density", desc=1)  -> /gemma-2-2b/20-res-16k?sort=density&desc=1
+    urls.lineage("gemma-2-2b", "20-res-16k", 12345, breadth=2)    -> /gemma-2-2b/20-res-16k/12345/lineage?breadth=2
 
 Model and SAE ids are data, so the app's own pages live under /-/ where no id can collide with them.
 """
@@ -25,7 +26,7 @@ def _segment(value: str | int) -> str:
 def _with(path: str, fmt: str | None, params: dict[str, Any]) -> str:
     if fmt:
         path = f"{path}.{fmt}"
-    query = urlencode({k: v for k, v in params.items() if v is not None and v != ""})
+    query = urlencode({k: v for k, v in params.items() if v is not None and v != "" and v != []}, doseq=True)
     return f"{path}?{query}" if query else path
 
 
@@ -44,6 +45,20 @@ class Urls:
 
     def feature(self, model_id: str, sae_id: str, index: int, fmt: str | None = None, **params: Any) -> str:
         return _with(f"/{_segment(model_id)}/{_segment(sae_id)}/{int(index)}", fmt, params)
+
+    def feature_test(self, model_id: str, sae_id: str, index: int, fmt: str | None = None, **params: Any) -> str:
+        return _with(f"/{_segment(model_id)}/{_segment(sae_id)}/{int(index)}/test", fmt, params)
+
+    def encode(self, model_id: str, fmt: str | None = None, **params: Any) -> str:
+        """/{model}/encode?text=...; list values (saes=[...]) repeat the parameter."""
+        return _with(f"/{_segment(model_id)}/encode", fmt, params)
+
+    def steer(self, model_id: str, fmt: str | None = None, **params: Any) -> str:
+        return _with(f"/{_segment(model_id)}/steer", fmt, params)
+
+    def lineage(self, model_id: str, sae_id: str, index: int, fmt: str | None = None, **params: Any) -> str:
+        """/{model}/{sae}/{index}/lineage: the feature's strongest links through every layer with an SAE."""
+        return _with(f"/{_segment(model_id)}/{_segment(sae_id)}/{int(index)}/lineage", fmt, params)
 
     def random_feature(self, model_id: str, sae_id: str) -> str:
         return f"/{_segment(model_id)}/{_segment(sae_id)}/random"

@@ -120,12 +120,13 @@ def demo(
     if not serve_after:
         typer.echo(f"Done: {published}. Serve it with: featurescope serve --data-dir {data_dir}")
         return
-    del lm  # the server loads what it needs itself
+    from app import Settings
     from app.settings import DEFAULT_LOCAL_HTMX as local_htmx  # the npm copy scripts/demo.sh installs, if any
 
     typer.echo(f"[4/4] Serving the explorer at http://127.0.0.1:{port}/ (Ctrl+C to stop)")
-    serve(data_dir=data_dir, host="127.0.0.1", port=port, htmx_url=None, local_htmx=False,
-          htmx_file=local_htmx if local_htmx.is_file() else None)
+    settings = Settings(data_dir=Path(data_dir).resolve(), port=port, device=device, load_models="startup",
+                        local_htmx=local_htmx if local_htmx.is_file() else None)
+    _serve(settings, preloaded={lm.name: lm})  # live encoding reuses the model loaded above
 
 
 def _evaluate_demo_saes(lm, sae_dirs: dict, tokens: int = 8192) -> None:
@@ -344,31 +345,52 @@ def serve(
     local_htmx: Annotated[bool, typer.Option("--local-htmx", help="Serve the local htmx copy in node_modules/ (npm install htmx.org@2) instead of the CDN's.")] = False,
     htmx_file: Annotated[Path | None, typer.Option(help="Serve this htmx.min.js instead of the CDN's.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Server processes (about one per CPU core serves the most requests).")] = 1,
+    live: Annotated[bool, typer.Option("--live/--no-live", help="Live encoding, search and steering (loads each model and its SAEs into the server).")] = True,
+    load: Annotated[str, typer.Option(help="When the server loads models for live encoding: 'startup' (in the background) or 'first-use'.")] = "startup",
+    device: DeviceOpt = "auto",
+    dtype: Annotated[str | None, typer.Option(help="Model dtype for live encoding (default: the one the precompute run used, so live values equal stored ones).")] = None,
+    max_prompt_tokens: Annotated[int, typer.Option(min=2, help="Longest prompt live encoding accepts, in tokens (BOS included).")] = 512,
+    max_batch: Annotated[int, typer.Option(min=1, help="Concurrent requests that share one forward pass.")] = 16,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting per model before the server answers 503 + Retry-After.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest continuation steering generates.")] = 64,
 ) -> None:
     """Serve the feature explorer (read-only; picks up newly published precompute runs without a restart)."""
-    import uvicorn
-
-    from app import Settings, create_app
+    from app import Settings
     from app.settings import DEFAULT_LOCAL_HTMX, HTMX_CDN_URL
 
     local = htmx_file or (DEFAULT_LOCAL_HTMX if local_htmx else None)
     if local is not None and not Path(local).is_file():
         raise typer.BadParameter(f"{local} does not exist (bash scripts/install_test_tools.sh installs htmx into node_modules/).")
+    if load not in ("startup", "first-use"):
+        raise typer.BadParameter(f"--load must be 'startup' or 'first-use', not {load!r}.")
     settings = Settings(data_dir=Path(data_dir).resolve(), host=host, port=port, htmx_url=htmx_url or HTMX_CDN_URL,
-                        local_htmx=local, workers=workers)
+                        local_htmx=local, workers=workers, live=live, load_models=load, device=device, dtype=dtype,
+                        max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, max_queue=max_queue,
+                        max_new_tokens=max_new_tokens)
     if not settings.db_dir.is_dir():
         typer.echo(f"Note: {settings.db_dir} does not exist yet; the explorer shows databases as soon as they are published there.")
     typer.echo(f"FeatureScope explorer: {settings.url}  (Ctrl+C to stop)")
-    if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    _serve(settings)
+
+
+def _serve(settings, preloaded: dict | None = None) -> None:
+    """Run uvicorn on create_app(settings); `preloaded` models ({id: LoadedModel}) are shared with live encoding."""
+    import uvicorn
+
+    from app import create_app
+    from app.live import LiveService
+
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings, LiveService(settings, preloaded)), host=settings.host, port=settings.port,
+                    log_level="warning")
         return
     import os
 
     from app.main import SETTINGS_ENV
 
     os.environ[SETTINGS_ENV] = settings.to_json()
-    uvicorn.run("app.main:create_app_from_environment", factory=True, workers=workers, host=host, port=port,
-                log_level="warning")
+    uvicorn.run("app.main:create_app_from_environment", factory=True, workers=settings.workers, host=settings.host,
+                port=settings.port, log_level="warning")
 
 
 def main() -> None:

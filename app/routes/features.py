@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
 from app import charts, data, present
-from app.deps import CatalogDep, RendererDep, UrlsDep, split_format
+from app.deps import CatalogDep, RendererDep, SettingsDep, UrlsDep, split_format
 from app.errors import NotFound
 
 router = APIRouter(tags=["features"])
@@ -33,7 +33,8 @@ def jump(model_id: str, sae_id: str, catalog: CatalogDep, urls: UrlsDep,
 @router.get("/{model_id}/{sae_id}/{index}", summary="A feature's dashboard (append .json for JSON)")
 def feature(
     request: Request, model_id: str, sae_id: str, index: str, catalog: CatalogDep, render: RendererDep, urls: UrlsDep,
-    text: Annotated[str, Query(max_length=2000, description="Text typed into the test box, kept in the URL.")] = "",
+    settings: SettingsDep,
+    text: Annotated[str, Query(max_length=20000, description="Text typed into the test box, kept in the URL.")] = "",
     context: Annotated[Literal["snippet", "full"], Query(description="Examples as snippets around the maximum, or whole contexts.")] = "snippet",
     embed: Annotated[bool, Query(description="Only the dashboard, for an iframe.")] = False,
 ) -> Response:
@@ -43,6 +44,7 @@ def feature(
         raise NotFound("feature", index_text, f"{index_text!r} is not a feature index: SAE {sae_id!r} has features 0 to {sae.d_sae - 1}.",
                        model_id=model_id, sae_id=sae_id, choices=[0], valid_range=(0, sae.d_sae - 1))
     view = data.feature_view(catalog, model_id, sae_id, int(index_text), text)
+    view = {**view, "test": {**view["test"], "live_encoding": settings.live}}
     if fmt == "json":
         return render.json(view)
     model = catalog.model(model_id)

@@ -1,0 +1,371 @@
+"""Live encoding inside the server: each model and its SAEs loaded once, concurrent requests micro-batched.
+
+One LiveModel per model owns a worker thread and a bounded queue. The worker takes the oldest job and,
+when it is an encode job, every other encode job already waiting (up to `max_batch`); pads them into
+one batch; runs the one FeatureEncoder (featurescope/encoder.py, the precompute job's code) stopped at
+the deepest layer any of them needs; and reduces each SAE's activations on the device to what pages
+show (per-token top features and counts, the prompt's top features, requested feature columns). It
+never waits for a batch to fill: alone, a request runs at once; under load, the requests that arrived
+during one forward pass share the next. A full queue answers 503 with Retry-After instead of hanging.
+
+    service = LiveService(settings)
+    future = service.model(model_info).submit(EncodeJob(text="The capital of France is", saes=[sae_info]))
+    result = future.result()            # EncodeResult: per SAE, SAEEncoding
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.data import ModelInfo, SAEInfo, run_config
+from featurescope.encoder import FeatureEncoder
+from featurescope.models import LoadedModel, load_model
+from featurescope.sae import JumpReLUSAE
+from featurescope.sae_loading import load_sae
+from featurescope.sites import parse_site
+from featurescope.steering import Continuation, GenerationCancelled, SteeringVector, generate_pair
+
+TOKEN_TOP_K = 32  # features kept per token and SAE (pages show the first 10; search filters the rest)
+PROMPT_TOP_K = 64  # features kept per SAE for the whole prompt (max over its tokens)
+
+
+class LiveUnavailable(Exception):
+    """Live encoding is off, or the model or an SAE could not be loaded: 503 with the reason."""
+
+
+class ServiceBusy(Exception):
+    """The queue is full: 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.message, self.retry_after = message, retry_after
+
+
+class PromptRejected(Exception):
+    """Empty or too long a prompt: 422 naming the limit. `param` is the query parameter at fault."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param, self.message = param, message
+
+
+# ------------------------------------------------------------------------------------------------- jobs
+@dataclass
+class EncodeJob:
+    saes: list[SAEInfo]
+    text: str = ""
+    token_ids: list[int] | None = None  # instead of text, e.g. a stored context (BOS included)
+    columns: dict[str, list[int]] = field(default_factory=dict)  # sae id -> features whose every activation is wanted
+    include_special: bool = False  # let BOS and norm outliers into the prompt's top features
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    submitted: float = 0.0
+
+
+@dataclass
+class SteerJob:
+    text: str
+    features: list[tuple[SAEInfo, int, float]]  # (SAE, feature index, strength)
+    n_tokens: int
+    temperature: float
+    seed: int
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = 0.0
+
+
+@dataclass
+class SAEEncoding:
+    counted: list[bool]  # positions that count (not BOS/EOS/pad or a norm outlier), as in precompute
+    l0: list[int]  # active features per token
+    total: list[float]  # sum of activations per token
+    token_top: list[list[tuple[int, float]]]  # per token: (feature, activation), strongest first, act > 0
+    prompt_top: list[tuple[int, float, int]]  # (feature, max activation over counted tokens, its position)
+    columns: dict[int, list[float]]  # requested feature -> activation at every position
+
+
+@dataclass
+class EncodeResult:
+    token_ids: list[int]
+    saes: dict[str, SAEEncoding]
+    batch_size: int  # how many requests shared the forward pass
+    queue_ms: float
+    model_ms: float
+
+
+@dataclass
+class SteerResult:
+    prompt_ids: list[int]
+    default: Continuation
+    steered: Continuation
+    model_ms: float
+
+
+# ----------------------------------------------------------------------------------------------- model
+class LiveModel:
+    """A model, the SAEs requests have asked for, and the worker thread that runs them."""
+
+    def __init__(self, info: ModelInfo, settings: Any, loaded: LoadedModel | None = None) -> None:
+        self.info, self.settings = info, settings
+        self.lm: LoadedModel | None = loaded
+        self.error: str | None = None
+        self.saes: dict[tuple[str, str], JumpReLUSAE] = {}  # (id, source) -> SAE
+        self.queue: queue.Queue = queue.Queue(maxsize=settings.max_queue)
+        self.ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._batch_seconds = 0.1  # running mean, for Retry-After
+        self.served = 0
+
+    # -- lifecycle
+    def start(self, preload: list[SAEInfo] = ()) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, args=(list(preload),), daemon=True,
+                                                name=f"live-{self.info.id}")
+                self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            try:
+                self.queue.put_nowait(None)
+            except queue.Full:
+                pass
+
+    def submit(self, job: EncodeJob | SteerJob) -> concurrent.futures.Future:
+        self.start()
+        if self.error is not None:
+            raise LiveUnavailable(self.error)
+        job.submitted = time.perf_counter()
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            wait = self.queue.qsize() * self._batch_seconds / max(1, self.settings.max_batch)
+            raise ServiceBusy(f"The live encoder of {self.info.id} has {self.queue.qsize()} requests waiting "
+                              f"(its limit is {self.settings.max_queue}); try again shortly.", max(1, math.ceil(wait)))
+        return job.future
+
+    # -- the worker
+    def _run(self, preload: list[SAEInfo]) -> None:
+        try:
+            self._load_model()
+            for sae in preload:
+                self._sae(sae)
+        except Exception as exc:  # noqa: BLE001 - any load failure becomes the reason every request gets
+            self.error = f"Live encoding is unavailable for model {self.info.id!r}: {exc}"
+        self.ready.set()
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if self.error is not None:
+                job.future.set_exception(LiveUnavailable(self.error))
+                continue
+            if isinstance(job, SteerJob):
+                self._steer(job)
+                continue
+            batch, later = [job], []
+            while len(batch) < self.settings.max_batch:
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                (batch if isinstance(more, EncodeJob) else later).append(more)
+            self._encode(batch)
+            for job in later:
+                if job is None:
+                    return
+                self._steer(job)
+
+    def _load_model(self) -> None:
+        if self.lm is not None:
+            return
+        config = self.info_run_config()
+        dtype = self.settings.dtype or config.get("dtype") or "float32"
+        self.lm = load_model(resolve_source(self.info.source, self.settings.data_dir), device=self.settings.device,
+                             dtype=dtype, name=self.info.id)
+
+    def info_run_config(self) -> dict[str, Any]:
+        first = next(iter(self.info.saes.values()), None)
+        return run_config(first) if first is not None else {}
+
+    def _sae(self, info: SAEInfo) -> JumpReLUSAE:
+        key = (info.id, info.source)
+        if key not in self.saes:
+            sae = load_sae(resolve_source(info.source, self.settings.data_dir))
+            if (sae.d_in, sae.d_sae) != (info.d_in, info.d_sae):
+                raise LiveUnavailable(f"SAE {info.id!r}: {info.source} has shape {sae.d_in} x {sae.d_sae}, but the "
+                                      f"published data was computed with {info.d_in} x {info.d_sae}.")
+            self.saes[key] = sae.to(self.lm.device)
+        return self.saes[key]
+
+    def _encode(self, jobs: list[EncodeJob]) -> None:
+        started = time.perf_counter()
+        live = []
+        for job in jobs:
+            if not job.future.set_running_or_notify_cancel():
+                continue  # the client went away while it waited
+            try:
+                ids = self._prompt_ids(job.text, job.token_ids)
+                saes = {s.id: self._sae(s) for s in job.saes}
+            except Exception as exc:  # noqa: BLE001 - delivered to the one request it concerns
+                job.future.set_exception(exc)
+                continue
+            live.append((job, ids, saes))
+        if not live:
+            return
+        try:
+            results = self._encode_batch(live)
+        except Exception as exc:  # noqa: BLE001
+            for job, _, _ in live:
+                job.future.set_exception(exc)
+            return
+        elapsed = time.perf_counter() - started
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+        for (job, _, _), result in zip(live, results):
+            result.queue_ms = (started - job.submitted) * 1000
+            result.model_ms = elapsed * 1000
+            self.served += 1
+            job.future.set_result(result)
+
+    @torch.no_grad()
+    def _encode_batch(self, live: list[tuple[EncodeJob, list[int], dict[str, JumpReLUSAE]]]) -> list[EncodeResult]:
+        lm = self.lm
+        union: dict[str, JumpReLUSAE] = {}
+        for _, _, saes in live:
+            union.update(saes)
+        lengths = [len(ids) for _, ids, _ in live]
+        width = max(lengths)
+        input_ids = torch.full((len(live), width), self._pad_id(), dtype=torch.long)
+        for row, (_, ids, _) in enumerate(live):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+        # Right padding leaves every real token's position and causal context as if it ran alone.
+        attention_mask = None
+        if min(lengths) != width:
+            attention_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+        acts, masks = FeatureEncoder(lm, union).encode_with_masks(input_ids, attention_mask)
+        results = []
+        for row, (job, ids, saes) in enumerate(live):
+            n = len(ids)
+            per_sae = {name: _reduce(acts[name][row, :n], masks[name][row, :n], job.columns.get(name, []),
+                                     job.include_special) for name in saes}
+            results.append(EncodeResult(ids, per_sae, len(live), 0.0, 0.0))
+        return results
+
+    def _pad_id(self) -> int:
+        pad = self.lm.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.lm.bos_token_id)
+
+    def _prompt_ids(self, text: str, token_ids: list[int] | None) -> list[int]:
+        limit = self.settings.max_prompt_tokens
+        if token_ids is not None:
+            ids = list(token_ids)
+            bad = [t for t in ids if not 0 <= t < self.lm.vocab_size]
+            if bad:
+                raise PromptRejected("ids", f"Token id {bad[0]} is outside the vocabulary (0 to {self.lm.vocab_size - 1}).")
+            param = "ids"
+        else:
+            ids, param = self.lm.tokenize(text), "text"
+        if len(ids) <= 1 and token_ids is None:
+            raise PromptRejected(param, "The prompt is empty: type some text to encode.")
+        if len(ids) > limit:
+            raise PromptRejected(param, f"The prompt is {len(ids)} tokens long (BOS included); this server encodes at "
+                                        f"most {limit} tokens per prompt (featurescope serve --max-prompt-tokens).")
+        return ids
+
+    def _steer(self, job: SteerJob) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        started = time.perf_counter()
+        try:
+            ids = self._prompt_ids(job.text, None)
+            steering = []
+            for info, index, strength in job.features:
+                sae = self._sae(info)
+                steering.append(SteeringVector(parse_site(info.hook_name), strength * sae.W_dec[index]))
+            default, steered = generate_pair(self.lm, ids, steering, job.n_tokens, job.temperature, job.seed,
+                                             should_stop=job.cancelled.is_set)
+        except GenerationCancelled:
+            job.future.cancel()
+            return
+        except Exception as exc:  # noqa: BLE001
+            job.future.set_exception(exc)
+            return
+        self.served += 1
+        job.future.set_result(SteerResult(ids, default, steered, (time.perf_counter() - started) * 1000))
+
+
+def _reduce(acts: torch.Tensor, counted: torch.Tensor, columns: list[int], include_special: bool = False) -> SAEEncoding:
+    """[seq, d_sae] activations of one prompt -> the small summary pages need, computed on the device."""
+    k = min(TOKEN_TOP_K, acts.shape[-1])
+    values, indices = acts.topk(k, dim=-1)
+    active = acts > 0
+    l0 = active.sum(-1)
+    total = acts.sum(-1)
+    masked = acts if include_special else acts * counted[:, None].to(acts.dtype)
+    best, where = masked.max(dim=0)
+    k_prompt = min(PROMPT_TOP_K, acts.shape[-1])
+    prompt_values, prompt_indices = best.topk(k_prompt)
+    values, indices = values.cpu().tolist(), indices.cpu().tolist()
+    token_top = [[(i, v) for i, v in zip(idx_row, val_row) if v > 0] for idx_row, val_row in zip(indices, values)]
+    where = where.cpu()
+    prompt_top = [(int(i), float(v), int(where[i])) for i, v in zip(prompt_indices.cpu().tolist(),
+                                                                       prompt_values.cpu().tolist()) if v > 0]
+    cols = {int(f): acts[:, f].cpu().tolist() for f in columns if 0 <= f < acts.shape[-1]}
+    return SAEEncoding(counted.cpu().tolist(), l0.cpu().tolist(), total.cpu().tolist(), token_top, prompt_top, cols)
+
+
+def resolve_source(source: str, data_dir: Path) -> str:
+    """A model or SAE source as the precompute job recorded it. Relative local paths were relative to the
+    job's working directory, usually the data dir's parent: look there, in the data dir, then here."""
+    path = Path(source).expanduser()
+    if path.is_absolute() or path.exists():
+        return source
+    for base in (Path(data_dir).parent, Path(data_dir)):
+        if (base / path).exists():
+            return str(base / path)
+    return source
+
+
+# --------------------------------------------------------------------------------------------- service
+class LiveService:
+    """The LiveModels of a server, created on first use (or at start-up: `start`)."""
+
+    def __init__(self, settings: Any, preloaded: dict[str, LoadedModel] | None = None) -> None:
+        self.settings = settings
+        self.preloaded = dict(preloaded or {})
+        self.models: dict[str, LiveModel] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.settings.live)
+
+    def model(self, info: ModelInfo) -> LiveModel:
+        if not self.enabled:
+            raise LiveUnavailable("Live encoding is switched off on this server (featurescope serve --no-live).")
+        with self._lock:
+            live = self.models.get(info.id)
+            if live is None or live.info.source != info.source:
+                live = LiveModel(info, self.settings, self.preloaded.get(info.id))
+                self.models[info.id] = live
+            elif live.info is not info:
+                live.info = info  # a newer publication of the same model: same weights, newer SAE list
+        return live
+
+    def start(self, models: list[ModelInfo]) -> None:
+        """Load every model and its SAEs now, in the background (featurescope serve --load startup)."""
+        for info in models:
+            self.model(info).start(preload=list(info.saes.values()))
+
+    def close(self) -> None:
+        for live in self.models.values():
+            live.close()

@@ -1,0 +1,190 @@
+"""The data of the live pages (encode, search, feature test, steer), built from the live encoder's results
+and each feature's stored label, density and maximum. Plain dicts: they feed the HTML pages and their
+JSON twins alike."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from app.data import DENSE_THRESHOLD, Catalog, ModelInfo, SAEInfo, feature_briefs, token_texts
+from app.errors import InvalidParameter, NotFound
+from app.live import EncodeResult, SteerResult
+
+SearchScope = Literal["text", "token"]
+SearchSort = Literal["activation", "relative", "density", "layer"]
+Metric = Literal["count", "strength"]
+SEARCH_ROWS = 50
+
+
+@dataclass(frozen=True)
+class EncodeQuery:
+    """Everything the encode page shows is chosen by its URL; these are its parameters."""
+    text: str = ""
+    ids: str = ""  # comma-separated token ids instead of text (BOS included), e.g. a stored context
+    saes: tuple[str, ...] = ()  # empty: every SAE of the model
+    token: int | None = None  # selected position; None: the last token
+    top: int = 10  # features shown per SAE for the selected token
+    metric: Metric = "count"  # token x layer view: number of active features, or their summed activation
+    include_special: bool = False  # BOS (and norm outliers) in the prompt's top features and the layer view
+    feature: str = ""  # "sae_id:index" to highlight across the prompt (and its linked features)
+    scope: SearchScope = "text"
+    sort: SearchSort = "activation"
+    max_density: float | None = DENSE_THRESHOLD  # None or 1: no cap
+
+    def __post_init__(self) -> None:
+        if self.max_density is None:
+            object.__setattr__(self, "max_density", 1.0)
+
+    def params(self, **changes: Any) -> dict[str, Any]:
+        """Non-default fields (after changes) as URL query parameters."""
+        merged = {**asdict(self), **changes}
+        default = asdict(EncodeQuery())
+        out: dict[str, Any] = {}
+        for name, value in merged.items():
+            if value == default[name]:
+                continue
+            if name == "saes":
+                out[name] = list(value)
+            elif isinstance(value, bool):
+                out[name] = int(value)
+            else:
+                out[name] = value
+        return out
+
+    def token_ids(self) -> list[int] | None:
+        if not self.ids.strip():
+            return None
+        try:
+            return [int(part) for part in self.ids.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise InvalidParameter("ids", f"ids must be comma-separated token ids, e.g. 1,504,2130 (got {self.ids[:40]!r}).")
+
+    def highlighted(self, model: ModelInfo) -> tuple[SAEInfo, int] | None:
+        if not self.feature:
+            return None
+        sae_id, _, index = self.feature.rpartition(":")
+        if not sae_id or not index.lstrip("-").isdigit():
+            raise InvalidParameter("feature", f"feature must look like SAE:INDEX, e.g. {next(iter(model.saes), '12-res')}:123 "
+                                              f"(got {self.feature!r}).")
+        sae = model.saes.get(sae_id)
+        if sae is None:
+            raise NotFound("sae", sae_id, f"Model {model.id!r} has no SAE {sae_id!r}.", model_id=model.id,
+                           choices=list(model.saes)[:5])
+        if not 0 <= int(index) < sae.d_sae:
+            raise InvalidParameter("feature", f"SAE {sae_id!r} has features 0 to {sae.d_sae - 1}; there is no feature {index}.")
+        return sae, int(index)
+
+
+def selected_saes(catalog: Catalog, model_id: str, wanted: tuple[str, ...]) -> list[SAEInfo]:
+    model = catalog.model(model_id)
+    if not wanted:
+        return list(model.saes.values())
+    return [catalog.sae(model_id, sae_id) for sae_id in dict.fromkeys(wanted)]
+
+
+def _feature_row(sae: SAEInfo, index: int, activation: float) -> dict[str, Any]:
+    brief = feature_briefs(sae)
+    peak = float(brief.max_act[index])
+    return {"sae_id": sae.id, "layer": sae.layer, "index": index, "activation": activation,
+            "relative": activation / peak if peak > 0 else None, "max_act": peak,
+            "density": float(brief.density[index]), "label": brief.labels[index] or "", "label_kind": brief.label_kinds[index]}
+
+
+def encode_view(model: ModelInfo, saes: list[SAEInfo], result: EncodeResult, query: EncodeQuery,
+                max_prompt_tokens: int) -> dict[str, Any]:
+    vocab = token_texts(model)
+    special = set(model.special_token_ids)
+    ids = result.token_ids
+    n = len(ids)
+    selected = n - 1 if query.token is None else query.token
+    if not 0 <= selected < n:
+        raise InvalidParameter("token", f"token must be a position from 0 to {n - 1} of this {n}-token prompt (got {selected}).")
+    tokens = [{"pos": i, "token_id": t, "text": vocab[t], "special": t in special} for i, t in enumerate(ids)]
+
+    layers, token_features, prompt_features = [], [], []
+    for sae in saes:
+        enc = result.saes[sae.id]
+        shown = [query.include_special or c for c in enc.counted]
+        layers.append({"sae_id": sae.id, "layer": sae.layer, "site": sae.site, "counted": enc.counted,
+                       "l0": [v if s else 0 for v, s in zip(enc.l0, shown)],
+                       "total": [v if s else 0.0 for v, s in zip(enc.total, shown)]})
+        token_features.append({"sae_id": sae.id, "layer": sae.layer, "site": sae.site, "counted": enc.counted[selected],
+                               "l0": enc.l0[selected],
+                               "features": [_feature_row(sae, f, a) for f, a in enc.token_top[selected][: query.top]]})
+        prompt_features.append({"sae_id": sae.id, "layer": sae.layer, "site": sae.site,
+                                "features": [dict(_feature_row(sae, f, a), pos=p, token=vocab[ids[p]])
+                                             for f, a, p in enc.prompt_top[: query.top]]})
+
+    highlight = None
+    wanted = query.highlighted(model)
+    if wanted is not None and wanted[0].id in result.saes:
+        sae, index = wanted
+        acts = result.saes[sae.id].columns.get(index, [])
+        highlight = dict(_feature_row(sae, index, max(acts, default=0.0)), acts=acts)
+
+    return {
+        "model_id": model.id, "text": query.text, "ids": ids if query.ids else None,
+        "tokens": tokens, "selected_token": selected,
+        "saes": [{"id": s.id, "site": s.site, "layer": s.layer, "d_sae": s.d_sae} for s in saes],
+        "layers": layers, "token_features": token_features, "prompt_features": prompt_features,
+        "search": search_results(saes, result, query, selected),
+        "highlight": highlight,
+        "query": asdict(query),
+        "timing": {"queue_ms": result.queue_ms, "model_ms": result.model_ms, "batch_size": result.batch_size},
+        "limits": {"max_prompt_tokens": max_prompt_tokens},
+    }
+
+
+def search_results(saes: list[SAEInfo], result: EncodeResult, query: EncodeQuery, selected: int) -> dict[str, Any]:
+    """Features of every selected SAE that fire most on the whole text (or the selected token), with
+    always-on features hidden by a density cap."""
+    rows = []
+    for sae in saes:
+        enc = result.saes[sae.id]
+        if query.scope == "token":
+            found = [dict(_feature_row(sae, f, a), pos=selected) for f, a in enc.token_top[selected]]
+        else:
+            found = [dict(_feature_row(sae, f, a), pos=p) for f, a, p in enc.prompt_top]
+        rows.extend(r for r in found if query.max_density is None or r["density"] <= query.max_density)
+    keys = {
+        "activation": lambda r: -r["activation"],
+        "relative": lambda r: -(r["relative"] if r["relative"] is not None else float("inf")),
+        "density": lambda r: r["density"],
+        "layer": lambda r: (r["layer"], -r["activation"]),
+    }
+    rows.sort(key=keys[query.sort])
+    return {"scope": query.scope, "sort": query.sort, "max_density": query.max_density, "token": selected,
+            "total": len(rows), "results": rows[:SEARCH_ROWS]}
+
+
+def feature_test_view(model: ModelInfo, sae: SAEInfo, index: int, text: str, result: EncodeResult) -> dict[str, Any]:
+    """One feature's activation on every token of the test box's text."""
+    vocab = token_texts(model)
+    enc = result.saes[sae.id]
+    acts = enc.columns.get(index, [0.0] * len(result.token_ids))
+    row = _feature_row(sae, index, max((a for a, c in zip(acts, enc.counted) if c), default=0.0))
+    return {"model_id": model.id, "sae_id": sae.id, "index": index, "text": text, "max_act": row["max_act"],
+            "activation": row["activation"], "relative": row["relative"],
+            "tokens": [{"pos": i, "token_id": t, "text": vocab[t], "activation": a, "counted": c}
+                       for i, (t, a, c) in enumerate(zip(result.token_ids, acts, enc.counted))],
+            "timing": {"queue_ms": result.queue_ms, "model_ms": result.model_ms, "batch_size": result.batch_size}}
+
+
+def steer_view(model: ModelInfo, features: list[tuple[SAEInfo, int, float]], text: str, n_tokens: int,
+               temperature: float, seed: int, result: SteerResult | None, limits: dict[str, Any]) -> dict[str, Any]:
+    vocab = token_texts(model)
+
+    def continuation(c) -> dict[str, Any]:
+        return {"text": "".join(vocab[t] for t in c.token_ids),
+                "tokens": [{"token_id": t, "text": vocab[t], "logprob": lp} for t, lp in zip(c.token_ids, c.logprobs)]}
+
+    return {
+        "model_id": model.id, "text": text, "n_tokens": n_tokens, "temperature": temperature, "seed": seed,
+        "features": [dict(_feature_row(sae, index, 0.0), strength=strength) for sae, index, strength in features],
+        "prompt_tokens": [vocab[t] for t in result.prompt_ids] if result else [],
+        "default": continuation(result.default) if result else None,
+        "steered": continuation(result.steered) if result else None,
+        "timing": {"model_ms": result.model_ms} if result else None,
+        "limits": limits,
+    }

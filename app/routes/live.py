@@ -1,0 +1,229 @@
+"""The live pages, answered by the server's live encoder (app/live.py):
+
+    /{model}/encode?text=...             every selected SAE's features on every token; search via inference
+    /{model}/steer?text=...&feature=SAE:INDEX&strength=...   default and steered continuations side by side
+    /{model}/{sae}/{index}/test?text=... one feature on the feature page's test box text (an htmx fragment)
+
+Each has a .json twin. Handlers are async: a request waits for the encoder without holding a thread,
+and a client that disconnects cancels its job (a queued job is dropped, a generation stops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from app import live_views, present
+from app.data import DENSE_THRESHOLD, SAEInfo, check_index, feature_briefs
+from app.deps import CatalogDep, RendererDep, SettingsDep, UrlsDep
+from app.errors import InvalidParameter
+from app.live import TOKEN_TOP_K, EncodeJob, LiveModel, LiveUnavailable, PromptRejected, SteerJob
+from app.live_views import EncodeQuery, Metric, SearchScope, SearchSort
+from app.routes.saes import OptionalDensity
+
+router = APIRouter(tags=["live"])
+
+STRENGTH_LIMIT = 1000.0  # |strength| a steering request may ask for, in activation units
+DEFAULT_STRENGTH_MULTIPLE = 4.0  # a feature's default steering strength, times its largest activation seen
+MAX_STEERED_FEATURES = 8
+
+
+class ClientGone(Exception):
+    """The client disconnected while its job waited or ran."""
+
+
+async def run_job(request: Request, live: LiveModel, job: EncodeJob | SteerJob, timeout: float) -> Any:
+    """Submit a job and wait for it without blocking the event loop, cancelling it if the client leaves."""
+    future = live.submit(job)
+    waiting = asyncio.wrap_future(future)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=0.25)
+            if done:
+                return waiting.result()
+            if await request.is_disconnected():
+                raise ClientGone
+            if time.monotonic() > deadline:
+                raise LiveUnavailable(f"The live encoder did not answer within {timeout:.0f} s; try again shortly.")
+    except asyncio.CancelledError:
+        raise ClientGone
+    except PromptRejected as exc:
+        raise InvalidParameter(exc.param, exc.message)
+    finally:
+        if not future.done():
+            future.cancel()
+            if isinstance(job, SteerJob):
+                job.cancelled.set()
+
+
+def _server_timing(response: Response, started: float, result: Any) -> Response:
+    parts = [f"queue;dur={getattr(result, 'queue_ms', 0.0):.1f}", f"model;dur={result.model_ms:.1f}",
+             f"total;dur={(time.perf_counter() - started) * 1000:.1f}"]
+    response.headers["Server-Timing"] = ", ".join(parts)
+    return response
+
+
+def _check_text_size(text: str, settings: Any, param: str = "text") -> None:
+    # Cheap guard before tokenizing: no tokenizer makes tokens of fewer than ~1 character on average.
+    if len(text) > settings.max_prompt_tokens * 32:
+        raise InvalidParameter(param, f"The prompt has {len(text):,} characters; this server encodes at most "
+                                      f"{settings.max_prompt_tokens} tokens per prompt (featurescope serve --max-prompt-tokens).")
+
+
+# ----------------------------------------------------------------------------------------------- encode
+@router.get("/{model_id}/encode", summary="Encode a prompt with every SAE of a model (append .json for JSON)")
+@router.get("/{model_id}/encode.json", summary="Encode a prompt with every SAE of a model", include_in_schema=False)
+async def encode(
+    request: Request, model_id: str, catalog: CatalogDep, render: RendererDep, urls: UrlsDep, settings: SettingsDep,
+    text: Annotated[str | None, Query(description="The prompt. BOS is added in front.")] = None,
+    ids: Annotated[str, Query(description="Comma-separated token ids instead of text (BOS first), e.g. a stored context.")] = "",
+    saes: Annotated[list[str], Query(description="SAEs to encode with (repeatable); default: all of the model's.")] = [],  # noqa: B006
+    token: Annotated[int | None, Query(ge=0, description="Position of the selected token; default: the last.")] = None,
+    top: Annotated[int, Query(ge=1, le=TOKEN_TOP_K, description="Features shown per SAE.")] = 10,
+    metric: Annotated[Metric, Query(description="Token x layer view: count of active features or summed activation.")] = "count",
+    include_special: Annotated[bool, Query(description="Count BOS and norm-outlier tokens in the prompt's top features.")] = False,
+    feature: Annotated[str, Query(max_length=300, description="SAE:INDEX of a feature to highlight on the prompt.")] = "",
+    scope: Annotated[SearchScope, Query(description="Search: features of the whole text, or of the selected token.")] = "text",
+    sort: Annotated[SearchSort, Query(description="Search: order of the results.")] = "activation",
+    max_density: Annotated[OptionalDensity, Query(description="Search: hide features denser than this (blank: show all).")] = DENSE_THRESHOLD,
+) -> Response:
+    started = time.perf_counter()
+    fmt = "json" if request.url.path.endswith(".json") else None
+    model = catalog.model(model_id)
+    query = EncodeQuery(text or "", ids, tuple(saes), token, top, metric, include_special, feature, scope, sort, max_density)
+    chosen = live_views.selected_saes(catalog, model_id, query.saes)
+    token_ids = query.token_ids()
+    highlighted = query.highlighted(model)
+    if set(query.saes) == set(model.saes):
+        query = replace(query, saes=())  # all of them: the default, kept out of the URL
+    kept = query.params(scope="text", sort="activation", max_density=DENSE_THRESHOLD)
+    page = {"model": model.as_dict(), "query": query, "urls_for": _encode_urls(urls, model_id, query),
+            "all_saes": list(model.saes.values()), "chosen": {s.id for s in chosen}, "token_form": present.display_form,
+            "hidden_params": [(k, v) for k, vs in kept.items() for v in (vs if isinstance(vs, list) else [vs])]}
+    if text is None and token_ids is None:
+        if fmt == "json":
+            raise InvalidParameter("text", "Give a prompt to encode: ?text=... (or ?ids=... token ids).")
+        return render.html("encode.html", data=None, request=request, **page)
+    _check_text_size(query.text, settings)
+    columns = {}
+    if highlighted is not None:
+        if highlighted[0].id not in {s.id for s in chosen}:
+            chosen.append(highlighted[0])
+        columns = {highlighted[0].id: [highlighted[1]]}
+    live = request.app.state.live.model(model)
+    job = EncodeJob(saes=chosen, text=query.text, token_ids=token_ids, columns=columns, include_special=include_special)
+    result = await run_job(request, live, job, settings.live_timeout_seconds)
+    view = live_views.encode_view(model, chosen, result, query, settings.max_prompt_tokens)
+    if fmt == "json":
+        return _server_timing(render.json(view), started, result)
+    response = render.respond(request, None, "encode.html", view, partials={"encode-result": "_encode_result.html",
+                                                                              "search": "_search.html"},
+                              push_url=urls.encode(model_id, **query.params()), **page)
+    return _server_timing(response, started, result)
+
+
+def _encode_urls(urls: Any, model_id: str, query: EncodeQuery):
+    """url(**changes): this encode page's URL with some parameters changed (templates link with it)."""
+    def url(fmt: str | None = None, **changes: Any) -> str:
+        return urls.encode(model_id, fmt, **query.params(**changes))
+    return url
+
+
+# ------------------------------------------------------------------------------------------ feature test
+@router.get("/{model_id}/{sae_id}/{index}/test", summary="One feature's activations on a text (append .json for JSON)")
+@router.get("/{model_id}/{sae_id}/{index}/test.json", include_in_schema=False)
+async def feature_test(
+    request: Request, model_id: str, sae_id: str, index: int, catalog: CatalogDep, render: RendererDep, urls: UrlsDep,
+    settings: SettingsDep,
+    text: Annotated[str, Query(description="Text to encode.")] = "",
+) -> Response:
+    started = time.perf_counter()
+    fmt = "json" if request.url.path.endswith(".json") else None
+    model, sae = catalog.model(model_id), catalog.sae(model_id, sae_id)
+    check_index(sae, index)
+    _check_text_size(text, settings)
+    live = request.app.state.live.model(model)
+    result = await run_job(request, live, EncodeJob(saes=[sae], text=text, columns={sae.id: [index]}),
+                           settings.live_timeout_seconds)
+    view = live_views.feature_test_view(model, sae, index, text, result)
+    if fmt == "json":
+        return _server_timing(render.json(view), started, result)
+    response = render.respond(request, None, "feature_test.html", view, partials={"test-result": "_feature_test.html"},
+                              push_url=urls.feature(model_id, sae_id, index, text=text or None),
+                              token_form=present.display_form, special_ids=set(model.special_token_ids))
+    return _server_timing(response, started, result)
+
+
+# ------------------------------------------------------------------------------------------------ steer
+@router.get("/{model_id}/steer", summary="Generate with features steered, beside the default (append .json for JSON)")
+@router.get("/{model_id}/steer.json", include_in_schema=False)
+async def steer(
+    request: Request, model_id: str, catalog: CatalogDep, render: RendererDep, urls: UrlsDep, settings: SettingsDep,
+    text: Annotated[str, Query(description="The prompt to continue.")] = "",
+    feature: Annotated[list[str], Query(description="SAE:INDEX of a feature to steer (repeatable).")] = [],  # noqa: B006
+    strength: Annotated[list[str], Query(description=f"Strength of each feature, in activation units (|s| <= {STRENGTH_LIMIT:g}); "
+                                                      f"missing: {DEFAULT_STRENGTH_MULTIPLE:g} x the feature's largest activation.")] = [],  # noqa: B006
+    n_tokens: Annotated[int, Query(ge=1, description="Tokens to generate.")] = 24,
+    temperature: Annotated[float, Query(ge=0, le=2, description="0 is greedy decoding.")] = 0.7,
+    seed: Annotated[int, Query(ge=0, le=2**31 - 1, description="Sampling seed: the same seed gives the same text.")] = 1,
+) -> Response:
+    started = time.perf_counter()
+    fmt = "json" if request.url.path.endswith(".json") else None
+    model = catalog.model(model_id)
+    if n_tokens > settings.max_new_tokens:
+        raise InvalidParameter("n_tokens", f"n_tokens is {n_tokens}; this server generates at most {settings.max_new_tokens} "
+                                           "tokens per continuation (featurescope serve --max-new-tokens).")
+    features = _steered_features(catalog, model_id, feature, strength)
+    limits = {"max_new_tokens": settings.max_new_tokens, "strength_limit": STRENGTH_LIMIT,
+              "max_features": MAX_STEERED_FEATURES}
+    steer_params = {"text": text or None, "feature": [f"{s.id}:{i}" for s, i, _ in features],
+                    "strength": [f"{v:g}" for _, _, v in features], "n_tokens": n_tokens, "temperature": temperature, "seed": seed}
+    page = {"model": model.as_dict(), "all_saes": list(model.saes.values()), "token_form": present.display_form,
+            "steer_params": steer_params}
+    if not text.strip() or not features:
+        if fmt == "json":
+            missing = "text" if not text.strip() else "feature"
+            raise InvalidParameter(missing, "Give a prompt (?text=...) and at least one feature (?feature=SAE:INDEX) to steer."
+                                   if missing == "text" else "Give at least one feature to steer: ?feature=SAE:INDEX.")
+        view = live_views.steer_view(model, features, text, n_tokens, temperature, seed, None, limits)
+        return render.html("steer.html", data=view, request=request, **page)
+    _check_text_size(text, settings)
+    job = SteerJob(text=text, features=features, n_tokens=n_tokens, temperature=temperature, seed=seed)
+    result = await run_job(request, request.app.state.live.model(model), job, settings.live_timeout_seconds)
+    view = live_views.steer_view(model, features, text, n_tokens, temperature, seed, result, limits)
+    if fmt == "json":
+        return _server_timing(render.json(view), started, result)
+    return _server_timing(render.html("steer.html", data=view, request=request, **page), started, result)
+
+
+def _steered_features(catalog: Any, model_id: str, specs: list[str], strengths: list[str]) -> list[tuple[SAEInfo, int, float]]:
+    """(SAE, index, strength) per non-blank feature field; strengths pair with features by position (the
+    form's rows), and a blank or missing strength means the feature's default."""
+    if len(strengths) > len(specs):
+        raise InvalidParameter("strength", f"{len(strengths)} strengths for {len(specs)} features: give one strength per feature.")
+    pairs = [(spec.strip(), strengths[i].strip() if i < len(strengths) else "") for i, spec in enumerate(specs)]
+    pairs = [(spec, strength) for spec, strength in pairs if spec]
+    if len(pairs) > MAX_STEERED_FEATURES:
+        raise InvalidParameter("feature", f"{len(pairs)} features asked for; steer at most {MAX_STEERED_FEATURES} at once.")
+    model = catalog.model(model_id)
+    out = []
+    for spec, strength in pairs:
+        sae, index = EncodeQuery(feature=spec).highlighted(model)
+        if strength:
+            try:
+                value = float(strength)
+            except ValueError:
+                raise InvalidParameter("strength", f"Strength {strength[:20]!r} is not a number.")
+            if not abs(value) <= STRENGTH_LIMIT:
+                raise InvalidParameter("strength", f"Strength {value:g} is out of range: use -{STRENGTH_LIMIT:g} to {STRENGTH_LIMIT:g}.")
+        else:
+            peak = float(feature_briefs(sae).max_act[index])
+            value = round(DEFAULT_STRENGTH_MULTIPLE * peak, 1) if peak > 0 else 10.0
+        out.append((sae, index, value))
+    return out
