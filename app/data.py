@@ -12,6 +12,7 @@ Per-file results that never change (catalog, vocab, density histogram) are cache
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import warnings
@@ -515,3 +516,41 @@ def _neighbours(conn: sa.Connection, sae: SAEInfo, ids: list[int], cosines: list
             label, kind = fallback[index], LABEL_KIND_AUTO
         out.append({"index": index, "cosine": cosine, "label": label or "", "label_kind": kind, "density": density})
     return out
+
+
+# ------------------------------------------------------------------------------------------ live pages
+def run_config(sae: SAEInfo) -> dict[str, Any]:
+    """The precompute config of the run that computed an SAE's features (the live encoder uses its dtype)."""
+    def build() -> dict[str, Any]:
+        with sae.file.connect() as conn:
+            config = conn.execute(sa.select(Run.config).where(Run.id == sae.run_id)).scalar()
+        return json.loads(config) if isinstance(config, str) else dict(config or {})
+
+    return _cached_per_file(sae.file, ("run_config", sae.run_id), build)
+
+
+@dataclass(frozen=True)
+class FeatureBrief:
+    """Label, density and maximum activation of every feature of an SAE, as arrays indexed by feature."""
+    labels: list[str | None]
+    label_kinds: list[str | None]
+    density: np.ndarray
+    max_act: np.ndarray
+
+
+def feature_briefs(sae: SAEInfo) -> FeatureBrief:
+    """What a live page shows beside each feature it lists, loaded once per file."""
+    def build() -> FeatureBrief:
+        with sae.file.connect() as conn:
+            rows = conn.execute(sa.select(Feature.feature, Feature.label, Feature.label_kind, Feature.density,
+                                          Feature.max_act)
+                                .where(Feature.model_id == sae.model_id, Feature.sae_id == sae.id)).all()
+        labels: list[str | None] = [None] * sae.d_sae
+        kinds: list[str | None] = [None] * sae.d_sae
+        density, max_act = np.zeros(sae.d_sae), np.zeros(sae.d_sae)
+        for f, label, kind, d, m in rows:
+            if 0 <= f < sae.d_sae:
+                labels[f], kinds[f], density[f], max_act[f] = label, kind, d or 0.0, m or 0.0
+        return FeatureBrief(labels, kinds, density, max_act)
+
+    return _cached_per_file(sae.file, ("briefs", sae.model_id, sae.id), build)
