@@ -27,11 +27,13 @@ from app.databases import DataDir, DataFile, FileProblem
 from app.errors import InvalidParameter, NotFound, nearest_names
 from featurescope.db import head_revision
 from featurescope.labels import LABEL_KIND_AUTO, auto_label
-from featurescope.schema import SAE, Context, Example, Feature, Model, Run, Vocab
+from featurescope.flow import flow_key
+from featurescope.schema import SAE, Context, Example, Feature, Link, Model, Run, Vocab
 
 DENSE_THRESHOLD = 0.1  # the Gemma Scope report's "dense": fires on more than 10% of tokens
 DENSITY_BINS_PER_DECADE = 4
 PEAK_TOKENS_SHOWN = 3
+READABLE_OLDER_REVISIONS = ("0002",)  # before the links table: served without cross-layer links
 
 SortKey = Literal["index", "label", "density", "max_act"]
 Show = Literal["all", "alive", "dead", "dense"]
@@ -159,7 +161,7 @@ def _read_file_catalog(data_file: DataFile, head: str) -> list[ModelInfo] | File
     version = sa.table("alembic_version", sa.column("version_num"))
     with data_file.connect() as conn:
         revision = conn.execute(sa.select(version.c.version_num)).scalar()
-        if revision != head:
+        if revision != head and revision not in READABLE_OLDER_REVISIONS:
             return FileProblem(data_file.path.name, f"has schema revision {revision}; this server reads {head} "
                                                "(publish it again with this version of featurescope)")
         model_rows = conn.execute(sa.select(Model.__table__).order_by(Model.id)).mappings().all()
@@ -473,6 +475,7 @@ def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text:
         "top_examples": top,
         "intervals": _intervals(row, examples, contexts, vocab),
         "neighbours": neighbours,
+        "links": feature_links(catalog, model_id, sae_id, index),
         "prev": index - 1 if index > 0 else None,
         "next": index + 1 if index + 1 < sae.d_sae else None,
         "test": {"text": text, "live_encoding": False},
@@ -554,3 +557,159 @@ def feature_briefs(sae: SAEInfo) -> FeatureBrief:
         return FeatureBrief(labels, kinds, density, max_act)
 
     return _cached_per_file(sae.file, ("briefs", sae.model_id, sae.id), build)
+
+
+# ------------------------------------------------------------------------------------ cross-layer links
+LINK_GROUPS = {"up": "upstream", "down": "downstream", "same": "alongside"}  # stored direction -> list name
+
+
+def has_links(data_file: DataFile) -> bool:
+    """Whether a file has the links table (schema 0003; files of revision 0002 are served without links)."""
+    def build() -> bool:
+        with data_file.connect() as conn:
+            return bool(conn.execute(sa.text("SELECT count(*) FROM information_schema.tables "
+                                             "WHERE table_name = 'links' AND table_catalog = current_database()")).scalar())
+
+    return _cached_per_file(data_file, ("has_links",), build)
+
+
+def _link_rows(sae: SAEInfo, features: list[int]) -> dict[int, list[sa.Row]]:
+    """Stored links rows of some features of an SAE, per feature, neighbour SAEs in id order."""
+    if not features or not has_links(sae.file):
+        return {}
+    with sae.file.connect() as conn:
+        rows = conn.execute(
+            sa.select(Link.feature, Link.other_sae_id, Link.direction, Link.other_features, Link.coact, Link.cosine)
+            .where(Link.model_id == sae.model_id, Link.sae_id == sae.id, Link.feature.in_(features))
+            .order_by(Link.feature, Link.other_sae_id)).all()
+    found: dict[int, list[sa.Row]] = {}
+    for row in rows:
+        found.setdefault(row.feature, []).append(row)
+    return found
+
+
+def _linked(catalog: Catalog, model_id: str, row: sa.Row) -> list[dict[str, Any]]:
+    """The features one links row names, with labels; [] when the other SAE is not being served."""
+    if not catalog.has_sae(model_id, row.other_sae_id):
+        return []
+    other = catalog.sae(model_id, row.other_sae_id)
+    labels = feature_labels(other)
+    cosines = row.cosine if row.cosine is not None else [None] * len(row.other_features)
+    out = []
+    for feature, coact, cosine in zip(row.other_features, row.coact, cosines):
+        label, kind, density = labels.get(feature, (None, None, None))
+        out.append({"sae_id": other.id, "layer": other.layer, "site": other.site, "feature": feature,
+                    "label": label or "", "label_kind": kind, "density": density, "coact": coact, "cosine": cosine})
+    return out
+
+
+def feature_links(catalog: Catalog, model_id: str, sae_id: str, index: int) -> dict[str, Any]:
+    """A feature's cross-layer links: {"computed": whether its file has links at all, "upstream",
+    "downstream", "alongside": [{sae_id, layer, site, feature, label, label_kind, density, coact, cosine}]}.
+    Lists go through the neighbour SAEs in model order; within one, co-activation links come first
+    (strongest first), then links found only by weights. cosine is None unless both SAEs are residual."""
+    sae = catalog.sae(model_id, sae_id)
+    check_index(sae, index)
+    out: dict[str, Any] = {"computed": has_links(sae.file), **{name: [] for name in LINK_GROUPS.values()}}
+    order = {sid: i for i, sid in enumerate(catalog.model(model_id).saes)}
+    rows = sorted(_link_rows(sae, [index]).get(index, []), key=lambda r: order.get(r.other_sae_id, -1))
+    for row in rows:
+        out[LINK_GROUPS.get(row.direction, "alongside")] += _linked(catalog, model_id, row)
+    return out
+
+
+@dataclass(frozen=True)
+class LineageQuery:
+    """The lineage view's URL parameters."""
+    depth: int | None = None  # SAEs to follow each way from the start; None = all of the model's
+    breadth: int = 3  # features kept per SAE (the strongest links of the previous one's)
+    by: Literal["coact", "cosine"] = "coact"  # which score picks them
+
+    def params(self, **changes: Any) -> dict[str, Any]:
+        changed, default = replace(self, **changes), LineageQuery()
+        return {k: v for k, v in asdict(changed).items() if v != getattr(default, k) and v is not None}
+
+
+def lineage_view(catalog: Catalog, model_id: str, sae_id: str, index: int, query: LineageQuery) -> dict[str, Any]:
+    """From one feature, its strongest links through every SAE of the model, one site at a time, each way:
+    a graph of nodes (features with label and top tokens) in columns (sites in model order) and edges
+    (from the upstream to the downstream node, with both scores; `via` says whose links found it)."""
+    sae = catalog.sae(model_id, sae_id)
+    check_index(sae, index)
+    model = catalog.model(model_id)
+    keys = sorted({flow_key(s.layer, s.site_kind) for s in model.saes.values()})
+    column = {s.id: keys.index(flow_key(s.layer, s.site_kind)) for s in model.saes.values()}
+    start = (sae_id, index)
+    scores: dict[tuple[str, int], float | None] = {start: None}
+    edges: list[dict[str, Any]] = []
+    depth = len(keys) if query.depth is None else query.depth
+    for step, via in ((1, "down"), (-1, "up")):
+        frontier = [start]
+        for distance in range(1, depth + 1):
+            target = column[sae_id] + step * distance
+            if not frontier or not 0 <= target < len(keys):
+                break
+            frontier = _lineage_step(catalog, model_id, frontier, via, target, column, query, scores, edges)
+    nodes = _lineage_nodes(catalog, model, scores, column, start)
+    used = sorted({n["column"] for n in nodes})
+    return {"model_id": model_id, "sae": sae.as_dict(), "index": index, "query": asdict(query),
+            "links_computed": has_links(sae.file),
+            "columns": [{"column": c, "sae_ids": [s for s, col in column.items() if col == c]} for c in used],
+            "nodes": nodes, "edges": edges}
+
+
+def _lineage_step(catalog, model_id, frontier, via, target, column, query, scores, edges) -> list[tuple[str, int]]:
+    """Links of the frontier's features into column `target`; keeps the `breadth` best-scored targets."""
+    found: dict[tuple[str, int], float] = {}
+    candidates = []
+    by_sae: dict[str, list[int]] = {}
+    for sid, feature in frontier:
+        by_sae.setdefault(sid, []).append(feature)
+    for sid, features in by_sae.items():
+        for feature, rows in _link_rows(catalog.sae(model_id, sid), features).items():
+            for row in rows:
+                if row.direction != via or column.get(row.other_sae_id) != target:
+                    continue
+                for link in _linked(catalog, model_id, row):
+                    score = link[query.by]
+                    if score is None or not score > 0:
+                        continue
+                    node = (link["sae_id"], link["feature"])
+                    found[node] = max(found.get(node, score), score)
+                    candidates.append(((sid, feature), node, link))
+    chosen = sorted(found, key=lambda n: (-found[n], n))[:query.breadth]
+    for node in chosen:
+        scores.setdefault(node, found[node])
+    keep = set(chosen)
+    for source, node, link in candidates:
+        if node in keep:
+            upper, lower = (source, node) if via == "down" else (node, source)
+            edges.append({"from": _node_id(*upper), "to": _node_id(*lower), "via": via, "coact": link["coact"],
+                          "cosine": link["cosine"]})
+    return chosen
+
+
+def _node_id(sae_id: str, feature: int) -> str:
+    return f"{sae_id}/{feature}"
+
+
+def _lineage_nodes(catalog, model: ModelInfo, scores, column, start) -> list[dict[str, Any]]:
+    vocab = token_texts(model)
+    by_sae: dict[str, list[int]] = {}
+    for sid, feature in scores:
+        by_sae.setdefault(sid, []).append(feature)
+    nodes = []
+    for sid, features in by_sae.items():
+        sae = catalog.sae(model.id, sid)
+        labels = feature_labels(sae)
+        with sae.file.connect() as conn:
+            peaks = _peak_tokens(conn, sae, features)
+        for feature in features:
+            label, kind, density = labels.get(feature, (None, None, None))
+            top = Counter(peaks.get(feature, [])).most_common(PEAK_TOKENS_SHOWN)
+            nodes.append({"id": _node_id(sid, feature), "sae_id": sid, "feature": feature, "column": column[sid],
+                          "layer": sae.layer, "site": sae.site, "label": label or "", "label_kind": kind,
+                          "density": density, "top_tokens": [{"token_id": t, "text": vocab[t], "count": n} for t, n in top],
+                          "start": (sid, feature) == start, "score": scores[(sid, feature)]})
+    nodes.sort(key=lambda n: (n["column"], not n["start"], -(n["score"] or 0.0), n["sae_id"], n["feature"]))
+    return nodes

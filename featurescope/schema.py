@@ -2,7 +2,7 @@
 Alembic migrations in migrations/ create and evolve it; `featurescope db upgrade PATH` applies them.
 
 One database file holds one precompute run: a model, the contexts it read (stored once, shared by
-every feature), and for each SAE its features and examples. Rows are written sorted by
+every feature), and for each SAE its features, examples and cross-layer links. Rows are written sorted by
 (sae_id, feature) so a feature page is a couple of range scans.
 """
 
@@ -133,6 +133,23 @@ class Example(Base):
     # Sparse per-token activations of this feature over the context: positions with act > 0.
     positions = mapped_column(IntList)
     acts = mapped_column(FloatList)
+
+
+class Link(Base):
+    """Features of a neighbouring SAE (previous/next layer with an SAE, or the same layer) linked to one
+    feature (precompute/links.py): co-activation links first, strongest first, then weight-only ones."""
+    __tablename__ = "links"
+    model_id: Mapped[str] = _key()
+    sae_id: Mapped[str] = _key()
+    feature: Mapped[int] = _key(sa.Integer)
+    other_sae_id: Mapped[str] = _key()
+    direction: Mapped[str] = mapped_column(sa.Text)  # "up" | "down" | "same": where the other SAE's site lies
+    other_features = mapped_column(IntList)
+    # Mean activation of each linked feature over this feature's top-example max positions.
+    coact = mapped_column(FloatList)
+    # Cosine of this decoder direction with the other's encoder direction (other downstream), or of this
+    # encoder direction with the other's decoder direction (upstream); NULL unless both sites are residual.
+    cosine = mapped_column(FloatList)
 
 
 metadata = Base.metadata

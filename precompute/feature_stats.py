@@ -31,6 +31,11 @@ when a context enters). For interval samples there are two options:
 - keep_interval_acts=True: kept on the device and returned as "interval_token_acts", no second pass,
   for ~30% more update() time and the memory above (see `expected_memory_bytes`).
 
+Peak co-activations (coact_width=P > 0, for the cross-layer links of precompute/links.py): update() then
+takes, per position, P (feature id, activation) pairs of other SAEs (their strongest features at that
+token), and each top-k slot keeps the pairs of its max position, [d_sae, k, P]. They are gathered only
+when a context enters the top-k, like the per-token acts, so the links need no second pass.
+
 finalize() returns (F = d_sae, k = top_k, n = n_intervals, s = examples_per_interval, T = context_len;
 every tensor on the CPU; "empty" rows hold context id -1, position -1, activation 0):
     n_tokens, n_contexts      int: content tokens and contexts seen
@@ -45,6 +50,8 @@ every tensor on the CPU; "empty" rows hold context id -1, position -1, activatio
     interval_ctx [F, n, s] int64, interval_act [F, n, s] float32, interval_pos [F, n, s] int32: a uniform
         sample of the contexts whose max lies in the interval, strongest first
     interval_token_acts [F, n, s, T] float32: only with keep_interval_acts=True
+    top_coact_ids [F, k, P] int32, top_coact_acts [F, k, P] float32: only with coact_width=P > 0, the
+        pairs passed to update() at each top example's max position (0 for empty slots)
 
 Tie-breaks are deterministic (equal max activation: lower context id first; equal values within a
 context: first position), so results are identical for any batch size, order of batches or split.
@@ -66,6 +73,7 @@ INT64_MAX = torch.iinfo(torch.int64).max
 LOW32 = 0xFFFFFFFF
 MAX_TOKENS = 2**31 - 1  # per FeatureStats: fine_hist counts are int32 (half the memory of int64)
 
+OPTION_DEFAULTS = {"keep_interval_acts": False, "coact_width": 0}  # settings added after the first checkpoints
 STATE_TENSORS = ("n_tokens", "n_contexts", "max", "sum_fixed", "fine_hist", "top_key", "top_pos", "top_acts",
                  "cand_prio", "cand_val", "cand_pos")
 
@@ -113,7 +121,7 @@ class FeatureStats:
 
     def __init__(self, d_sae: int, context_len: int, top_k: int = 20, n_intervals: int = 5,
                  examples_per_interval: int = 5, hist_bins: int = 50, seed: int = 0,
-                 keep_interval_acts: bool = False, device: str | torch.device = "cpu"):
+                 keep_interval_acts: bool = False, coact_width: int = 0, device: str | torch.device = "cpu"):
         if not 1 <= n_intervals <= UNITS // 2:
             raise ValueError(f"n_intervals must be in [1, {UNITS // 2}], got {n_intervals}.")
         if not 1 <= hist_bins <= FINE_BINS // 2:
@@ -122,7 +130,7 @@ class FeatureStats:
             raise ValueError("d_sae, context_len, top_k and examples_per_interval must be positive.")
         self.d_sae, self.context_len, self.top_k = d_sae, context_len, top_k
         self.n_intervals, self.examples_per_interval, self.hist_bins = n_intervals, examples_per_interval, hist_bins
-        self.seed, self.keep_interval_acts = seed, keep_interval_acts
+        self.seed, self.keep_interval_acts, self.coact_width = seed, keep_interval_acts, coact_width
         self.device = torch.device(device)
         F, k, s, dev = d_sae, top_k, examples_per_interval, self.device
         self.n_tokens = torch.zeros((), dtype=torch.int64, device=dev)  # content tokens seen
@@ -141,18 +149,25 @@ class FeatureStats:
         self.cand_pos = torch.zeros(F, UNITS, s, dtype=torch.int32, device=dev)
         # Optional per-token acts of every candidate: no second pass, UNITS * s * T floats per feature.
         self.cand_acts = torch.zeros(F, UNITS, s, context_len, device=dev) if keep_interval_acts else None
+        # Optional other SAEs' (feature, act) pairs at each top slot's max position: [F, k, coact_width].
+        self.top_coact_ids = torch.zeros(F, k, coact_width, dtype=torch.int32, device=dev)
+        self.top_coact_acts = torch.zeros(F, k, coact_width, device=dev)
 
     # ---------------------------------------------------------------- streaming
 
     @torch.no_grad()
-    def update(self, acts: torch.Tensor, context_ids: torch.Tensor, content_mask: torch.Tensor) -> None:
+    def update(self, acts: torch.Tensor, context_ids: torch.Tensor, content_mask: torch.Tensor,
+               coacts: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Add one batch: acts [B, T, d_sae], context_ids [B] (unique, never seen before), content_mask [B, T]
-        (False at BOS/EOS/pad: those positions never count). `acts` is only read."""
+        (False at BOS/EOS/pad: those positions never count). `acts` is only read. With coact_width = P,
+        coacts = (ids [B, T, P] int, acts [B, T, P] float): what a top slot keeps of its max position."""
         B, T, F = acts.shape
         if F != self.d_sae or T > self.context_len:
             raise ValueError(f"acts has shape {tuple(acts.shape)}; expected [B, <= {self.context_len}, {self.d_sae}].")
         if tuple(context_ids.shape) != (B,) or tuple(content_mask.shape) != (B, T):
             raise ValueError("context_ids must be [B] and content_mask [B, T] for acts [B, T, d_sae].")
+        if self.coact_width and (coacts is None or any(tuple(c.shape) != (B, T, self.coact_width) for c in coacts)):
+            raise ValueError(f"coacts must be two [B, T, {self.coact_width}] tensors (ids, acts) for coact_width {self.coact_width}.")
         acts = acts.to(self.device, torch.float32)
         context_ids = context_ids.to(self.device, torch.int64)
         content_mask = content_mask.to(self.device, torch.bool)
@@ -193,7 +208,7 @@ class FeatureStats:
         self.n_tokens += content_mask.sum()
         self.n_contexts += B
 
-        self._merge_top(p_f, p_b, p_val, p_pos, p_ctx, acts, content_mask)
+        self._merge_top(p_f, p_b, p_val, p_pos, p_ctx, acts, content_mask, coacts)
         unit = (p_val * _pow2(UNIT_BITS - exp).index_select(0, p_f)).long()
         self._insert_candidates(p_f, unit, self._priority(p_ctx, p_f), p_val, p_pos.int(),
                                 lambda sel: self._rows(acts, content_mask, p_b.index_select(0, sel),
@@ -211,7 +226,7 @@ class FeatureStats:
     def _priority(self, ctx: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         return (priority_hash(ctx, feat, self.seed) << 32) | ctx
 
-    def _merge_top(self, p_f, p_b, p_val, p_pos, p_ctx, acts, content_mask) -> None:
+    def _merge_top(self, p_f, p_b, p_val, p_pos, p_ctx, acts, content_mask, coacts=None) -> None:
         """Merge the batch's firing pairs into the top-k slots; gather per-token acts only for entrants."""
         key = (p_val.view(torch.int32).long() << 32) | (LOW32 - p_ctx)
         enters = (key > self.top_key.amin(1).index_select(0, p_f)).nonzero().squeeze(1)
@@ -233,9 +248,15 @@ class FeatureStats:
         self.top_key.view(-1).index_copy_(0, slot, new_key.view(-1).index_select(0, src))
         pos_of = torch.zeros(H, B, dtype=torch.int32, device=self.device)
         pos_of[local, p_b] = p_pos.int()
-        self.top_pos.view(-1).index_copy_(0, slot, pos_of.view(-1).index_select(0, src))
+        in_pos = pos_of.view(-1).index_select(0, src)
+        self.top_pos.view(-1).index_copy_(0, slot, in_pos)
         rows = self._rows(acts, content_mask, in_b, feats.index_select(0, in_h))
         self.top_acts.view(-1, self.context_len).index_copy_(0, slot, rows)
+        if self.coact_width:
+            at = in_b * acts.shape[1] + in_pos.long()  # (context, max position) of each admitted newcomer
+            for mine, theirs in ((self.top_coact_ids, coacts[0]), (self.top_coact_acts, coacts[1])):
+                mine.view(-1, self.coact_width).index_copy_(
+                    0, slot, theirs.to(self.device, mine.dtype).reshape(-1, self.coact_width).index_select(0, at))
 
     def _insert_candidates(self, feat, unit, prio, val, pos, rows_of=None) -> None:
         """Merge (feature, unit, priority, value, position) entries into the bottom-s sets of their cells.
@@ -322,21 +343,25 @@ class FeatureStats:
         self.top_pos = torch.cat([self.top_pos, theirs.top_pos], 1).gather(1, pick)
         acts = torch.cat([self.top_acts, theirs.top_acts], 1)  # [F, 2k, T]
         self.top_acts = acts.gather(1, pick[:, :, None].expand(-1, -1, self.context_len)).contiguous()
+        for name in ("top_coact_ids", "top_coact_acts"):
+            both = torch.cat([getattr(self, name), getattr(theirs, name)], 1)  # [F, 2k, P]
+            setattr(self, name, both.gather(1, pick[:, :, None].expand(-1, -1, self.coact_width)).contiguous())
 
     def _settings(self) -> dict:
         return dict(d_sae=self.d_sae, context_len=self.context_len, top_k=self.top_k, n_intervals=self.n_intervals,
                     examples_per_interval=self.examples_per_interval, hist_bins=self.hist_bins, seed=self.seed,
-                    keep_interval_acts=self.keep_interval_acts)
+                    keep_interval_acts=self.keep_interval_acts, coact_width=self.coact_width)
 
     def state_dict(self) -> dict:
         """Settings and a copy of the state tensors (on their device); torch.save it for a checkpoint."""
         return {"settings": self._settings(), **{name: getattr(self, name).clone() for name in self._state_names()}}
 
     def _state_names(self) -> tuple[str, ...]:
-        return STATE_TENSORS + (("cand_acts",) if self.keep_interval_acts else ())
+        return (STATE_TENSORS + (("cand_acts",) if self.keep_interval_acts else ())
+                + (("top_coact_ids", "top_coact_acts") if self.coact_width else ()))
 
     def load_state_dict(self, state: dict) -> None:
-        settings = {"keep_interval_acts": False, **state["settings"]}  # checkpoints from before the option
+        settings = {**OPTION_DEFAULTS, **state["settings"]}  # checkpoints from before the options
         if settings != self._settings():
             raise ValueError(f"Checkpoint settings {settings} differ from {self._settings()}.")
         for name in self._state_names():
@@ -348,7 +373,7 @@ class FeatureStats:
 
     @classmethod
     def from_state_dict(cls, state: dict, device: str | torch.device = "cpu") -> FeatureStats:
-        stats = cls(**{"keep_interval_acts": False, **state["settings"]}, device=device)
+        stats = cls(**{**OPTION_DEFAULTS, **state["settings"]}, device=device)
         stats.load_state_dict(state)
         return stats
 
@@ -390,7 +415,12 @@ class FeatureStats:
         act = torch.where(found, (key >> 32).int().view(torch.float32), 0.0)
         pos = torch.where(found, self.top_pos.gather(1, order), -1)
         token_acts = self.top_acts.gather(1, order[:, :, None].expand(-1, -1, self.context_len))  # [F, k, T]
-        return {"top_ctx": ctx, "top_act": act, "top_pos": pos, "top_token_acts": token_acts}
+        out = {"top_ctx": ctx, "top_act": act, "top_pos": pos, "top_token_acts": token_acts}
+        if self.coact_width:
+            by_slot = order[:, :, None].expand(-1, -1, self.coact_width)
+            out["top_coact_ids"] = self.top_coact_ids.gather(1, by_slot)  # [F, k, P]
+            out["top_coact_acts"] = torch.where(found[:, :, None], self.top_coact_acts.gather(1, by_slot), 0.0)
+        return out
 
     def _intervals(self, exp, cum, n_firing) -> dict[str, torch.Tensor]:
         n, s, F = self.n_intervals, self.examples_per_interval, self.d_sae
@@ -468,8 +498,8 @@ def fill_example_acts(example_ctx: torch.Tensor, context_ids: torch.Tensor, acts
 
 
 def expected_memory_bytes(d_sae: int, context_len: int, top_k: int = 20, examples_per_interval: int = 5,
-                          keep_interval_acts: bool = False) -> int:
+                          keep_interval_acts: bool = False, coact_width: int = 0) -> int:
     """State size of one FeatureStats, to plan how many SAEs fit on a device at once."""
-    per_feature = (4 + 8 + 4 * FINE_BINS + top_k * (8 + 4 + 4 * context_len)
+    per_feature = (4 + 8 + 4 * FINE_BINS + top_k * (8 + 4 + 4 * context_len + 8 * coact_width)
                    + UNITS * examples_per_interval * (8 + 4 + 4 + (4 * context_len if keep_interval_acts else 0)))
     return d_sae * per_feature

@@ -31,12 +31,13 @@ from featurescope.sae_loading import load_sae
 from featurescope.sites import parse_site
 from precompute.corpus_sources import CorpusError, CorpusSpec, iter_texts
 from precompute.feature_stats import FeatureStats, example_context_ids, expected_memory_bytes, fill_example_acts
+from precompute.links import PEAK_WIDTH, TOP_N, LinkPlan, cross_layer_links
 from precompute.static_stats import decoder_neighbours, logit_effect, unembedding
 from precompute.writer import SAEResult, write_run_db
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Part of every run id: bump it when a code change alters what a run stores, so old runs are not reused.
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3  # 3: cross-layer links
 
 
 @dataclass
@@ -55,6 +56,9 @@ class PrecomputeConfig:
     # Per-token acts of interval samples: "keep" them while streaming (memory), "reencode" their contexts
     # at the end (a second, partial pass), or "auto": keep when that fits in a quarter of the device's memory.
     interval_acts: str = "auto"
+    links: bool = True  # cross-layer links between the SAEs of neighbouring layers (precompute/links.py)
+    links_per_neighbour: int = TOP_N  # by co-activation and by weights, each
+    links_peak_width: int = PEAK_WIDTH  # a neighbour's strongest features kept at each top example's peak
     device: str = "auto"
     dtype: str = "float32"
     data_dir: str = "data"
@@ -69,7 +73,8 @@ class PrecomputeConfig:
         Batch size, device, progress and sharding do not change the result, so they are not part of it."""
         keys = dict(results_version=RESULTS_VERSION, model=self.model, saes=self.saes, sae_ids=self.sae_ids, site=self.site, corpus=asdict(self.corpus),
                     max_tokens=self.max_tokens, context_len=self.context_len, top_k=self.top_k,
-                    n_intervals=self.n_intervals, examples_per_interval=self.examples_per_interval, dtype=self.dtype)
+                    n_intervals=self.n_intervals, examples_per_interval=self.examples_per_interval, dtype=self.dtype,
+                    links=[self.links, self.links_per_neighbour, self.links_peak_width])
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -106,7 +111,8 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     With cfg.shard = (i, n) it processes only the i-th of n slices of the contexts and saves that
     shard's statistics instead (returns their path); with cfg.merge_shards it merges all n saved
     shards and publishes: exactly the result of one run over the whole corpus.
-    `timings`, if given, receives seconds per phase: stream, finish, write, total."""
+    `timings`, if given, receives seconds per phase: stream, finish, write, total, and links (the
+    cross-layer links' own share of stream + finish)."""
     started = time.time()
     lm, encoder, target = _prepare(cfg, lm)
     if target.exists() and not cfg.force:
@@ -117,17 +123,18 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     work_dir.mkdir(parents=True, exist_ok=True)
     if cfg.merge_shards:
         stats, previous_seconds = _merge_shard_files(cfg, work_dir, encoder)
-        stream_seconds = 0.0
+        stream_seconds, link_timer = 0.0, {}
     else:
         first, last = _shard_range(cfg, len(contexts))
         checkpoint = work_dir / _checkpoint_name(cfg)
         stats, next_context, previous_seconds = _start_or_resume(cfg, checkpoint, encoder, first, log)
-        stream_seconds = _stream(cfg, encoder, contexts, stats, next_context, last, checkpoint)
+        link_timer = {}
+        stream_seconds = _stream(cfg, encoder, contexts, stats, next_context, last, checkpoint, link_timer)
         if cfg.shard:
             return _save_shard(cfg, work_dir, stats, previous_seconds + stream_seconds, checkpoint, log)
     log("Finishing: interval examples, logit effects, neighbours ...")
     finish_started = time.time()
-    results = _finish(cfg, lm, encoder, contexts, stats)
+    results = _finish(cfg, lm, encoder, contexts, stats, link_timer)
     finish_seconds = time.time() - finish_started
     write_started = time.time()
     staging = work_dir / "staging.duckdb"
@@ -141,7 +148,8 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
         leftover.unlink(missing_ok=True)
     _summary(log, target, contexts, stats, time.time() - started, write_seconds)
     if timings is not None:
-        timings.update(stream=stream_seconds, finish=finish_seconds, write=write_seconds, total=time.time() - started)
+        timings.update(stream=stream_seconds, finish=finish_seconds, write=write_seconds, total=time.time() - started,
+                       links=sum(link_timer.values()))
     return target
 
 
@@ -208,11 +216,18 @@ def _contexts(cfg: PrecomputeConfig, lm: LoadedModel) -> torch.Tensor:
 
 
 def _new_stats(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> dict[str, FeatureStats]:
-    keep = _keep_interval_acts(cfg, encoder)
+    keep, plan = _keep_interval_acts(cfg, encoder), _link_plan(cfg, encoder)
     return {name: FeatureStats(sae.d_sae, cfg.context_len, top_k=cfg.top_k, n_intervals=cfg.n_intervals,
                                examples_per_interval=cfg.examples_per_interval, keep_interval_acts=keep,
-                               device=encoder.lm.device)
+                               coact_width=plan.coact_width(name) if plan else 0, device=encoder.lm.device)
             for name, sae in encoder.saes.items()}
+
+
+def _link_plan(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> LinkPlan | None:
+    """Which SAEs link to which, or None: links are off, or there is only one SAE."""
+    if not cfg.links or len(encoder.saes) < 2:
+        return None
+    return LinkPlan(encoder.sites, {name: sae.d_sae for name, sae in encoder.saes.items()}, cfg.links_peak_width)
 
 
 def _keep_interval_acts(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> bool:
@@ -220,8 +235,10 @@ def _keep_interval_acts(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> bool:
         raise PrecomputeError(f"interval_acts must be auto, keep or reencode; got {cfg.interval_acts!r}.")
     if cfg.interval_acts != "auto":
         return cfg.interval_acts == "keep"
+    plan = _link_plan(cfg, encoder)
     need = sum(expected_memory_bytes(sae.d_sae, cfg.context_len, cfg.top_k, cfg.examples_per_interval,
-                                     keep_interval_acts=True) for sae in encoder.saes.values())
+                                     keep_interval_acts=True, coact_width=plan.coact_width(name) if plan else 0)
+               for name, sae in encoder.saes.items())
     device = encoder.lm.device
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
@@ -248,10 +265,11 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def _stream(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict, start: int, stop: int,
-            checkpoint: Path) -> float:
+            checkpoint: Path, link_timer: dict) -> float:
     """The main loop over contexts [start, stop): one forward per batch, every SAE's statistics updated from it.
-    Returns the seconds it took."""
+    Returns the seconds it took; link_timer["stream"] gets the part spent on the links' peak co-activations."""
     lm, T = encoder.lm, contexts.shape[1]
+    plan, link_timer["stream"] = _link_plan(cfg, encoder), 0.0
     first_of_range = _shard_range(cfg, len(contexts))[0]
     bar = tqdm(total=(stop - first_of_range) * T, initial=(start - first_of_range) * T, unit="tok", unit_scale=True,
                disable=not cfg.progress, dynamic_ncols=True,
@@ -262,8 +280,12 @@ def _stream(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict, s
         context_ids = torch.arange(first, first + len(ids), device=lm.device)
         # {sae: [B, T, d_sae]}, and per SAE the positions that count (never BOS/EOS/pad or norm outliers)
         feature_acts, masks = encoder.encode_with_masks(ids)
+        # What each SAE's top slots keep of the other SAEs at their peak (cross-layer links; no second pass)
+        link_started = time.time()
+        peaks = plan.peaks(feature_acts, masks) if plan else {}
+        link_timer["stream"] += time.time() - link_started
         for name, acts in feature_acts.items():
-            stats[name].update(acts, context_ids, masks[name])
+            stats[name].update(acts, context_ids, masks[name], coacts=plan.coacts(name, peaks) if plan else None)
         bar.update(ids.numel())
         if cfg.checkpoint_every and batch_no % cfg.checkpoint_every == 0 and first + len(ids) < stop:
             _atomic_save({"next_context": first + len(ids), "elapsed": time.time() - started,
@@ -273,9 +295,13 @@ def _stream(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict, s
 
 
 @torch.no_grad()
-def _finish(cfg, lm: LoadedModel, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict) -> list[SAEResult]:
+def _finish(cfg, lm: LoadedModel, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict,
+            link_timer: dict) -> list[SAEResult]:
     finals = {name: s.finalize() for name, s in stats.items()}
     interval_acts = _interval_token_acts(cfg, encoder, contexts, finals)
+    link_started, plan = time.time(), _link_plan(cfg, encoder)
+    links = cross_layer_links(plan, finals, encoder.saes, top_n=cfg.links_per_neighbour) if plan else {}
+    link_timer["finish"] = time.time() - link_started
     W_U = unembedding(lm)  # [vocab, d_model], final norm gain folded in
     results = []
     for name, sae in encoder.saes.items():
@@ -283,7 +309,8 @@ def _finish(cfg, lm: LoadedModel, encoder: FeatureEncoder, contexts: torch.Tenso
         static = {f"logit_{k}": v for k, v in logits.items()}
         static.update(neighbour_ids=near["ids"], neighbour_cos=near["cos"])
         results.append(SAEResult(row=_sae_row(lm, name, sae, encoder, finals[name], cfg), stats=finals[name],
-                                 static=static, interval_token_acts=interval_acts[name].numpy()))
+                                 static=static, interval_token_acts=interval_acts[name].numpy(),
+                                 links=links.get(name, [])))
     return results
 
 

@@ -21,13 +21,15 @@ from featurescope.labels import LABEL_KIND_AUTO, auto_label
 @dataclass
 class SAEResult:
     """Everything stored for one SAE: its `saes` row, the finalized streaming statistics
-    (precompute.feature_stats.FeatureStats.finalize), the weights-only statistics, and the per-token
-    activations of the interval samples [F, n_intervals, per_interval, T]."""
+    (precompute.feature_stats.FeatureStats.finalize), the weights-only statistics, the per-token
+    activations of the interval samples [F, n_intervals, per_interval, T], and its cross-layer links
+    (precompute.links.NeighbourLinks, one per neighbour SAE)."""
     row: dict
     stats: dict
     static: dict
     interval_token_acts: np.ndarray
     extra: dict = field(default_factory=dict)
+    links: list = field(default_factory=list)
 
 
 def _np(x) -> np.ndarray:
@@ -131,6 +133,39 @@ def features_table(model_id: str, sae_id: str, stats: dict, static: dict, labels
     })
 
 
+def links_table(model_id: str, sae_id: str, links: list) -> pa.Table:
+    """One row per (feature, neighbour SAE) with at least one link, sorted by (feature, neighbour id): the
+    linked features (the ids >= 0 of a NeighbourLinks row) with their co-activation and cosine."""
+    cols: dict[str, list] = {k: [] for k in ("feature", "other", "direction", "count", "ids", "coact", "cosine", "no_cosine")}
+    for link in sorted(links, key=lambda n: n.other):
+        ids = _np(link.ids)  # [F, m], -1 = none
+        rows = np.nonzero((ids >= 0).any(1))[0]
+        valid = ids[rows] >= 0  # [r, m]
+        cols["feature"].append(rows)
+        cols["other"] += [link.other] * len(rows)
+        cols["direction"] += [link.direction] * len(rows)
+        cols["count"].append(valid.sum(1))
+        cols["ids"].append(ids[rows][valid])  # row-major: grouped by feature, in stored order
+        cols["coact"].append(_np(link.coact)[rows][valid])
+        cols["cosine"].append(_np(link.cosine)[rows][valid] if link.cosine is not None else np.zeros(int(valid.sum())))
+        cols["no_cosine"].append(np.full(len(rows), link.cosine is None))
+    flat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items() if k not in ("other", "direction")}
+    offsets = pa.array(np.concatenate([[0], np.cumsum(flat["count"])]).astype(np.int32))
+    n = len(flat["feature"])
+    table = pa.table({
+        "model_id": pa.array([model_id] * n, pa.string()),
+        "sae_id": pa.array([sae_id] * n, pa.string()),
+        "feature": pa.array(flat["feature"].astype(np.int32)),
+        "other_sae_id": pa.array(cols["other"], pa.string()),
+        "direction": pa.array(cols["direction"], pa.string()),
+        "other_features": pa.ListArray.from_arrays(offsets, pa.array(flat["ids"].astype(np.int32))),
+        "coact": pa.ListArray.from_arrays(offsets, pa.array(flat["coact"].astype(np.float32))),
+        "cosine": pa.ListArray.from_arrays(offsets, pa.array(flat["cosine"].astype(np.float32)),
+                                           mask=pa.array(flat["no_cosine"].astype(bool))),
+    })
+    return table.take(pa.array(np.lexsort((np.asarray(cols["other"], dtype=object).astype(str), flat["feature"]))))
+
+
 def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict, contexts: np.ndarray,
                  saes: list[SAEResult]) -> None:
     """Create `path` at the newest schema and fill it with one run. `path` must not be published yet."""
@@ -154,6 +189,8 @@ def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict
             _insert(con, "features", features_table(model_row["id"], sae_id, result.stats, result.static, labels))
             _insert(con, "examples", examples_table(model_row["id"], sae_id, run_row["id"], result.stats,
                                                      result.interval_token_acts))
+            if result.links:
+                _insert(con, "links", links_table(model_row["id"], sae_id, result.links))
         con.execute("COMMIT")
         con.execute("CHECKPOINT")
     finally:

@@ -8,7 +8,8 @@ make_app_client habit: the real app on a real database in a temp folder).
 Rows go in as one INSERT ... SELECT per table from a registered Arrow table (SQLAlchemy Core), so a
 bench database of thousands of features builds in seconds. The data is synthetic but shaped like a precompute run: shared contexts (BOS first), features whose top
 examples peak on a favourite token (several on " Paris"), dead and dense features, equal-width
-activation intervals with shares taken from the histogram, logit tables, decoder-cosine neighbours.
+activation intervals with shares taken from the histogram, logit tables, decoder-cosine neighbours,
+cross-layer links to the SAEs of the neighbouring layers (cosines where both sites are residual).
 The vocabulary holds hostile strings (HTML, entities, quotes, newlines, template syntax) that pages
 must render as text; feature 0 of every SAE fires on and promotes them.
 """
@@ -27,8 +28,9 @@ import pyarrow as pa
 import sqlalchemy as sa
 
 from featurescope import db as fsdb
+from featurescope.flow import direction, neighbour_layers
 from featurescope.labels import LABEL_KIND_AUTO, auto_label
-from featurescope.schema import SAE, Context, Example, Feature, Model, Run, Vocab
+from featurescope.schema import SAE, Context, Example, Feature, Link, Model, Run, Vocab
 
 HOSTILE_TOKENS = [
     "<script>alert(1)</script>",
@@ -96,7 +98,7 @@ def make_db(path: str | Path, *, model_id: str = "tiny-gemma-2", saes: Sequence[
     run_id = f"run-{model_id}-{seed}"
     contexts = _make_contexts(rng, vocab, n_contexts, context_len)
     n_tokens = n_contexts * (context_len - 1)
-    rows: dict[type, list[dict]] = {Model: [], Vocab: [], Run: [], SAE: [], Context: [], Feature: [], Example: []}
+    rows: dict[type, list[dict]] = {Model: [], Vocab: [], Run: [], SAE: [], Context: [], Feature: [], Example: [], Link: []}
     rows[Model].append(dict(id=model_id, source=f"tests/{model_id}", n_layers=8, d_model=64, vocab_size=len(vocab),
                             bos_token_id=BOS_ID, special_token_ids=[0, 1, BOS_ID]))
     rows[Vocab] += [dict(model_id=model_id, token_id=i, text=t) for i, t in enumerate(vocab)]
@@ -120,6 +122,7 @@ def make_db(path: str | Path, *, model_id: str = "tiny-gemma-2", saes: Sequence[
         rows[Example] += [e for _, examples in features for e in examples]
         rows[SAE][-1]["dead_share"] = sum(f["n_firing"] == 0 for f, _ in features) / spec.d_sae
         rows[SAE][-1]["dense_share"] = sum(f["density"] > 0.1 for f, _ in features) / spec.d_sae
+    rows[Link] = _make_links(np.random.default_rng(seed + 1000), model_id, saes)  # own generator: other rows unchanged
     engine = fsdb.engine_for(path)
     with engine.begin() as conn:
         for table, table_rows in rows.items():
@@ -253,6 +256,32 @@ class _FeatureMaker:
         acts = [max_act if p == max_pos else max_act * float(self.rng.uniform(0.05, 0.6)) for p in firing]
         return dict(**key, kind=kind, bin=bin_, rank=rank, run_id=self.run_id, context_id=context_id, max_act=max_act,
                     max_pos=max_pos, positions=[int(p) for p in firing], acts=acts)
+
+
+def _make_links(rng: np.random.Generator, model_id: str, saes: Sequence[SAESpec], per_kind: int = 3) -> list[dict]:
+    """Links rows as precompute/links.py writes them: for every feature and neighbour SAE (previous and next
+    layer with an SAE, and the same layer), `per_kind` co-activation links (strongest first), then for
+    residual pairs `per_kind` links by weights, with both scores. Dead features (f % 11 == 10, as in
+    _FeatureMaker) have no co-activation links and are no feature's."""
+    layers = sorted({s.layer for s in saes})
+    out = []
+    for spec in saes:
+        near = neighbour_layers(layers, spec.layer)
+        for other in sorted((o for o in saes if o is not spec and o.layer in near), key=lambda o: o.id):
+            way = direction((spec.layer, spec.site_kind), (other.layer, other.site_kind))
+            weights = spec.site_kind == other.site_kind == "res" and way != "same"
+            for f in range(spec.d_sae):
+                alive = [j for j in range(other.d_sae) if j % 11 != 10]  # a dead feature co-activates with nothing
+                by_act = [] if f % 11 == 10 else [int(j) for j in rng.choice(alive, per_kind, replace=False)]
+                by_weight = [int(j) for j in rng.choice([j for j in range(other.d_sae) if j not in by_act], per_kind, replace=False)]
+                ids = by_act + (by_weight if weights else [])
+                if not ids:
+                    continue
+                coact = sorted(rng.uniform(0.5, 6.0, len(by_act)), reverse=True) + [float(rng.uniform(0, 0.4)) for _ in ids[len(by_act):]]
+                cosine = [float(c) for c in rng.uniform(0.05, 0.6, len(ids))] if weights else None
+                out.append(dict(model_id=model_id, sae_id=spec.id, feature=f, other_sae_id=other.id, direction=way,
+                                other_features=ids, coact=[float(c) for c in coact], cosine=cosine))
+    return out
 
 
 def _decaying(n: int) -> np.ndarray:

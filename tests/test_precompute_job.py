@@ -49,7 +49,8 @@ def _tables(path: Path) -> dict:
     try:
         out = {}
         for table, order in [("features", "sae_id, feature"), ("examples", "sae_id, feature, kind, bin, rank"),
-                             ("contexts", "context_id"), ("saes", "id"), ("vocab", "token_id"), ("models", "id")]:
+                             ("contexts", "context_id"), ("saes", "id"), ("vocab", "token_id"), ("models", "id"),
+                             ("links", "sae_id, feature, other_sae_id")]:
             out[table] = con.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
         return out
     finally:
