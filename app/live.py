@@ -274,7 +274,7 @@ class LiveModel:
             param = "ids"
         else:
             ids, param = self.lm.tokenize(text), "text"
-        if len(ids) <= 1 and token_ids is None:
+        if token_ids is None and not text.strip():
             raise PromptRejected(param, "The prompt is empty: type some text to encode.")
         if len(ids) > limit:
             raise PromptRejected(param, f"The prompt is {len(ids)} tokens long (BOS included); this server encodes at "

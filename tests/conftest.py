@@ -121,3 +121,26 @@ def random_sae_params(d_in: int, d_sae: int, seed: int = 0, threshold: float = 0
         "b_dec": rng.normal(scale=0.01, size=d_in).astype(np.float32),
         "threshold": np.full(d_sae, threshold, dtype=np.float32),
     }
+
+
+@pytest.fixture(scope="session")
+def live_data_dir(tiny_gemma2, tiny_gemma2_path, tmp_path_factory) -> Path:
+    """A real precompute run of the tiny Gemma 2 with SAEs at three sites (1-res, 2-mlp, 3-res; the model has
+    4 layers): the data dir a live-encoding server serves, whose SAE folders the server loads itself."""
+    import numpy as np
+
+    from featurescope.sae_loading import load_sae, save_sae
+    from precompute.job import PrecomputeConfig, run_precompute
+
+    root = tmp_path_factory.mktemp("live")
+    folders = []
+    for site, seed in (("1-res", 11), ("2-mlp", 12), ("3-res", 13)):
+        params = random_sae_params(64, 48, seed=seed, threshold=0.0)
+        params["b_enc"] -= 1.5  # each feature fires on a minority of tokens
+        np.savez(root / "params.npz", **params)
+        folders.append(str(save_sae(load_sae(str(root / "params.npz"), site=site), root / "saes" / site)))
+    cfg = PrecomputeConfig(model=str(tiny_gemma2_path), saes=folders, sae_ids=["1-res-a", "2-mlp-b", "3-res-c"],
+                           max_tokens=3000, context_len=32, batch_size=4, top_k=5, n_intervals=3,
+                           examples_per_interval=2, device="cpu", data_dir=str(root / "data"), progress=False)
+    run_precompute(cfg, lm=tiny_gemma2, log=lambda *_: None)
+    return root / "data"

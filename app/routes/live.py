@@ -31,6 +31,7 @@ router = APIRouter(tags=["live"])
 STRENGTH_LIMIT = 1000.0  # |strength| a steering request may ask for, in activation units
 DEFAULT_STRENGTH_MULTIPLE = 4.0  # a feature's default steering strength, times its largest activation seen
 MAX_STEERED_FEATURES = 8
+DEFAULT_NEW_TOKENS = 24
 
 
 class ClientGone(Exception):
@@ -169,13 +170,14 @@ async def steer(
     feature: Annotated[list[str], Query(description="SAE:INDEX of a feature to steer (repeatable).")] = [],  # noqa: B006
     strength: Annotated[list[str], Query(description=f"Strength of each feature, in activation units (|s| <= {STRENGTH_LIMIT:g}); "
                                                       f"missing: {DEFAULT_STRENGTH_MULTIPLE:g} x the feature's largest activation.")] = [],  # noqa: B006
-    n_tokens: Annotated[int, Query(ge=1, description="Tokens to generate.")] = 24,
+    n_tokens: Annotated[int | None, Query(ge=1, description=f"Tokens to generate (default {DEFAULT_NEW_TOKENS}, or the server's limit if lower).")] = None,
     temperature: Annotated[float, Query(ge=0, le=2, description="0 is greedy decoding.")] = 0.7,
     seed: Annotated[int, Query(ge=0, le=2**31 - 1, description="Sampling seed: the same seed gives the same text.")] = 1,
 ) -> Response:
     started = time.perf_counter()
     fmt = "json" if request.url.path.endswith(".json") else None
     model = catalog.model(model_id)
+    n_tokens = n_tokens if n_tokens is not None else min(DEFAULT_NEW_TOKENS, settings.max_new_tokens)
     if n_tokens > settings.max_new_tokens:
         raise InvalidParameter("n_tokens", f"n_tokens is {n_tokens}; this server generates at most {settings.max_new_tokens} "
                                            "tokens per continuation (featurescope serve --max-new-tokens).")
