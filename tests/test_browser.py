@@ -41,7 +41,8 @@ def server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(Settings(data_dir=shared_data_dir(), port=port, local_htmx=DEFAULT_LOCAL_HTMX))
+    # Factory databases have no model behind them: live encoding is off (tests/test_browser_live.py has it on).
+    app = create_app(Settings(data_dir=shared_data_dir(), port=port, local_htmx=DEFAULT_LOCAL_HTMX, live=False))
     uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
     thread.start()

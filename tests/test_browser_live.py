@@ -1,0 +1,106 @@
+"""Live encoding in a real browser: a real uvicorn server over a real precompute run of the tiny Gemma 2,
+with its live encoder, driven by Debian's Chromium. A user types a prompt on the encode page, clicks a
+token, sees its features in every layer, opens one (its test box encodes the prompt), steers it and
+shares the link, which reproduces the same continuation."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import require_test_tool
+from test_browser import ARTIFACTS, CHROMIUM, browser, page, sync_api  # noqa: F401 - shared browser fixtures
+
+PROMPT = "The capital of France is Paris."
+
+
+@pytest.fixture(scope="module")
+def server(live_data_dir, tiny_gemma2):
+    import uvicorn
+
+    from app import Settings, create_app
+    from app.live import LiveService
+    from app.settings import DEFAULT_LOCAL_HTMX
+
+    require_test_tool(CHROMIUM.exists(), f"{CHROMIUM} is not installed (bash scripts/install_test_tools.sh)")
+    require_test_tool(DEFAULT_LOCAL_HTMX.is_file(), f"{DEFAULT_LOCAL_HTMX} is missing (bash scripts/install_test_tools.sh)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(data_dir=live_data_dir, port=port, local_htmx=DEFAULT_LOCAL_HTMX, device="cpu", max_new_tokens=16)
+    app = create_app(settings, LiveService(settings, preloaded={tiny_gemma2.name: tiny_gemma2}))
+    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uvicorn_server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    uvicorn_server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_prompt_to_token_to_feature_to_steering_and_a_shared_link(page, browser, server, tiny_gemma2):  # noqa: F811
+    model = tiny_gemma2.name
+    page.goto(f"{server}/{model}/encode")
+    page.fill("#encode-text", PROMPT)
+    page.locator("#encode-form button[type=submit]").click()
+    page.wait_for_function("location.search.includes('text=')")
+    page.wait_for_selector("#encode-result .prompt-tokens a.t")
+    assert page.locator("table.layer-grid tbody tr").count() == 3  # one row per SAE, ordered by layer
+
+    france = page.locator(".prompt-tokens a.t", has_text="France")
+    france.first.click()
+    page.wait_for_function("new URLSearchParams(location.search).get('token') !== null")
+    position = int(page.evaluate("new URLSearchParams(location.search).get('token')"))
+    assert "France" in page.locator("#encode-result h2", has_text=f"Token {position}").inner_text()
+    columns = page.locator(".layer-columns").first.locator(".layer-col")
+    assert columns.count() == 3
+    assert page.locator(".layer-columns").first.locator("li .f-id a").count() > 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "encode-page.png"), full_page=True)
+
+    first = page.locator(".layer-columns").first.locator(".layer-col").last.locator("li .f-id a").first
+    feature_url = first.get_attribute("href")
+    first.click()
+    page.wait_for_url("**" + feature_url.split("?")[0] + "?text=*")
+    assert page.locator("#test-text").input_value() == PROMPT
+    page.wait_for_selector("#test-result .ctx .t")  # the test box encoded the prompt for this feature
+    assert page.locator("#test-result .ctx").inner_text().replace("·", " ").strip().endswith("Paris.")
+
+    page.get_by_role("link", name="Steer", exact=True).click()
+    page.wait_for_url("**/steer?*")
+    assert page.locator("input[name=feature]").first.input_value() == feature_url.split("/")[2] + ":" + feature_url.split("/")[3].split("?")[0]
+    page.fill("input[name=n_tokens]", "8")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_selector(".continuation.steered .t.gen")
+    steered = page.locator(".continuation.steered .ctx").inner_text()
+    assert page.locator(".continuation.default .t.gen").count() >= 1
+
+    page.get_by_role("button", name="Copy link").first.click()
+    page.wait_for_function("document.querySelector('button.copied') !== null")
+    copied = page.evaluate("navigator.clipboard.readText()")
+    other = browser.new_page()
+    other.goto(copied)
+    assert other.locator(".continuation.steered .ctx").inner_text() == steered  # same seed: same text
+    other.close()
+    assert page.problems == []
+
+
+def test_search_via_inference_swaps_its_table_and_keeps_the_url(page, server, tiny_gemma2):  # noqa: F811
+    model = tiny_gemma2.name
+    page.goto(f"{server}/{model}/encode?text=def+add(a,+b):+return+a+%2B+b")
+    page.evaluate("() => { window.__sameDocument = true; }")
+    page.select_option("#search select[name=sort]", "density")
+    page.fill("#search input[name=max_density]", "1")
+    page.locator("#search button[type=submit]").click()
+    page.wait_for_function("location.search.includes('sort=density')")
+    page.wait_for_selector("#search table.search-results")
+    densities = [float(c.rstrip("%")) for c in page.locator("table.search-results tbody td:nth-child(6)").all_inner_texts()]
+    assert densities and densities == sorted(densities)
+    assert page.evaluate("window.__sameDocument === true"), "the search reloaded the page instead of swapping its table"
+    assert page.problems == []
