@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from markupsafe import Markup, escape
 
@@ -21,8 +22,7 @@ LEFT, RIGHT, TOP, BOTTOM = 44, 10, 10, 34
 SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
-@dataclass(frozen=True)
-class Bar:
+class Bar(NamedTuple):  # a chart has ~50: a NamedTuple is built several times faster than a frozen dataclass
     x: float
     y: float
     width: float
@@ -31,8 +31,7 @@ class Bar:
     accent: bool = False
 
 
-@dataclass(frozen=True)
-class Tick:
+class Tick(NamedTuple):
     x: float
     label: str
 
@@ -94,12 +93,14 @@ def histogram(counts: Sequence[int], lo: float, hi: float, *, title: str, x_labe
     def x_of(value: float) -> float:
         return round(LEFT + (value - lo) / (hi - lo) * plot_w, 2)
 
+    edges = [lo + i * step for i in range(len(counts) + 1)]
+    shown = [fmt(edge) for edge in edges]
+    width = max(round(plot_w / len(counts) - 1, 2), 0.5)
     bars = []
     for i, count in enumerate(counts):
-        b_lo, b_hi = lo + i * step, lo + (i + 1) * step
         height = round(count / peak * plot_h, 2)
-        bars.append(Bar(x_of(b_lo), round(TOP + plot_h - height, 2), max(round(plot_w / len(counts) - 1, 2), 0.5),
-                        height, f"[{fmt(b_lo)}, {fmt(b_hi)}): {count:,}", bool(accent and accent(b_lo, b_hi))))
+        bars.append(Bar(x_of(edges[i]), round(TOP + plot_h - height, 2), width, height,
+                        f"[{shown[i]}, {shown[i + 1]}): {count:,}", bool(accent and accent(edges[i], edges[i + 1]))))
     tick_fmt = tick_fmt or fmt
     x_ticks = [Tick(x_of(t), tick_fmt(t)) for t in ticks if lo <= t <= hi]
     summary = f"{title}: {total:,} in {len(counts)} bins from {fmt(lo)} to {fmt(hi)}; the tallest bin holds {peak:,}."

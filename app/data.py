@@ -579,7 +579,8 @@ def _link_rows(sae: SAEInfo, features: list[int]) -> dict[int, list[sa.Row]]:
         return {}
     with sae.file.connect() as conn:
         rows = conn.execute(
-            sa.select(Link.feature, Link.other_sae_id, Link.direction, Link.other_features, Link.coact, Link.cosine)
+            sa.select(Link.feature, Link.other_sae_id, Link.direction, Link.other_features, Link.coact, Link.coact_rel,
+                      Link.cosine)
             .where(Link.model_id == sae.model_id, Link.sae_id == sae.id, Link.feature.in_(features))
             .order_by(Link.feature, Link.other_sae_id)).all()
     found: dict[int, list[sa.Row]] = {}
@@ -596,18 +597,21 @@ def _linked(catalog: Catalog, model_id: str, row: sa.Row) -> list[dict[str, Any]
     labels = feature_labels(other)
     cosines = row.cosine if row.cosine is not None else [None] * len(row.other_features)
     out = []
-    for feature, coact, cosine in zip(row.other_features, row.coact, cosines):
+    for feature, coact, coact_rel, cosine in zip(row.other_features, row.coact, row.coact_rel, cosines):
         label, kind, density = labels.get(feature, (None, None, None))
         out.append({"sae_id": other.id, "layer": other.layer, "site": other.site, "feature": feature,
-                    "label": label or "", "label_kind": kind, "density": density, "coact": coact, "cosine": cosine})
+                    "label": label or "", "label_kind": kind, "density": density, "coact": coact,
+                    "coact_rel": coact_rel, "cosine": cosine})
     return out
 
 
 def feature_links(catalog: Catalog, model_id: str, sae_id: str, index: int) -> dict[str, Any]:
     """A feature's cross-layer links: {"computed": whether its file has links at all, "upstream",
-    "downstream", "alongside": [{sae_id, layer, site, feature, label, label_kind, density, coact, cosine}]}.
+    "downstream", "alongside": [{sae_id, layer, site, feature, label, label_kind, density, coact, coact_rel,
+    cosine}]}. coact is the linked feature's mean activation where this one peaks, coact_rel that minus its
+    mean over all tokens, over its max (what ranks them); cosine is None unless both SAEs are residual.
     Lists go through the neighbour SAEs in model order; within one, co-activation links come first
-    (strongest first), then links found only by weights. cosine is None unless both SAEs are residual."""
+    (highest coact_rel first), then links found only by weights."""
     sae = catalog.sae(model_id, sae_id)
     check_index(sae, index)
     out: dict[str, Any] = {"computed": has_links(sae.file), **{name: [] for name in LINK_GROUPS.values()}}
@@ -623,7 +627,7 @@ class LineageQuery:
     """The lineage view's URL parameters."""
     depth: int | None = None  # SAEs to follow each way from the start; None = all of the model's
     breadth: int = 3  # features kept per SAE (the strongest links of the previous one's)
-    by: Literal["coact", "cosine"] = "coact"  # which score picks them
+    by: Literal["coact", "cosine"] = "coact"  # which score picks them: coact_rel or cosine
 
     def params(self, **changes: Any) -> dict[str, Any]:
         changed, default = replace(self, **changes), LineageQuery()
@@ -671,7 +675,7 @@ def _lineage_step(catalog, model_id, frontier, via, target, column, query, score
                 if row.direction != via or column.get(row.other_sae_id) != target:
                     continue
                 for link in _linked(catalog, model_id, row):
-                    score = link[query.by]
+                    score = link["coact_rel" if query.by == "coact" else "cosine"]
                     if score is None or not score > 0:
                         continue
                     node = (link["sae_id"], link["feature"])
@@ -685,7 +689,7 @@ def _lineage_step(catalog, model_id, frontier, via, target, column, query, score
         if node in keep:
             upper, lower = (source, node) if via == "down" else (node, source)
             edges.append({"from": _node_id(*upper), "to": _node_id(*lower), "via": via, "coact": link["coact"],
-                          "cosine": link["cosine"]})
+                          "coact_rel": link["coact_rel"], "cosine": link["cosine"]})
     return chosen
 
 

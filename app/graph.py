@@ -11,7 +11,7 @@ from typing import Any
 
 NODE_W, NODE_H = 188, 66
 COL_GAP, ROW_GAP, MARGIN, HEADER = 56, 16, 12, 22
-LABEL_CHARS, TOKENS_CHARS = 28, 30
+LABEL_CHARS, TOKENS_CHARS = 26, 28
 
 
 def clip(text: str, limit: int) -> str:
@@ -32,7 +32,7 @@ def lineage_layout(view: dict[str, Any]) -> dict[str, Any]:
         nodes.append({**node, "x": x, "y": y, "title": f"{node['sae_id']} #{node['feature']}",
                       "short_label": clip(node["label"] or "(no label)", LABEL_CHARS),
                       "short_tokens": clip(tokens, TOKENS_CHARS)})
-    score_key = view["query"]["by"]
+    score_key = "coact_rel" if view["query"]["by"] == "coact" else "cosine"
     top = max((abs(e[score_key] or 0.0) for e in view["edges"]), default=0.0) or 1.0
     edges = []
     for edge in view["edges"]:

@@ -1,10 +1,19 @@
 """Benchmark the explorer's feature page: a real `featurescope serve` on 127.0.0.1, a bounded number of
-requests for random features from 8 concurrent clients, HTML and JSON. Prints p50/p99 latency and
-requests/s. No assertions: the figures are for reading (targets: p50 <= 20 ms, >= 200 requests/s).
+requests for random feature pages from 8 concurrent keep-alive clients, HTML and JSON. Prints p50/p99
+latency, requests/s, and the CPU each request cost the server and the client (read from /proc, so it
+holds on a busy machine). No assertions: the figures are for reading (targets: p50 <= 20 ms, >= 200
+requests/s).
+
+Every feature of the "cold" pass is one the server has not been asked for yet, so nothing about it is
+cached; the "warm" pass asks again, in random order, for the last 100 features of the cold pass (a
+cache's best case). HTML and JSON use different features.
 
     .venv/bin/python bench/serve.py                      # builds a factory database (6,144 features)
     .venv/bin/python bench/serve.py --data-dir data      # the demo's published data instead
-    .venv/bin/python bench/serve.py --workers 2                         # two server processes
+    .venv/bin/python bench/serve.py --workers 2          # two server processes
+
+The client is a few lines of asyncio on raw sockets (HTTP/1.1 keep-alive), because it shares the
+machine's cores with the server: an HTTP library's parsing would cost the server CPU time.
 """
 
 from __future__ import annotations
@@ -21,9 +30,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+WARMUP = 100  # features asked for before measuring: vocab, contexts and pools load
+REVISITED = 100  # features of the warm pass, all among the last ones of the cold pass
 
 
 def free_port() -> int:
@@ -60,48 +72,84 @@ def start_server(data_dir: Path, port: int, workers: int = 1) -> subprocess.Pope
     raise RuntimeError(f"server did not start: {server.stderr.read().decode()[-2000:]}")
 
 
-def feature_urls(base: str, n: int, suffix: str, rng: random.Random) -> list[str]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (uvicorn workers), from /proc."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:  # fields[1]: parent pid
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def all_features(base: str) -> list[str]:
     with urllib.request.urlopen(f"{base}/.json") as r:
         home = json.load(r)
-    saes = [(m["id"], s["id"], s["d_sae"]) for m in home["models"] for s in m["saes"]]
-    return [f"{base}/{m}/{s}/{rng.randrange(d)}{suffix}" for m, s, d in (rng.choice(saes) for _ in range(n))]
+    return [f"/{m['id']}/{s['id']}/{i}" for m in home["models"] for s in m["saes"] for i in range(s["d_sae"])]
 
 
-async def run_load(urls: list[str], clients: int) -> tuple[list[float], float, int]:
-    import httpx
+async def fetch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> int:
+    """One GET on a kept-alive connection; returns the status. The body is read in full and dropped."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(":", 1) for line in header_lines if line)
+    length = {k.lower(): v for k, v in headers.items()}.get("content-length")
+    if length is None:
+        raise RuntimeError(f"{path}: response without Content-Length")
+    await reader.readexactly(int(length))
+    return int(status_line.split()[1])
 
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for url in urls:
-        queue.put_nowait(url)
+
+@dataclass
+class Pass:
+    latencies: list[float]
+    seconds: float
+    errors: int
+    server_cpu: float
+    client_cpu: float
+
+
+async def run_load(port: int, paths: list[str], clients: int, server_pid: int) -> Pass:
+    queue = list(reversed(paths))
     latencies: list[float] = []
     errors = 0
 
     async def client() -> None:
         nonlocal errors
-        async with httpx.AsyncClient(timeout=30) as http:
-            while not queue.empty():
-                url = queue.get_nowait()
-                started = time.perf_counter()
-                response = await http.get(url)
-                latencies.append(time.perf_counter() - started)
-                errors += response.status_code != 200
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while queue:
+            path = queue.pop()
+            started = time.perf_counter()
+            status = await fetch(reader, writer, path)
+            latencies.append(time.perf_counter() - started)
+            errors += status != 200
+        writer.close()
 
-    started = time.perf_counter()
+    server_cpu, client_cpu, started = cpu_seconds(server_pid), time.process_time(), time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    return latencies, time.perf_counter() - started, errors
+    return Pass(latencies, time.perf_counter() - started, errors, cpu_seconds(server_pid) - server_cpu,
+                time.process_time() - client_cpu)
 
 
-def report(name: str, latencies: list[float], seconds: float, errors: int) -> None:
-    ms = sorted(x * 1000 for x in latencies)
-    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
-    print(f"{name:<14} {len(ms):>6} requests  p50 {statistics.median(ms):6.1f} ms  p99 {p99:6.1f} ms  "
-          f"{len(ms) / seconds:7.1f} requests/s  errors {errors}")
+def report(name: str, p: Pass) -> None:
+    ms = sorted(x * 1000 for x in p.latencies)
+    n = len(ms)
+    p99 = ms[min(n - 1, int(n * 0.99))]
+    print(f"{name:<18} {n:>5} requests  p50 {statistics.median(ms):6.1f} ms  p99 {p99:6.1f} ms  {n / p.seconds:6.1f} requests/s  "
+          f"CPU/request: server {p.server_cpu / n * 1000:5.2f} ms, client {p.client_cpu / n * 1000:4.2f} ms  errors {p.errors}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, help="Serve this data dir instead of building a factory database.")
-    parser.add_argument("--requests", type=int, default=2000, help="Requests per format (HTML, JSON).")
+    parser.add_argument("--requests", type=int, default=2000, help="Requests per pass (HTML and JSON, cold and warm).")
     parser.add_argument("--clients", type=int, default=8, help="Concurrent clients.")
     parser.add_argument("--workers", type=int, default=1, help="Server processes (featurescope serve --workers).")
     parser.add_argument("--seed", type=int, default=0)
@@ -113,12 +161,19 @@ def main() -> None:
         server = start_server(data_dir, port, args.workers)
         base = f"http://127.0.0.1:{port}"
         try:
+            features = all_features(base)
+            if WARMUP + 2 * args.requests > len(features):
+                sys.exit(f"--requests {args.requests} needs {WARMUP + 2 * args.requests} features (no feature twice in "
+                         f"the cold passes); the data has {len(features)}")
+            rng.shuffle(features)
+            warmup, html, js = features[:WARMUP], features[WARMUP:][:args.requests], features[WARMUP + args.requests:][:args.requests]
             print(f"server: featurescope serve --workers {args.workers} on {base}, {os.cpu_count()} CPU cores, "
                   f"{args.clients} concurrent clients, load average before: {os.getloadavg()[0]:.1f}")
-            asyncio.run(run_load(feature_urls(base, 100, "", rng), args.clients))  # warm-up: vocab, pools, templates
-            for name, suffix in (("feature HTML", ""), ("feature JSON", ".json")):
-                latencies, seconds, errors = asyncio.run(run_load(feature_urls(base, args.requests, suffix, rng), args.clients))
-                report(name, latencies, seconds, errors)
+            asyncio.run(run_load(port, warmup + [p + ".json" for p in warmup], args.clients, server.pid))
+            for name, paths in (("feature HTML", html), ("feature JSON", [p + ".json" for p in js])):
+                report(f"{name} cold", asyncio.run(run_load(port, paths, args.clients, server.pid)))
+                again = [rng.choice(paths[-REVISITED:]) for _ in paths]
+                report(f"{name} warm", asyncio.run(run_load(port, again, args.clients, server.pid)))
         finally:
             server.terminate()
             server.wait(timeout=10)

@@ -137,7 +137,7 @@ class Example(Base):
 
 class Link(Base):
     """Features of a neighbouring SAE (previous/next layer with an SAE, or the same layer) linked to one
-    feature (precompute/links.py): co-activation links first, strongest first, then weight-only ones."""
+    feature (precompute/links.py): co-activation links first (by coact_rel), then weight-only ones."""
     __tablename__ = "links"
     model_id: Mapped[str] = _key()
     sae_id: Mapped[str] = _key()
@@ -145,8 +145,10 @@ class Link(Base):
     other_sae_id: Mapped[str] = _key()
     direction: Mapped[str] = mapped_column(sa.Text)  # "up" | "down" | "same": where the other SAE's site lies
     other_features = mapped_column(IntList)
-    # Mean activation of each linked feature over this feature's top-example max positions.
+    # Mean activation of each linked feature over this feature's top-example max positions, and the score
+    # that ranks co-activation links: (coact - its mean over all tokens) / its max activation.
     coact = mapped_column(FloatList)
+    coact_rel = mapped_column(FloatList)
     # Cosine of this decoder direction with the other's encoder direction (other downstream), or of this
     # encoder direction with the other's decoder direction (upstream); NULL unless both sites are residual.
     cosine = mapped_column(FloatList)

@@ -2,8 +2,12 @@
 
 Neighbours of an SAE are the SAEs at the previous and the next layer that has one, and the other SAEs of
 its own layer. For each neighbour N, feature f gets up to `top_n` links of each of two kinds:
-- by activation: the features of N with the highest mean activation ("co-activation") over f's top-k
-  max positions - the tokens where f peaks;
+- by activation: the features j of N that fire most on the tokens where f peaks (its top-k max
+  positions). Stored: coact = j's mean activation over those tokens, and the score that ranks them,
+  coact_rel = (coact - j's mean activation over all tokens) / j's max activation. The raw mean favours
+  features that fire on nearly every token with large values (on the demo, one such feature was the top
+  downstream link of 42% of the previous layer's features); coact_rel discounts what j does everywhere and
+  compares features of different scales;
 - by weights (both SAEs on the residual stream): the highest cosines between f's decoder direction and
   N's encoder directions when N is downstream (what N reads of f), or between f's encoder direction and
   N's decoder directions when N is upstream (what f reads of N).
@@ -47,8 +51,9 @@ class NeighbourLinks:
     """Links of every feature of one SAE to one neighbour SAE; -1 pads `ids` where a feature has fewer."""
     other: str
     direction: str
-    ids: torch.Tensor  # [F, 2 * top_n] int64: co-activation links first (strongest first), then weight-only ones
+    ids: torch.Tensor  # [F, 2 * top_n] int64: co-activation links first (by coact_rel), then weight-only ones
     coact: torch.Tensor  # [F, 2 * top_n] float32: mean activation of the linked feature at this feature's peaks
+    coact_rel: torch.Tensor  # [F, 2 * top_n] float32: (coact - its mean over all tokens) / its max activation
     cosine: torch.Tensor | None  # [F, 2 * top_n] float32, None unless both SAEs read the residual stream
 
 
@@ -107,12 +112,13 @@ def cross_layer_links(plan: LinkPlan, finals: dict[str, dict], saes: dict[str, J
     co-activations: FeatureStats(coact_width=plan.coact_width(name))) and the weights. CPU tensors out."""
     out: dict[str, list[NeighbourLinks]] = {}
     for name, near in plan.neighbours.items():
-        out[name] = [_neighbour_links(plan, name, n, finals[name], saes, top_n, block, device) for n in near]
+        out[name] = [_neighbour_links(plan, name, n, finals, saes, top_n, block, device) for n in near]
     return out
 
 
-def _neighbour_links(plan: LinkPlan, name: str, near: Neighbour, final: dict, saes: dict[str, JumpReLUSAE], top_n: int,
-                     block: int | None, device) -> NeighbourLinks:
+def _neighbour_links(plan: LinkPlan, name: str, near: Neighbour, finals: dict[str, dict], saes: dict[str, JumpReLUSAE],
+                     top_n: int, block: int | None, device) -> NeighbourLinks:
+    final = finals[name]
     sae, other = saes[name], saes[near.name]
     device = torch.device(device) if device is not None else sae.W_dec.device
     F, F_o = sae.d_sae, other.d_sae
@@ -120,18 +126,22 @@ def _neighbour_links(plan: LinkPlan, name: str, near: Neighbour, final: dict, sa
     ids = final["top_coact_ids"][:, :, near.start:near.stop].to(device).long().reshape(F, -1)  # [F, k * w]
     acts = final["top_coact_acts"][:, :, near.start:near.stop].to(device).reshape(F, -1)
     n_peaks = (final["top_ctx"] >= 0).sum(1).clamp(min=1).to(device, torch.float32)  # [F]
+    theirs_final = finals[near.name]
+    average = (theirs_final["density"] * theirs_final["mean_act"]).to(device, torch.float32)  # [F_o] over all tokens
+    top_act = theirs_final["max_act"].to(device, torch.float32).clamp(min=1e-12)  # [F_o]
     mine, theirs = None, None
     if weight_links_apply(plan.sites[name], plan.sites[near.name]) and near.direction != SAME:
         # Downstream: my decoder rows against their encoder columns; upstream: my encoder against their decoder.
         mine = _unit_rows((sae.W_dec if near.direction == DOWN else sae.W_enc.T).to(device, torch.float32))
         theirs = _unit_rows((other.W_enc.T if near.direction == DOWN else other.W_dec).to(device, torch.float32))
     block = block or max(1, min(1024, (1 << 25) // F_o))  # a [block, F_o] tile stays <= 128 MB
-    parts: dict[str, list[torch.Tensor]] = {"ids": [], "coact": [], "cosine": []}
+    parts: dict[str, list[torch.Tensor]] = {"ids": [], "coact": [], "coact_rel": [], "cosine": []}
     for start in range(0, F, block):
         stop = min(start + block, F)
         coact = torch.zeros(stop - start, F_o, device=device).scatter_add_(1, ids[start:stop], acts[start:stop])
         coact /= n_peaks[start:stop, None]  # [b, F_o] mean activation over the feature's peaks
-        by_act = coact.topk(n, 1)
+        rel = (coact - average) / top_act
+        by_act = rel.topk(n, 1)
         linked = torch.where(by_act.values > 0, by_act.indices, -1)  # [b, n]
         cosine = mine[start:stop] @ theirs.T if mine is not None else None  # [b, F_o]
         if cosine is not None:
@@ -143,8 +153,9 @@ def _neighbour_links(plan: LinkPlan, name: str, near: Neighbour, final: dict, sa
         safe = linked.clamp(min=0)
         parts["ids"].append(linked.cpu())
         parts["coact"].append(torch.where(linked >= 0, coact.gather(1, safe), 0.0).cpu())
+        parts["coact_rel"].append(torch.where(linked >= 0, rel.gather(1, safe), 0.0).cpu())
         if cosine is not None:
             parts["cosine"].append(torch.where(linked >= 0, cosine.gather(1, safe), 0.0).cpu())
     return NeighbourLinks(near.name, near.direction, torch.cat(parts["ids"]), torch.cat(parts["coact"]),
-                          torch.cat(parts["cosine"]) if parts["cosine"] else None)
+                          torch.cat(parts["coact_rel"]), torch.cat(parts["cosine"]) if parts["cosine"] else None)
 

@@ -135,8 +135,9 @@ def features_table(model_id: str, sae_id: str, stats: dict, static: dict, labels
 
 def links_table(model_id: str, sae_id: str, links: list) -> pa.Table:
     """One row per (feature, neighbour SAE) with at least one link, sorted by (feature, neighbour id): the
-    linked features (the ids >= 0 of a NeighbourLinks row) with their co-activation and cosine."""
-    cols: dict[str, list] = {k: [] for k in ("feature", "other", "direction", "count", "ids", "coact", "cosine", "no_cosine")}
+    linked features (the ids >= 0 of a NeighbourLinks row) with their co-activations and cosine."""
+    cols: dict[str, list] = {k: [] for k in ("feature", "other", "direction", "count", "ids", "coact", "coact_rel",
+                                              "cosine", "no_cosine")}
     for link in sorted(links, key=lambda n: n.other):
         ids = _np(link.ids)  # [F, m], -1 = none
         rows = np.nonzero((ids >= 0).any(1))[0]
@@ -147,6 +148,7 @@ def links_table(model_id: str, sae_id: str, links: list) -> pa.Table:
         cols["count"].append(valid.sum(1))
         cols["ids"].append(ids[rows][valid])  # row-major: grouped by feature, in stored order
         cols["coact"].append(_np(link.coact)[rows][valid])
+        cols["coact_rel"].append(_np(link.coact_rel)[rows][valid])
         cols["cosine"].append(_np(link.cosine)[rows][valid] if link.cosine is not None else np.zeros(int(valid.sum())))
         cols["no_cosine"].append(np.full(len(rows), link.cosine is None))
     flat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items() if k not in ("other", "direction")}
@@ -160,6 +162,7 @@ def links_table(model_id: str, sae_id: str, links: list) -> pa.Table:
         "direction": pa.array(cols["direction"], pa.string()),
         "other_features": pa.ListArray.from_arrays(offsets, pa.array(flat["ids"].astype(np.int32))),
         "coact": pa.ListArray.from_arrays(offsets, pa.array(flat["coact"].astype(np.float32))),
+        "coact_rel": pa.ListArray.from_arrays(offsets, pa.array(flat["coact_rel"].astype(np.float32))),
         "cosine": pa.ListArray.from_arrays(offsets, pa.array(flat["cosine"].astype(np.float32)),
                                            mask=pa.array(flat["no_cosine"].astype(bool))),
     })

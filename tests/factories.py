@@ -277,10 +277,11 @@ def _make_links(rng: np.random.Generator, model_id: str, saes: Sequence[SAESpec]
                 ids = by_act + (by_weight if weights else [])
                 if not ids:
                     continue
-                coact = sorted(rng.uniform(0.5, 6.0, len(by_act)), reverse=True) + [float(rng.uniform(0, 0.4)) for _ in ids[len(by_act):]]
+                rel = sorted(rng.uniform(0.2, 0.9, len(by_act)), reverse=True) + list(rng.uniform(-0.05, 0.15, len(ids) - len(by_act)))
+                coact = [float(r * rng.uniform(4.0, 12.0)) for r in rel]  # times the linked feature's max, roughly
                 cosine = [float(c) for c in rng.uniform(0.05, 0.6, len(ids))] if weights else None
                 out.append(dict(model_id=model_id, sae_id=spec.id, feature=f, other_sae_id=other.id, direction=way,
-                                other_features=ids, coact=[float(c) for c in coact], cosine=cosine))
+                                other_features=ids, coact=coact, coact_rel=[float(r) for r in rel], cosine=cosine))
     return out
 
 

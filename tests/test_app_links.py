@@ -36,12 +36,12 @@ def test_feature_json_lists_upstream_and_downstream_links(client):
     assert {item["sae_id"] for item in links["downstream"]} == {"6-att-32"}
     assert links["alongside"] == []
     for item in links["upstream"] + links["downstream"]:
-        assert set(item) >= {"sae_id", "layer", "site", "feature", "label", "coact", "cosine"}
+        assert set(item) >= {"sae_id", "layer", "site", "feature", "label", "coact", "coact_rel", "cosine"}
         assert item["cosine"] is None  # res -> mlp -> att: no pair shares the residual basis
         target = client.get(f"/{MODEL}/{item['sae_id']}/{item['feature']}.json").json()
         assert target["label"] == item["label"]
-    coacts = [item["coact"] for item in links["downstream"]]
-    assert coacts == sorted(coacts, reverse=True)
+    scores = [item["coact_rel"] for item in links["downstream"]]
+    assert scores == sorted(scores, reverse=True)
 
 
 def test_weight_links_carry_cosines_between_residual_saes(res_client):
@@ -81,7 +81,7 @@ def test_lineage_follows_the_strongest_links_through_every_sae(client):
     assert view["edges"] and all(e["from"] in ids and e["to"] in ids for e in view["edges"])
     # the chosen downstream features are the start's three strongest downstream links
     links = client.get(f"/{MODEL}/4-mlp-48/3.json").json()["links"]["downstream"]
-    strongest = sorted(links, key=lambda item: -item["coact"])[:3]
+    strongest = sorted(links, key=lambda item: -item["coact_rel"])[:3]
     assert {n["feature"] for n in per_column[2]} == {item["feature"] for item in strongest}
 
 

@@ -58,23 +58,28 @@ def run(tiny_gemma2, tiny_gemma2_path, saes, tmp_path_factory):
                                                      "WHERE kind = 'top' ORDER BY sae_id, feature, rank").fetchall():
             peaks.setdefault((sae_id, feature), []).append((ctx, pos))
         links = {(r[0], r[1], r[2]): r[3:] for r in con.execute(
-            "SELECT sae_id, feature, other_sae_id, direction, other_features, coact, cosine FROM links").fetchall()}
+            "SELECT sae_id, feature, other_sae_id, direction, other_features, coact, coact_rel, cosine FROM links").fetchall()}
+        stats = {}
+        for sae_id, density, mean_act, max_act in con.execute(
+                "SELECT sae_id, list(density ORDER BY feature), list(mean_act ORDER BY feature), "
+                "list(max_act ORDER BY feature) FROM features GROUP BY sae_id").fetchall():
+            stats[sae_id] = (torch.tensor(density) * torch.tensor(mean_act), torch.tensor(max_act))  # average, max
     finally:
         con.close()
-    return path, timings, contexts, peaks, links
+    return path, timings, contexts, peaks, links, stats
 
 
 @pytest.fixture(scope="module")
 def brute_acts(run, tiny_gemma2, saes):
     """Every SAE's activations on every stored context, 0 at positions that do not count: [N, T, F] each."""
-    _, _, contexts, _, _ = run
+    _, _, contexts, _, _, _ = run
     encoder = FeatureEncoder(tiny_gemma2, {name: load_sae(path) for name, path in saes.items()})
     parts = [encoder.encode_with_masks(contexts[i:i + 16]) for i in range(0, len(contexts), 16)]
     return {name: torch.cat([acts[name] * masks[name][..., None] for acts, masks in parts]) for name in saes}
 
 
 def test_neighbours_are_the_adjacent_layers_and_the_same_layer(run):
-    _, _, _, _, links = run
+    links = run[4]
     found: dict[str, dict[str, str]] = {}
     for (sae_id, _, other), (direction, *_) in links.items():
         found.setdefault(sae_id, {})[other] = direction
@@ -82,33 +87,38 @@ def test_neighbours_are_the_adjacent_layers_and_the_same_layer(run):
 
 
 def test_activation_links_equal_brute_force(run, brute_acts):
-    _, _, _, peaks, links = run
+    """coact: the linked feature's mean activation over this feature's top-example max positions; the links
+    are the TOP_N features with the highest coact_rel = (coact - their mean over all tokens) / their max."""
+    _, _, _, peaks, links, stats = run
     checked = 0
     for sae_id, near in NEIGHBOURS.items():
         for feature in range(40):
             where = peaks.get((sae_id, feature), [])
             for other in near:
-                _, ids, coact, _ = links.get((sae_id, feature, other), (None, [], [], None))
+                _, ids, coact, coact_rel, _ = links.get((sae_id, feature, other), (None, [], [], [], None))
                 if not where:  # never fired: no co-activation links (weight links may remain)
                     assert all(c == 0 for c in coact)
                     continue
                 expected = torch.stack([brute_acts[other][c, p] for c, p in where]).mean(0)  # [F_other]
-                best = expected.topk(TOP_N)
+                average, top = stats[other]
+                rel = (expected - average) / top.clamp(min=1e-12)
+                best = rel.topk(TOP_N)
                 want = [int(j) for j, v in zip(best.indices, best.values) if v > 0]
                 n_act = len(want)
                 assert ids[:n_act] == want, (sae_id, feature, other)
                 torch.testing.assert_close(torch.tensor(coact), expected[ids], rtol=1e-4, atol=1e-5)
-                # links found only by weights come after, and co-activate no more than the last one by activation
-                assert all(c <= coact[n_act - 1] + 1e-5 for c in coact[n_act:]) if n_act == TOP_N else True
+                torch.testing.assert_close(torch.tensor(coact_rel), rel[ids], rtol=1e-4, atol=1e-5)
+                # links found only by weights come after, and score no higher than the last one by activation
+                assert all(r <= coact_rel[n_act - 1] + 1e-5 for r in coact_rel[n_act:]) if n_act == TOP_N else True
                 checked += 1
     assert checked > 100
 
 
 def test_weight_links_equal_the_cosines_of_the_weights(run, saes):
-    _, _, _, _, links = run
+    links = run[4]
     weights = {name: load_sae(path) for name, path in saes.items()}
     unit = lambda w: w / w.norm(dim=1, keepdim=True)  # noqa: E731
-    for (sae_id, feature, other), (direction, ids, coact, cosine) in links.items():
+    for (sae_id, feature, other), (direction, ids, _, _, cosine) in links.items():
         both_res = SITES[sae_id].endswith("res") and SITES[other].endswith("res")
         if not both_res:
             assert cosine is None
@@ -125,7 +135,7 @@ def test_weight_links_equal_the_cosines_of_the_weights(run, saes):
 
 def test_a_narrow_peak_width_gives_lower_bounds(tiny_gemma2, tiny_gemma2_path, saes, run, brute_acts, tmp_path):
     """With fewer kept pairs than firing features per token, co-activations can only be underestimated."""
-    _, _, _, peaks, _ = run
+    peaks = run[3]
     path, _ = _run(tiny_gemma2, tiny_gemma2_path, saes, tmp_path, links_peak_width=3)
     con = duckdb.connect(str(path), read_only=True)
     rows = con.execute("SELECT sae_id, feature, other_sae_id, other_features, coact FROM links").fetchall()
@@ -138,7 +148,7 @@ def test_a_narrow_peak_width_gives_lower_bounds(tiny_gemma2, tiny_gemma2_path, s
 
 
 def test_links_time_is_reported(run):
-    _, timings, _, _, _ = run
+    timings = run[1]
     assert 0 < timings["links"] < timings["total"]
 
 

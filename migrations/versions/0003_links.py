@@ -1,5 +1,5 @@
 """Cross-layer links: table links, one row per (SAE, feature, neighbour SAE) with the linked features of
-the neighbour and their co-activation and decoder/encoder cosine (precompute/links.py).
+the neighbour and their co-activation (raw and relative) and decoder/encoder cosine (precompute/links.py).
 
 Revision ID: 0003
 Revises: 0002
@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column("direction", sa.Text),
         sa.Column("other_features", sa.ARRAY(sa.Integer)),
         sa.Column("coact", sa.ARRAY(sa.Float)),
+        sa.Column("coact_rel", sa.ARRAY(sa.Float)),
         sa.Column("cosine", sa.ARRAY(sa.Float)),
     )
 
