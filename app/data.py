@@ -5,18 +5,21 @@ numbers, strings) that feeds the HTML page, its `.json` twin and its htmx fragme
     home(catalog); sae_view(catalog, "gemma-2-2b", "20-res-16k", FeatureQuery())
     feature_view(catalog, "gemma-2-2b", "20-res-16k", 12345, text="")
 
-Queries are SQLAlchemy Core on featurescope.schema with bound parameters. A feature page is three
-queries: the feature row, its examples joined with their contexts, and its neighbours' labels.
-Per-file results that never change (catalog, vocab, density histogram) are cached on the DataFile.
+Queries are SQLAlchemy Core on featurescope.schema with bound parameters. A feature page is two
+queries, the feature row and its examples (contexts and neighbours' labels come from per-file caches),
+plus its links. Per-file results that never change (catalog, vocab, contexts, density histogram) are
+cached on the DataFile; the last FEATURES_CACHED features read from a file are kept too.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -442,28 +445,55 @@ def check_index(sae: SAEInfo, index: int) -> None:
                        model_id=sae.model_id, sae_id=sae.id, choices=[nearest], valid_range=(0, sae.d_sae - 1))
 
 
+FEATURES_CACHED = 128  # per file; a feature's stored data is ~100 KB of Python objects, mostly example tokens
+
+
+def _this_feature(table: sa.Table) -> list[sa.ColumnElement[bool]]:
+    return [table.c.model_id == sa.bindparam("model_id"), table.c.sae_id == sa.bindparam("sae_id"),
+            table.c.feature == sa.bindparam("index")]
+
+
+# Built once: constructing a statement costs more than SQLAlchemy's cached compile of it.
+_FEATURE_ROW = sa.select(Feature.__table__).where(*_this_feature(Feature.__table__))
+_EXAMPLES = (sa.select(Example.kind, Example.bin, Example.rank, Example.context_id, Example.max_act, Example.max_pos,
+                       Example.positions, Example.acts)
+             .where(*_this_feature(Example.__table__)))  # ORDER BY in DuckDB costs more than the whole sort in Python
+
+
 def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text: str = "") -> dict[str, Any]:
+    """The feature page. What the feature's own file holds is read once and kept in a small per-file LRU
+    (a published file never changes), so the values of the returned dict are shared: never modify them."""
     sae = catalog.sae(model_id, sae_id)
     check_index(sae, index)
-    vocab = token_texts(catalog.model(model_id))
-    mine = [Feature.model_id == model_id, Feature.sae_id == sae_id]
+    stored = _stored_features(sae.file)(sae, token_texts(catalog.model(model_id)), index)
+    return {
+        **stored,
+        "links": feature_links(catalog, model_id, sae_id, index),
+        "prev": index - 1 if index > 0 else None,
+        "next": index + 1 if index + 1 < sae.d_sae else None,
+        "test": {"text": text, "live_encoding": False},
+    }
+
+
+def _stored_features(data_file: DataFile) -> Callable[[SAEInfo, TokenTexts, int], dict[str, Any]]:
+    return _cached_per_file(data_file, ("features",), lambda: functools.lru_cache(FEATURES_CACHED)(_read_feature))
+
+
+def _read_feature(sae: SAEInfo, vocab: TokenTexts, index: int) -> dict[str, Any]:
+    params = {"model_id": sae.model_id, "sae_id": sae.id, "index": index}
     with sae.file.connect() as conn:
-        row = conn.execute(sa.select(Feature.__table__).where(*mine, Feature.feature == index)).mappings().first()
+        row = conn.execute(_FEATURE_ROW, params).mappings().first()
         if row is None:
-            raise NotFound("feature", str(index), f"Feature {index} of {sae_id!r} is not in the published data.",
-                           model_id=model_id, sae_id=sae_id, choices=[], valid_range=(0, sae.d_sae - 1))
-        examples = conn.execute(
-            sa.select(Example.kind, Example.bin, Example.rank, Example.context_id, Example.max_act, Example.max_pos,
-                      Example.positions, Example.acts)
-            .where(Example.model_id == model_id, Example.sae_id == sae_id, Example.feature == index)
-            .order_by(Example.kind.desc(), Example.bin, Example.rank)).all()  # 'top' before 'interval'
+            raise NotFound("feature", str(index), f"Feature {index} of {sae.id!r} is not in the published data.",
+                           model_id=sae.model_id, sae_id=sae.id, choices=[], valid_range=(0, sae.d_sae - 1))
+        examples = sorted(conn.execute(_EXAMPLES, params).all(), key=lambda e: (e.bin, e.rank))
         neighbours = _neighbours(conn, sae, list(row["neighbour_ids"] or []), list(row["neighbour_cos"] or []), vocab)
     contexts = context_store(sae)
     top = [_example(e, contexts, vocab) for e in examples if e.kind == "top"]
     label, label_kind = _label(row["label"], row["label_kind"], [e["token_ids"][e["max_pos"]] for e in top],
                                row["logit_pos_ids"], vocab)
     return {
-        "model_id": model_id, "sae": sae.as_dict(), "index": index, "label": label, "label_kind": label_kind,
+        "model_id": sae.model_id, "sae": sae.as_dict(), "index": index, "label": label, "label_kind": label_kind,
         "n_firing": row["n_firing"], "density": row["density"], "max_act": row["max_act"], "mean_act": row["mean_act"],
         "activation_histogram": {"bin_width": row["hist_bin_width"], "counts": list(row["hist_counts"] or [])},
         "logits": {
@@ -475,10 +505,6 @@ def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text:
         "top_examples": top,
         "intervals": _intervals(row, examples, contexts, vocab),
         "neighbours": neighbours,
-        "links": feature_links(catalog, model_id, sae_id, index),
-        "prev": index - 1 if index > 0 else None,
-        "next": index + 1 if index + 1 < sae.d_sae else None,
-        "test": {"text": text, "live_encoding": False},
     }
 
 
