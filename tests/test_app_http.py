@@ -157,7 +157,7 @@ def test_feature_json_has_the_whole_dashboard(client):
     assert len(f["logits"]["suppressed"]) == 10 and f["logits"]["suppressed"][0]["value"] < 0
     assert len(f["neighbours"]) == 5 and all(n["label"] for n in f["neighbours"])
     assert (f["prev"], f["next"]) == (2, 4)
-    assert f["test"] == {"text": "", "live_encoding": False}
+    assert f["test"] == {"text": "", "live_encoding": True}  # the server has live encoding on (its default)
 
 
 def test_feature_prev_next_at_the_ends(client):
@@ -282,7 +282,7 @@ def test_inconsistent_density_range_422(client):
 
 
 @pytest.mark.parametrize("url", [
-    f"/{MODEL}/{SAE}/3?context=wide", f"/{MODEL}/{SAE}/3?embed=perhaps", f"/{MODEL}/{SAE}/3?text=" + "x" * 2001,
+    f"/{MODEL}/{SAE}/3?context=wide", f"/{MODEL}/{SAE}/3?embed=perhaps", f"/{MODEL}/{SAE}/3?text=" + "x" * 20001,
     f"/{MODEL}/{SAE}/jump?index=abc", f"/{MODEL}/{SAE}/jump",
 ])
 def test_feature_malformed_query_422(client, url):
