@@ -92,7 +92,9 @@ def _feature_row(sae: SAEInfo, index: int, activation: float) -> dict[str, Any]:
 
 
 def encode_view(model: ModelInfo, saes: list[SAEInfo], result: EncodeResult, query: EncodeQuery,
-                max_prompt_tokens: int) -> dict[str, Any]:
+                max_prompt_tokens: int, links: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """`links`: the highlighted feature's stored cross-layer links (app.data.feature_links), shown with their
+    live activations on this prompt."""
     vocab = token_texts(model)
     special = set(model.special_token_ids)
     ids = result.token_ids
@@ -121,7 +123,9 @@ def encode_view(model: ModelInfo, saes: list[SAEInfo], result: EncodeResult, que
     if wanted is not None and wanted[0].id in result.saes:
         sae, index = wanted
         acts = result.saes[sae.id].columns.get(index, [])
-        highlight = dict(_feature_row(sae, index, max(acts, default=0.0)), acts=acts)
+        counted = result.saes[sae.id].counted
+        highlight = dict(_feature_row(sae, index, max((a for a, c in zip(acts, counted) if c), default=0.0)), acts=acts,
+                         links=_live_links(links or {}, result, selected))
 
     return {
         "model_id": model.id, "text": query.text, "ids": ids if query.ids else None,
@@ -134,6 +138,23 @@ def encode_view(model: ModelInfo, saes: list[SAEInfo], result: EncodeResult, que
         "timing": {"queue_ms": result.queue_ms, "model_ms": result.model_ms, "batch_size": result.batch_size},
         "limits": {"max_prompt_tokens": max_prompt_tokens},
     }
+
+
+def _live_links(links: dict[str, list[dict[str, Any]]], result: EncodeResult, selected: int) -> dict[str, list[dict[str, Any]]]:
+    """Each linked feature with its activation on this prompt: the largest over counted tokens and at the
+    selected token (None when its SAE was not encoded)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for group, rows in links.items():
+        out[group] = []
+        for link in rows:
+            enc = result.saes.get(link["sae_id"])
+            acts = enc.columns.get(link["feature"]) if enc is not None else None
+            live = {"live_max": None, "live_at_token": None}
+            if acts is not None:
+                live = {"live_max": max((a for a, c in zip(acts, enc.counted) if c), default=0.0),
+                        "live_at_token": acts[selected]}
+            out[group].append({**link, **live})
+    return out
 
 
 def search_results(saes: list[SAEInfo], result: EncodeResult, query: EncodeQuery, selected: int) -> dict[str, Any]:

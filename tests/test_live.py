@@ -314,3 +314,21 @@ def test_generation_stops_when_the_caller_cancels(tiny_gemma2, live_data_dir):
     with pytest.raises(GenerationCancelled):
         generate_pair(tiny_gemma2, tiny_gemma2.tokenize("Hello"), [SteeringVector(parse_site("3-res"), sae.W_dec[0])],
                       n_new=50, should_stop=lambda: next(calls) >= 2)
+
+
+def test_highlighting_a_feature_brings_its_cross_layer_links_with_their_live_activations(client, model_id, live_data_dir):
+    con = duckdb.connect(str(_published(live_data_dir)), read_only=True)
+    (feature,) = con.execute("SELECT feature FROM features WHERE sae_id = '2-mlp-b' AND n_firing > 0 "
+                             "ORDER BY max_act DESC LIMIT 1").fetchone()
+    con.close()
+    text = "The capital of France is Paris. def add(a, b): return a + b"
+    body = client.get(f"/{model_id}/encode.json", params={"text": text, "feature": f"2-mlp-b:{feature}"}).json()
+    links = body["highlight"]["links"]
+    assert links["upstream"] and links["downstream"]
+    assert {link["sae_id"] for link in links["upstream"]} == {"1-res-a"}
+    assert {link["sae_id"] for link in links["downstream"]} == {"3-res-c"}
+    for link in links["upstream"][:2] + links["downstream"][:2]:
+        alone = client.get(f"/{model_id}/encode.json", params={"text": text, "feature": f"{link['sae_id']}:{link['feature']}"}).json()
+        assert link["live_max"] == pytest.approx(alone["highlight"]["activation"], rel=1e-5, abs=1e-6)
+    page = client.get(f"/{model_id}/encode", params={"text": text, "feature": f"2-mlp-b:{feature}"})
+    assert 'class="live-links"' in page.text

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from app import live_views, present
-from app.data import DENSE_THRESHOLD, SAEInfo, check_index, feature_briefs
+from app.data import DENSE_THRESHOLD, SAEInfo, check_index, feature_briefs, feature_links
 from app.deps import CatalogDep, RendererDep, SettingsDep, UrlsDep
 from app.errors import InvalidParameter
 from app.live import TOKEN_TOP_K, EncodeJob, LiveModel, LiveUnavailable, PromptRejected, SteerJob
@@ -112,15 +112,24 @@ async def encode(
             raise InvalidParameter("text", "Give a prompt to encode: ?text=... (or ?ids=... token ids).")
         return render.html("encode.html", data=None, request=request, **page)
     _check_text_size(query.text, settings)
-    columns = {}
+    columns: dict[str, list[int]] = {}
+    links: dict[str, list[dict[str, Any]]] = {}
     if highlighted is not None:
         if highlighted[0].id not in {s.id for s in chosen}:
             chosen.append(highlighted[0])
         columns = {highlighted[0].id: [highlighted[1]]}
+        # Its cross-layer links (when the run computed them): their activations on this prompt come along.
+        found = feature_links(catalog, model_id, highlighted[0].id, highlighted[1])
+        links = {group: found[group] for group in ("upstream", "alongside", "downstream")}
+        served = {s.id for s in chosen}
+        for group in links.values():
+            for link in group:
+                if link["sae_id"] in served:
+                    columns.setdefault(link["sae_id"], []).append(link["feature"])
     live = request.app.state.live.model(model)
     job = EncodeJob(saes=chosen, text=query.text, token_ids=token_ids, columns=columns, include_special=include_special)
     result = await run_job(request, live, job, settings.live_timeout_seconds)
-    view = live_views.encode_view(model, chosen, result, query, settings.max_prompt_tokens)
+    view = live_views.encode_view(model, chosen, result, query, settings.max_prompt_tokens, links)
     if fmt == "json":
         return _server_timing(render.json(view), started, result)
     response = render.respond(request, None, "encode.html", view, partials={"encode-result": "_encode_result.html",
