@@ -332,3 +332,14 @@ def test_highlighting_a_feature_brings_its_cross_layer_links_with_their_live_act
         assert link["live_max"] == pytest.approx(alone["highlight"]["activation"], rel=1e-5, abs=1e-6)
     page = client.get(f"/{model_id}/encode", params={"text": text, "feature": f"2-mlp-b:{feature}"})
     assert 'class="live-links"' in page.text
+
+
+def test_bos_is_shown_but_only_counted_when_asked(client, model_id):
+    text = "The capital of France is Paris."
+    default = client.get(f"/{model_id}/encode.json", params={"text": text}).json()
+    included = client.get(f"/{model_id}/encode.json", params={"text": text, "include_special": 1}).json()
+    assert all(layer["l0"][0] == 0 for layer in default["layers"])
+    assert any(layer["l0"][0] > 0 for layer in included["layers"])
+    assert any(f["pos"] == 0 for col in included["prompt_features"] for f in col["features"])
+    home = client.get("/")
+    assert f'href="/{model_id}/encode"' in home.text and f'href="/{model_id}/steer"' in home.text
