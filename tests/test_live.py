@@ -19,7 +19,7 @@ from app import Settings, create_app
 from app.data import CatalogSource
 from app.databases import DataDir
 from app.live import EncodeJob, LiveModel, LiveService, ServiceBusy, resolve_source
-from app.routes.live import ClientGone, run_job
+from app.routes.live import DEFAULT_STRENGTH_MULTIPLE, ClientGone, run_job
 from factories import parse_html
 from featurescope.sae_loading import load_sae
 from featurescope.sites import parse_site
@@ -305,7 +305,7 @@ def test_steering_rejects_out_of_range_input_with_reasons(client, model_id):
 def test_steering_defaults_the_strength_from_the_features_largest_activation(client, model_id):
     page = client.get(f"/{model_id}/steer.json", params={"text": "Hi", "feature": "3-res-c:1", "n_tokens": 2}).json()
     (f,) = page["features"]
-    assert f["strength"] == pytest.approx(round(4 * f["max_act"], 1) if f["max_act"] > 0 else 10.0)
+    assert f["strength"] == pytest.approx(round(DEFAULT_STRENGTH_MULTIPLE * f["max_act"], 1) if f["max_act"] > 0 else 10.0)
 
 
 def test_generation_stops_when_the_caller_cancels(tiny_gemma2, live_data_dir):

@@ -29,7 +29,7 @@ from app.routes.saes import OptionalDensity
 router = APIRouter(tags=["live"])
 
 STRENGTH_LIMIT = 1000.0  # |strength| a steering request may ask for, in activation units
-DEFAULT_STRENGTH_MULTIPLE = 4.0  # a feature's default steering strength, times its largest activation seen
+DEFAULT_STRENGTH_MULTIPLE = 2.0  # a feature's default steering strength, times its largest activation seen
 MAX_STEERED_FEATURES = 8
 DEFAULT_NEW_TOKENS = 24
 
