@@ -5,7 +5,9 @@
 
 For one demo SAE and for all demo SAEs at once it prints: bare forward tok/s (stopped at the deepest
 SAE's layer), precompute tok/s for the streaming pass and for the whole job (finish + DuckDB write
-included), their ratios, the share of time spent writing DuckDB, peak memory and DB size.
+included), their ratios, the share of time spent writing DuckDB, peak memory and DB size. With several
+SAEs it also prints the cross-layer links' own time (the job's timer: peak co-activations while streaming
++ link computation at the end) and, with --links-ab, the whole job again without links for the difference.
 """
 
 from __future__ import annotations
@@ -38,12 +40,23 @@ def bare_forward_seconds(lm, contexts: torch.Tensor, last_layer: int, batch_size
     return time.time() - started
 
 
+def job_timings(lm, paths: list[str], args, links: bool = True) -> tuple[dict, float]:
+    """Seconds per phase of one whole precompute job in a temporary data dir, and its DB size in MB."""
+    with tempfile.TemporaryDirectory() as tmp:
+        timings: dict = {}
+        cfg = PrecomputeConfig(model="smollm2-135m", saes=paths, max_tokens=args.tokens, context_len=args.context_len,
+                               batch_size=args.batch_size, device="cpu", data_dir=tmp, progress=False, links=links)
+        db_path = run_precompute(cfg, lm=lm, log=lambda *_: None, timings=timings)
+        return timings, db_path.stat().st_size / 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--tokens", type=int, default=65_536)
     parser.add_argument("--context-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--links-ab", action="store_true", help="also run all SAEs without cross-layer links")
     args = parser.parse_args()
 
     lm = load_model("smollm2-135m", device="cpu")
@@ -62,16 +75,17 @@ def main() -> None:
         last_layer = max(parse_site(load_sae(p).cfg.hook_name).layer for p in paths)
         bare_forward_seconds(lm, contexts[: args.batch_size * 2], last_layer, args.batch_size)  # warm-up
         bare = bare_forward_seconds(lm, contexts, last_layer, args.batch_size)
-        with tempfile.TemporaryDirectory() as tmp:
-            timings: dict = {}
-            cfg = PrecomputeConfig(model="smollm2-135m", saes=paths, max_tokens=args.tokens, context_len=args.context_len,
-                                   batch_size=args.batch_size, device="cpu", data_dir=tmp, progress=False)
-            db_path = run_precompute(cfg, lm=lm, log=lambda *_: None, timings=timings)
-            size_mb = db_path.stat().st_size / 1e6
+        timings, size_mb = job_timings(lm, paths, args)
         print(f"{label:<22}{last_layer:>10}{n_tok / bare:>12.0f}{n_tok / timings['stream']:>14.0f}"
               f"{bare / timings['stream']:>7.2f}{n_tok / timings['total']:>11.0f}{bare / timings['total']:>7.2f}"
               f"{100 * timings['write'] / timings['total']:>8.1f}%{size_mb:>8.1f}")
         print(f"{'':<22}phases: stream {timings['stream']:.1f} s, finish {timings['finish']:.1f} s, write {timings['write']:.1f} s; bare {bare:.1f} s")
+        if len(paths) > 1:
+            print(f"{'':<22}cross-layer links: {timings['links']:.1f} s by the job's timer = {100 * timings['links'] / timings['total']:.1f}% of the job")
+        if len(paths) > 1 and args.links_ab:
+            without, _ = job_timings(lm, paths, args, links=False)
+            print(f"{'':<22}without links: job {without['total']:.1f} s -> links add {100 * (timings['total'] / without['total'] - 1):+.1f}% "
+                  f"(stream {100 * (timings['stream'] / without['stream'] - 1):+.1f}%)")
     print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

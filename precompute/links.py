@@ -14,8 +14,10 @@ its own layer. For each neighbour N, feature f gets up to `top_n` links of each 
 Each stored link carries both scores (cosine None where the sites are not both residual).
 
     plan = LinkPlan(encoder.sites, {name: sae.d_sae for name, sae in encoder.saes.items()})
-    stats[name].update(acts, context_ids, mask, coacts=plan.coacts(name, feature_acts, masks))  # each batch
-    links = cross_layer_links(plan, finals, encoder.saes)       # at the end: {name: [NeighbourLinks, ...]}
+    stats = {name: FeatureStats(..., coact_width=plan.coact_width(name)) for name in encoder.saes}
+    peaks = plan.peaks(feature_acts, masks)                                       # each batch, then per SAE:
+    stats[name].update(feature_acts[name], context_ids, masks[name], coacts=plan.coacts(name, peaks))
+    links = cross_layer_links(plan, finals, encoder.saes)   # at the end: {name: [NeighbourLinks, ...]}
 
 No second pass over the corpus: while streaming, every position offers each SAE's `width` strongest
 (feature, act) pairs, and FeatureStats keeps them only for the positions of its top-k slots
