@@ -36,6 +36,7 @@ from featurescope.schema import SAE, Context, Example, Feature, Link, Model, Run
 DENSE_THRESHOLD = 0.1  # the Gemma Scope report's "dense": fires on more than 10% of tokens
 DENSITY_BINS_PER_DECADE = 4
 PEAK_TOKENS_SHOWN = 3
+FEATURES_CACHED = 128  # per file; a feature's stored data is ~100 KB of Python objects, mostly example tokens
 READABLE_OLDER_REVISIONS = ("0002",)  # before the links table: served without cross-layer links
 
 SortKey = Literal["index", "label", "density", "max_act"]
@@ -96,6 +97,12 @@ class Catalog:
     models: dict[str, ModelInfo]
     problems: list[FileProblem]
     n_files: int
+    links: Callable[[str, str, int], dict[str, Any]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A feature's links depend on files and on which SAEs are served, and any change to the files
+        # builds a new Catalog: so the catalog can keep the links of the last features asked for.
+        self.links = functools.lru_cache(FEATURES_CACHED)(functools.partial(feature_links, self))
 
     def model(self, model_id: str) -> ModelInfo:
         found = self.models.get(model_id)
@@ -445,9 +452,6 @@ def check_index(sae: SAEInfo, index: int) -> None:
                        model_id=sae.model_id, sae_id=sae.id, choices=[nearest], valid_range=(0, sae.d_sae - 1))
 
 
-FEATURES_CACHED = 128  # per file; a feature's stored data is ~100 KB of Python objects, mostly example tokens
-
-
 def _this_feature(table: sa.Table) -> list[sa.ColumnElement[bool]]:
     return [table.c.model_id == sa.bindparam("model_id"), table.c.sae_id == sa.bindparam("sae_id"),
             table.c.feature == sa.bindparam("index")]
@@ -462,13 +466,14 @@ _EXAMPLES = (sa.select(Example.kind, Example.bin, Example.rank, Example.context_
 
 def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text: str = "") -> dict[str, Any]:
     """The feature page. What the feature's own file holds is read once and kept in a small per-file LRU
-    (a published file never changes), so the values of the returned dict are shared: never modify them."""
+    (a published file never changes), its links with the catalog: the values of the returned dict are
+    shared between requests, never modify them."""
     sae = catalog.sae(model_id, sae_id)
     check_index(sae, index)
     stored = _stored_features(sae.file)(sae, token_texts(catalog.model(model_id)), index)
     return {
         **stored,
-        "links": feature_links(catalog, model_id, sae_id, index),
+        "links": catalog.links(model_id, sae_id, index),
         "prev": index - 1 if index > 0 else None,
         "next": index + 1 if index + 1 < sae.d_sae else None,
         "test": {"text": text, "live_encoding": False},

@@ -56,10 +56,12 @@ def build_bench_data(folder: Path) -> Path:
     return folder
 
 
-def start_server(data_dir: Path, port: int, workers: int = 1) -> subprocess.Popen:
-    server = subprocess.Popen([str(ROOT / ".venv/bin/featurescope"), "serve", "--data-dir", str(data_dir), "--port", str(port),
-                               "--workers", str(workers)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+def start_server(data_dir: Path, port: int, log: Path, workers: int = 1) -> subprocess.Popen:
+    """`featurescope serve --no-live`: the page is measured without a model loading beside it."""
+    with open(log, "wb") as out:  # a file, not a pipe nobody reads: a full pipe would block the server's logging
+        server = subprocess.Popen([str(ROOT / ".venv/bin/featurescope"), "serve", "--data-dir", str(data_dir), "--port",
+                                   str(port), "--workers", str(workers), "--no-live"],
+                                  stdout=subprocess.DEVNULL, stderr=out, cwd=ROOT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -69,7 +71,7 @@ def start_server(data_dir: Path, port: int, workers: int = 1) -> subprocess.Pope
         except OSError:
             time.sleep(0.1)
     server.kill()
-    raise RuntimeError(f"server did not start: {server.stderr.read().decode()[-2000:]}")
+    raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -158,7 +160,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="featurescope-bench-") as tmp:
         data_dir = args.data_dir or build_bench_data(Path(tmp))
         port = free_port()
-        server = start_server(data_dir, port, args.workers)
+        log = Path(tmp) / "server.log"
+        server = start_server(data_dir, port, log, args.workers)
         base = f"http://127.0.0.1:{port}"
         try:
             features = all_features(base)
@@ -167,7 +170,7 @@ def main() -> None:
                          f"the cold passes); the data has {len(features)}")
             rng.shuffle(features)
             warmup, html, js = features[:WARMUP], features[WARMUP:][:args.requests], features[WARMUP + args.requests:][:args.requests]
-            print(f"server: featurescope serve --workers {args.workers} on {base}, {os.cpu_count()} CPU cores, "
+            print(f"server: featurescope serve --no-live --workers {args.workers} on {base}, {os.cpu_count()} CPU cores, "
                   f"{args.clients} concurrent clients, load average before: {os.getloadavg()[0]:.1f}")
             asyncio.run(run_load(port, warmup + [p + ".json" for p in warmup], args.clients, server.pid))
             for name, paths in (("feature HTML", html), ("feature JSON", [p + ".json" for p in js])):
@@ -177,6 +180,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=10)
+            if log.stat().st_size:
+                print(f"server log (last 2,000 characters):\n{log.read_text()[-2000:]}")
 
 
 if __name__ == "__main__":
