@@ -668,7 +668,8 @@ class LineageQuery:
 def lineage_view(catalog: Catalog, model_id: str, sae_id: str, index: int, query: LineageQuery) -> dict[str, Any]:
     """From one feature, its strongest links through every SAE of the model, one site at a time, each way:
     a graph of nodes (features with label and top tokens) in columns (sites in model order) and edges
-    (from the upstream to the downstream node, with both scores; `via` says whose links found it)."""
+    (from the upstream to the downstream node, with both scores; `via` says whose links found it). Each
+    step goes to the nearest site the current features link to (the next one, unless it has no links)."""
     sae = catalog.sae(model_id, sae_id)
     check_index(sae, index)
     model = catalog.model(model_id)
@@ -679,12 +680,11 @@ def lineage_view(catalog: Catalog, model_id: str, sae_id: str, index: int, query
     edges: list[dict[str, Any]] = []
     depth = len(keys) if query.depth is None else query.depth
     for step, via in ((1, "down"), (-1, "up")):
-        frontier = [start]
-        for distance in range(1, depth + 1):
-            target = column[sae_id] + step * distance
-            if not frontier or not 0 <= target < len(keys):
+        frontier, at = [start], column[sae_id]
+        for _ in range(depth):
+            if not frontier:
                 break
-            frontier = _lineage_step(catalog, model_id, frontier, via, target, column, query, scores, edges)
+            frontier, at = _lineage_step(catalog, model_id, frontier, via, step, at, column, query, scores, edges)
     nodes = _lineage_nodes(catalog, model, scores, column, start)
     used = sorted({n["column"] for n in nodes})
     return {"model_id": model_id, "sae": sae.as_dict(), "index": index, "query": asdict(query),
@@ -693,8 +693,9 @@ def lineage_view(catalog: Catalog, model_id: str, sae_id: str, index: int, query
             "nodes": nodes, "edges": edges}
 
 
-def _lineage_step(catalog, model_id, frontier, via, target, column, query, scores, edges) -> list[tuple[str, int]]:
-    """Links of the frontier's features into column `target`; keeps the `breadth` best-scored targets."""
+def _lineage_step(catalog, model_id, frontier, via, step, at, column, query, scores, edges) -> tuple[list, int]:
+    """Links of the frontier's features (in column `at`) into the nearest column beyond it (step +1: downstream,
+    -1: upstream) that they link to; keeps the `breadth` best-scored features there. Returns them and the column."""
     found: dict[tuple[str, int], float] = {}
     candidates = []
     by_sae: dict[str, list[int]] = {}
@@ -703,7 +704,7 @@ def _lineage_step(catalog, model_id, frontier, via, target, column, query, score
     for sid, features in by_sae.items():
         for feature, rows in _link_rows(catalog.sae(model_id, sid), features).items():
             for row in rows:
-                if row.direction != via or column.get(row.other_sae_id) != target:
+                if row.direction != via or (column.get(row.other_sae_id, at) - at) * step <= 0:
                     continue
                 for link in _linked(catalog, model_id, row):
                     score = link["coact_rel" if query.by == "coact" else "cosine"]
@@ -712,7 +713,10 @@ def _lineage_step(catalog, model_id, frontier, via, target, column, query, score
                     node = (link["sae_id"], link["feature"])
                     found[node] = max(found.get(node, score), score)
                     candidates.append(((sid, feature), node, link))
-    chosen = sorted(found, key=lambda n: (-found[n], n))[:query.breadth]
+    if not found:
+        return [], at
+    target = min({column[sid] for sid, _ in found}, key=lambda c: (c - at) * step)
+    chosen = sorted((n for n in found if column[n[0]] == target), key=lambda n: (-found[n], n))[:query.breadth]
     for node in chosen:
         scores.setdefault(node, found[node])
     keep = set(chosen)
@@ -721,7 +725,7 @@ def _lineage_step(catalog, model_id, frontier, via, target, column, query, score
             upper, lower = (source, node) if via == "down" else (node, source)
             edges.append({"from": _node_id(*upper), "to": _node_id(*lower), "via": via, "coact": link["coact"],
                           "coact_rel": link["coact_rel"], "cosine": link["cosine"]})
-    return chosen
+    return chosen, target
 
 
 def _node_id(sae_id: str, feature: int) -> str:
