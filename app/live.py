@@ -188,12 +188,12 @@ class LiveModel:
     def _load_model(self) -> None:
         if self.lm is not None:
             return
-        config = self.info_run_config()
+        config = self._run_config()
         dtype = self.settings.dtype or config.get("dtype") or "float32"
         self.lm = load_model(resolve_source(self.info.source, self.settings.data_dir), device=self.settings.device,
                              dtype=dtype, name=self.info.id)
 
-    def info_run_config(self) -> dict[str, Any]:
+    def _run_config(self) -> dict[str, Any]:
         first = next(iter(self.info.saes.values()), None)
         return run_config(first) if first is not None else {}
 
