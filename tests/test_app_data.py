@@ -56,7 +56,7 @@ def test_migration_0002_keeps_rows_written_at_0001(tmp_path):
                                             "hist_counts": [i, i + 1]} for i in range(3)])
     engine.dispose()
     assert "label" not in [c for c, _ in db_columns(path)["features"]]
-    assert fsdb.upgrade(path) == "0002"
+    assert fsdb.upgrade(path, "0002") == "0002"
     engine = fsdb.engine_for(path, read_only=True)
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT feature, density, hist_counts, label, label_kind FROM features ORDER BY feature")).all()

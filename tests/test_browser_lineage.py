@@ -9,8 +9,14 @@ from test_browser import ARTIFACTS, MODEL, browser, page, server  # noqa: F401  
 MIDDLE = "4-mlp-48"
 
 
+def settle(page) -> None:
+    """Leave a page only once it has loaded everything (a navigation aborts a pending favicon request)."""
+    page.wait_for_load_state("networkidle")
+
+
 def test_follow_links_down_and_back_then_the_lineage_graph(page, server):  # noqa: F811
     page.goto(f"{server}/{MODEL}/{MIDDLE}/3")
+    settle(page)
     downstream = page.locator("#links ol.downstream a").first
     target = downstream.get_attribute("href")
     downstream.click()
@@ -18,10 +24,12 @@ def test_follow_links_down_and_back_then_the_lineage_graph(page, server):  # noq
     assert page.locator("h1").inner_text() == f"Feature {target.rsplit('/', 1)[1]}"
     upstream = page.locator("#links ol.upstream a")
     assert upstream.count() > 0
+    settle(page)
     upstream.first.click()
     page.wait_for_url(f"{server}/{MODEL}/{MIDDLE}/*")
 
     page.goto(f"{server}/{MODEL}/{MIDDLE}/3")
+    settle(page)
     page.get_by_role("link", name="Lineage graph").click()
     page.wait_for_url(f"{server}/{MODEL}/{MIDDLE}/3/lineage")
     nodes = page.locator("svg.lineage a.node")
@@ -37,13 +45,16 @@ def test_follow_links_down_and_back_then_the_lineage_graph(page, server):  # noq
         assert "<h1>Feature " in response.text()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "lineage.png"), full_page=True)
+    settle(page)
     nodes.last.click()
     page.wait_for_url(server + hrefs[-1])
     assert page.locator("h1").inner_text().startswith("Feature ")
 
     page.goto(f"{server}/{MODEL}/{MIDDLE}/3/lineage")
+    settle(page)
     page.fill("input[name=breadth]", "1")
     page.locator(".lineage-form button[type=submit]").click()
     page.wait_for_url("**/lineage?depth=&breadth=1&by=coact")
     assert page.locator("svg.lineage a.node").count() == 3
+    page.wait_for_load_state("networkidle")
     assert page.problems == []
