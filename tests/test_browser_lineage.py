@@ -10,7 +10,8 @@ MIDDLE = "4-mlp-48"
 
 
 def settle(page) -> None:
-    """Leave a page only once it has loaded everything (a navigation aborts a pending favicon request)."""
+    """Go on only once a page has loaded everything: leaving it earlier aborts its pending favicon request,
+    which the page fixture counts as a failed request."""
     page.wait_for_load_state("networkidle")
 
 
@@ -21,17 +22,19 @@ def test_follow_links_down_and_back_then_the_lineage_graph(page, server):  # noq
     target = downstream.get_attribute("href")
     downstream.click()
     page.wait_for_url(server + target)
+    settle(page)
     assert page.locator("h1").inner_text() == f"Feature {target.rsplit('/', 1)[1]}"
     upstream = page.locator("#links ol.upstream a")
     assert upstream.count() > 0
-    settle(page)
     upstream.first.click()
     page.wait_for_url(f"{server}/{MODEL}/{MIDDLE}/*")
+    settle(page)
 
     page.goto(f"{server}/{MODEL}/{MIDDLE}/3")
     settle(page)
     page.get_by_role("link", name="Lineage graph").click()
     page.wait_for_url(f"{server}/{MODEL}/{MIDDLE}/3/lineage")
+    settle(page)
     nodes = page.locator("svg.lineage a.node")
     assert nodes.count() == 7  # the start, and 3 features of each neighbouring SAE
     assert page.locator("svg.lineage a.node.start").count() == 1
@@ -45,9 +48,9 @@ def test_follow_links_down_and_back_then_the_lineage_graph(page, server):  # noq
         assert "<h1>Feature " in response.text()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "lineage.png"), full_page=True)
-    settle(page)
     nodes.last.click()
     page.wait_for_url(server + hrefs[-1])
+    settle(page)
     assert page.locator("h1").inner_text().startswith("Feature ")
 
     page.goto(f"{server}/{MODEL}/{MIDDLE}/3/lineage")
@@ -55,6 +58,6 @@ def test_follow_links_down_and_back_then_the_lineage_graph(page, server):  # noq
     page.fill("input[name=breadth]", "1")
     page.locator(".lineage-form button[type=submit]").click()
     page.wait_for_url("**/lineage?depth=&breadth=1&by=coact")
+    settle(page)
     assert page.locator("svg.lineage a.node").count() == 3
-    page.wait_for_load_state("networkidle")
     assert page.problems == []
