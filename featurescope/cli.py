@@ -280,6 +280,9 @@ def precompute(
     interval_acts: Annotated[str, typer.Option(help="Interval samples' per-token acts: keep (memory), reencode (a partial second pass) or auto.")] = "auto",
     shard: Annotated[str | None, typer.Option(help="I/N: process only slice I of N of the contexts (e.g. 0/4) and save its statistics.")] = None,
     merge_shards: Annotated[int, typer.Option(help="N: merge the N saved shards of this run and publish it.")] = 0,
+    links: Annotated[bool, typer.Option("--links/--no-links", help="Cross-layer links between the SAEs of neighbouring layers/sites.")] = True,
+    links_per_neighbour: Annotated[int | None, typer.Option(min=1, help="Links kept per feature and neighbouring SAE, by co-activation and by weights each [default: 5].")] = None,
+    links_peak_width: Annotated[int | None, typer.Option(min=1, help="A neighbour's strongest features kept at each top example's peak token; memory: top_k x this x neighbours x 8 bytes per feature [default: 64].")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
 ) -> None:
@@ -295,7 +298,9 @@ def precompute(
                            max_tokens=tokens, context_len=context_len, batch_size=batch_size, top_k=top_k,
                            n_intervals=n_intervals, examples_per_interval=examples_per_interval, device=device,
                            dtype=dtype, data_dir=data_dir, checkpoint_every=checkpoint_every, force=force,
-                           shard=_parse_shard(shard), merge_shards=merge_shards, interval_acts=interval_acts)
+                           shard=_parse_shard(shard), merge_shards=merge_shards, interval_acts=interval_acts,
+                           links=links, **{k: v for k, v in (("links_per_neighbour", links_per_neighbour),
+                                                             ("links_peak_width", links_peak_width)) if v is not None})
     run_precompute(cfg, log=typer.echo)
 
 

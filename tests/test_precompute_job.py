@@ -241,3 +241,18 @@ def test_norm_outliers_named_by_an_sae_card_count_like_bos(tiny_gemma2, sae_dirs
     for i, (positions, _) in enumerate(rows):
         assert all(counted[i, p] for p in positions)
     assert total_firing > 0
+
+
+def test_cli_no_links_publishes_a_run_without_cross_layer_links(tiny_gemma2_path, sae_dirs, tmp_path):
+    args = ["precompute", "--model", str(tiny_gemma2_path), "--sae", sae_dirs[0], "--sae", sae_dirs[1], "--tokens", "1500",
+            "--context-len", "32", "--batch-size", "4", "--top-k", "3", "--device", "cpu", "--data-dir", str(tmp_path)]
+    done = subprocess.run([EXE, *args, "--no-links"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with_links = subprocess.run([EXE, *args, "--links-per-neighbour", "2"], capture_output=True, text=True, timeout=300)
+    assert with_links.returncode == 0, with_links.stderr
+    counts = []
+    for path in sorted(tmp_path.glob("db/*.duckdb"), key=lambda p: p.stat().st_mtime):
+        con = duckdb.connect(str(path), read_only=True)
+        counts.append(con.execute("SELECT count(*), max(len(other_features)) FROM links").fetchone())
+        con.close()
+    assert counts[0][0] == 0 and counts[1][0] > 0 and counts[1][1] <= 2
