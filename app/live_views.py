@@ -125,7 +125,7 @@ def encode_view(model: ModelInfo, saes: list[SAEInfo], result: EncodeResult, que
         acts = result.saes[sae.id].columns.get(index, [])
         counted = result.saes[sae.id].counted
         highlight = dict(_feature_row(sae, index, max((a for a, c in zip(acts, counted) if c), default=0.0)), acts=acts,
-                         links=_live_links(links or {}, result, selected))
+                         counted=counted, links=_live_links(links or {}, result, selected))
 
     return {
         "model_id": model.id, "text": query.text, "ids": ids if query.ids else None,
