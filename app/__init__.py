@@ -5,8 +5,10 @@
 
 Layout: settings.py (the one config object), databases.py (published files, read-only, reopened on
 publication), data.py (every query; one data function per view), present.py and charts.py (tokens and
-SVG histograms for HTML), render.py (pages, JSON twins, htmx fragments), urls.py (every URL), deps.py,
-routes/ (one router per resource); the Jinja2 templates and CSS/JS live in the top-level templates/ and static/.
+SVG histograms for HTML), graph.py (the lineage graph's layout), live.py (the live encoder: models and SAEs
+loaded once, requests micro-batched) and live_views.py (its pages' data), render.py (pages, JSON twins, htmx
+fragments), urls.py (every URL), deps.py, routes/ (one router per resource); the Jinja2 templates and CSS/JS
+live in the top-level templates/ and static/.
 """
 
 from app.main import create_app

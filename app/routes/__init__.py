@@ -1,2 +1,3 @@
-"""One router per resource: meta (/-/...), home (/), models (/{model}), saes (/{model}/{sae}) and
-features (/{model}/{sae}/{index}). app/main.py includes them, app pages first."""
+"""One router per resource: meta (/-/...), home (/), live (/{model}/encode, /{model}/steer,
+/{model}/{sae}/{index}/test), models (/{model}), saes (/{model}/{sae}), features (/{model}/{sae}/{index})
+and lineage (/{model}/{sae}/{index}/lineage). app/main.py includes them, app pages first, live before saes."""
