@@ -157,17 +157,22 @@ class LiveModel:
     def _run(self, preload: list[SAEInfo]) -> None:
         try:
             self._load_model()
-            for sae in preload:
-                self._sae(sae)
-        except Exception as exc:  # noqa: BLE001 - any load failure becomes the reason every request gets
+        except Exception as exc:  # noqa: BLE001 - a model that cannot load is the reason every request gets
             self.error = f"Live encoding is unavailable for model {self.info.id!r}: {exc}"
+        if self.error is None:
+            for sae in preload:
+                try:
+                    self._sae(sae)
+                except LiveUnavailable:
+                    pass  # only the requests for this SAE fail, each with the reason
         self.ready.set()
         while True:
             job = self.queue.get()
             if job is None:
                 return
             if self.error is not None:
-                job.future.set_exception(LiveUnavailable(self.error))
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(LiveUnavailable(self.error))
                 continue
             if isinstance(job, SteerJob):
                 self._steer(job)
@@ -200,7 +205,10 @@ class LiveModel:
     def _sae(self, info: SAEInfo) -> JumpReLUSAE:
         key = (info.id, info.source)
         if key not in self.saes:
-            sae = load_sae(resolve_source(info.source, self.settings.data_dir))
+            try:
+                sae = load_sae(resolve_source(info.source, self.settings.data_dir))
+            except Exception as exc:  # noqa: BLE001 - missing file, no network, bad format: say which SAE and why
+                raise LiveUnavailable(f"SAE {info.id!r} could not be loaded from {info.source!r} for live encoding: {exc}")
             if (sae.d_in, sae.d_sae) != (info.d_in, info.d_sae):
                 raise LiveUnavailable(f"SAE {info.id!r}: {info.source} has shape {sae.d_in} x {sae.d_sae}, but the "
                                       f"published data was computed with {info.d_in} x {info.d_sae}.")

@@ -343,3 +343,19 @@ def test_bos_is_shown_but_only_counted_when_asked(client, model_id):
     assert any(f["pos"] == 0 for col in included["prompt_features"] for f in col["features"])
     home = client.get("/")
     assert f'href="/{model_id}/encode"' in home.text and f'href="/{model_id}/steer"' in home.text
+
+
+def test_an_sae_that_cannot_be_loaded_fails_only_its_own_requests_with_the_reason(settings, tiny_gemma2):
+    from dataclasses import replace as dc_replace
+
+    catalog = CatalogSource(DataDir(settings.db_dir)).current()
+    (model,) = catalog.models.values()
+    broken = dc_replace(model.saes["2-mlp-b"], source="/nowhere/params.npz")
+    live = LiveModel(model, settings, loaded=tiny_gemma2)
+    live.start(preload=[broken, model.saes["1-res-a"]])
+    assert live.ready.wait(60) and live.error is None
+    failing = live.submit(EncodeJob(saes=[broken], text="hello"))
+    with pytest.raises(Exception, match="could not be loaded from '/nowhere/params.npz'"):
+        failing.result(timeout=60)
+    assert live.submit(EncodeJob(saes=[model.saes["1-res-a"]], text="hello")).result(timeout=60).saes
+    live.close()
