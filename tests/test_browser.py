@@ -8,9 +8,11 @@ Needs /usr/bin/chromium, the playwright package and node_modules/htmx.org (bash 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -29,20 +31,24 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
                                                              "(bash scripts/install_test_tools.sh)")
 
 
-@pytest.fixture(scope="module")
-def server():
-    import uvicorn
-
-    from app import Settings, create_app
+def require_browser_tools() -> None:
     from app.settings import DEFAULT_LOCAL_HTMX
 
     require_test_tool(CHROMIUM.exists(), f"{CHROMIUM} is not installed (bash scripts/install_test_tools.sh)")
     require_test_tool(DEFAULT_LOCAL_HTMX.is_file(), f"{DEFAULT_LOCAL_HTMX} is missing (bash scripts/install_test_tools.sh)")
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # Factory databases have no model behind them: live encoding is off (tests/test_browser_live.py has it on).
-    app = create_app(Settings(data_dir=shared_data_dir(), port=port, local_htmx=DEFAULT_LOCAL_HTMX, live=False))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app, port: int) -> Iterator[str]:
+    """A real uvicorn server for `app` on 127.0.0.1:port in a thread; yields its base URL."""
+    import uvicorn
+
     uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
     thread.start()
@@ -50,9 +56,24 @@ def server():
     while not uvicorn_server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uvicorn_server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uvicorn_server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    from app import Settings, create_app
+    from app.settings import DEFAULT_LOCAL_HTMX
+
+    require_browser_tools()
+    port = free_port()
+    # Factory databases have no model behind them: live encoding is off (tests/test_browser_live.py has it on).
+    app = create_app(Settings(data_dir=shared_data_dir(), port=port, local_htmx=DEFAULT_LOCAL_HTMX, live=False))
+    with serving(app, port) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

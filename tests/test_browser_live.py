@@ -5,43 +5,24 @@ shares the link, which reproduces the same continuation."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import pytest
 
-from conftest import require_test_tool
-from test_browser import ARTIFACTS, CHROMIUM, browser, page, sync_api  # noqa: F401 - shared browser fixtures
+from test_browser import ARTIFACTS, browser, free_port, page, require_browser_tools, serving  # noqa: F401 - shared browser fixtures
 
 PROMPT = "The capital of France is Paris."
 
 
 @pytest.fixture(scope="module")
 def server(live_data_dir, tiny_gemma2):
-    import uvicorn
-
     from app import Settings, create_app
     from app.live import LiveService
     from app.settings import DEFAULT_LOCAL_HTMX
 
-    require_test_tool(CHROMIUM.exists(), f"{CHROMIUM} is not installed (bash scripts/install_test_tools.sh)")
-    require_test_tool(DEFAULT_LOCAL_HTMX.is_file(), f"{DEFAULT_LOCAL_HTMX} is missing (bash scripts/install_test_tools.sh)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    require_browser_tools()
+    port = free_port()
     settings = Settings(data_dir=live_data_dir, port=port, local_htmx=DEFAULT_LOCAL_HTMX, device="cpu", max_new_tokens=16)
-    app = create_app(settings, LiveService(settings, preloaded={tiny_gemma2.name: tiny_gemma2}))
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uvicorn_server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uvicorn_server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(settings, LiveService(settings, preloaded={tiny_gemma2.name: tiny_gemma2})), port) as url:
+        yield url
 
 
 def test_prompt_to_token_to_feature_to_steering_and_a_shared_link(page, browser, server, tiny_gemma2):  # noqa: F811
