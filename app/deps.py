@@ -1,5 +1,9 @@
 """Shared FastAPI dependencies as named Annotated aliases. Everything comes from app.state, which
-create_app fills; nothing is created at import time."""
+create_app fills; nothing is created at import time.
+
+FastAPI runs a plain `def` dependency in its threadpool, a thread hop per dependency per request: the ones
+that only read app.state are `async def` so they run inline. get_catalog stays `def`, since
+CatalogSource.current() reads a newly published file's catalog from disk."""
 
 from __future__ import annotations
 
@@ -17,15 +21,15 @@ def get_catalog(request: Request) -> Catalog:
     return request.app.state.catalogs.current()
 
 
-def get_renderer(request: Request) -> Renderer:
+async def get_renderer(request: Request) -> Renderer:
     return request.app.state.renderer
 
 
-def get_urls(request: Request) -> Urls:
+async def get_urls(request: Request) -> Urls:
     return request.app.state.urls
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 

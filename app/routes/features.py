@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
 from app import charts, data, present
-from app.deps import CatalogDep, RendererDep, SettingsDep, UrlsDep, split_format
+from app.deps import CatalogDep, UrlsDep, split_format
 from app.errors import NotFound
 
 router = APIRouter(tags=["features"])
@@ -32,12 +32,14 @@ def jump(model_id: str, sae_id: str, catalog: CatalogDep, urls: UrlsDep,
 
 @router.get("/{model_id}/{sae_id}/{index}", summary="A feature's dashboard (append .json for JSON)")
 def feature(
-    request: Request, model_id: str, sae_id: str, index: str, catalog: CatalogDep, render: RendererDep, urls: UrlsDep,
-    settings: SettingsDep,
+    request: Request, model_id: str, sae_id: str, index: str,
     text: Annotated[str, Query(max_length=20000, description="Text typed into the test box, kept in the URL.")] = "",
     context: Annotated[Literal["snippet", "full"], Query(description="Examples as snippets around the maximum, or whole contexts.")] = "snippet",
     embed: Annotated[bool, Query(description="Only the dashboard, for an iframe.")] = False,
 ) -> Response:
+    # The busiest page reads app.state itself: four Depends cost more per request than rendering the charts.
+    state = request.app.state
+    catalog, render, urls, settings = state.catalogs.current(), state.renderer, state.urls, state.settings
     index_text, fmt = split_format(index, False)
     sae = catalog.sae(model_id, sae_id)
     if not INDEX.fullmatch(index_text):
