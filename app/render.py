@@ -54,10 +54,27 @@ def count(value: int | None) -> str:
     return "–" if value is None else f"{value:,}"
 
 
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+class Environment(jinja2.Environment):
+    """Jinja's environment with a fast `{{ d.key }}` for a dict d, the views' usual shape: Jinja tries the
+    attribute first and only finds the key after an AttributeError, ~0.4 µs a lookup, hundreds per page.
+    Names of dict attributes (items, values...) still give the attribute, as in Jinja."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                pass
+        return super().getattr(obj, attribute)
+
+
 class Renderer:
     def __init__(self, settings: Settings, urls: Urls) -> None:
-        self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, auto_reload=False,
-                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+        self.env = Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, auto_reload=False,
+                               undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         self.env.globals.update(urls=urls, settings=settings, htmx_integrity=settings.htmx_integrity)
         self.env.filters.update(percent=percent, number=number, count=count, visible=visible)
 
