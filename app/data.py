@@ -5,10 +5,10 @@ numbers, strings) that feeds the HTML page, its `.json` twin and its htmx fragme
     home(catalog); sae_view(catalog, "gemma-2-2b", "20-res-16k", FeatureQuery())
     feature_view(catalog, "gemma-2-2b", "20-res-16k", 12345, text="")
 
-Queries are SQLAlchemy Core on featurescope.schema with bound parameters. A feature page is two
-queries, the feature row and its examples (contexts and neighbours' labels come from per-file caches),
-plus its links. Per-file results that never change (catalog, vocab, contexts, density histogram) are
-cached on the DataFile; the last FEATURES_CACHED features read from a file are kept too.
+Queries are SQLAlchemy Core on featurescope.schema with bound parameters. A feature page is one
+indexed point lookup of its features row, which holds its examples and links (contexts and neighbours'
+labels come from per-file caches). Per-file results that never change (catalog, vocab, contexts, density
+histogram) are cached on the DataFile; the last FEATURES_CACHED features read from a file are kept too.
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ from app.errors import InvalidParameter, NotFound, nearest_names
 from featurescope.db import head_revision
 from featurescope.labels import LABEL_KIND_AUTO, auto_label
 from featurescope.flow import flow_key
-from featurescope.schema import SAE, Context, Example, Feature, Link, Model, Run, Vocab
+from featurescope.schema import SAE, Context, Example, Feature, Model, Run, Vocab, feature_key
 
 DENSE_THRESHOLD = 0.1  # the Gemma Scope report's "dense": fires on more than 10% of tokens
 DENSITY_BINS_PER_DECADE = 4
 PEAK_TOKENS_SHOWN = 3
 FEATURES_CACHED = 128  # per file; a feature's stored data is ~100 KB of Python objects, mostly example tokens
-READABLE_OLDER_REVISIONS = ("0002",)  # before the links table: served without cross-layer links
 
 SortKey = Literal["index", "label", "density", "max_act"]
 Show = Literal["all", "alive", "dead", "dense"]
@@ -68,10 +67,11 @@ class SAEInfo:
     n_contexts: int | None
     context_len: int | None
     database: str
+    number: int = field(repr=False)  # in its file: feature_key(number, index) finds a feature's row
     file: DataFile = field(repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "file"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("file", "number")}
 
 
 @dataclass(frozen=True)
@@ -171,9 +171,10 @@ def _read_file_catalog(data_file: DataFile, head: str) -> list[ModelInfo] | File
     version = sa.table("alembic_version", sa.column("version_num"))
     with data_file.connect() as conn:
         revision = conn.execute(sa.select(version.c.version_num)).scalar()
-        if revision != head and revision not in READABLE_OLDER_REVISIONS:
-            return FileProblem(data_file.path.name, f"has schema revision {revision}; this server reads {head} "
-                                               "(publish it again with this version of featurescope)")
+        if revision != head:
+            return FileProblem(data_file.path.name, f"has schema revision {revision}; this server reads {head}: upgrade it "
+                               f"with `featurescope db upgrade {data_file.path}` while no server has it open, "
+                               "or publish it again with this version of featurescope")
         model_rows = conn.execute(sa.select(Model.__table__).order_by(Model.id)).mappings().all()
         sae_rows = conn.execute(
             sa.select(SAE.__table__, Run.corpus, Run.n_tokens, Run.n_contexts, Run.context_len)
@@ -189,7 +190,7 @@ def _read_file_catalog(data_file: DataFile, head: str) -> list[ModelInfo] | File
             architecture=r["architecture"], l0=r["l0"], fvu=r["fvu"], delta_loss=r["delta_loss"],
             dead_share=r["dead_share"], dense_share=r["dense_share"], run_id=r["run_id"], corpus=r["corpus"],
             n_tokens=r["n_tokens"], n_contexts=r["n_contexts"], context_len=r["context_len"], database=data_file.name,
-            file=data_file)
+            number=r["number"], file=data_file)
     return list(models.values())
 
 
@@ -389,17 +390,15 @@ def _peak_tokens(conn: sa.Connection, sae: SAEInfo, features: list[int]) -> dict
     """Token id at the maximum of each top example, strongest example first, for each feature."""
     if not features:
         return {}
-    rows = conn.execute(
-        sa.select(Example.feature, Example.context_id, Example.max_pos)
-        .where(Example.model_id == sae.model_id, Example.sae_id == sae.id, Example.kind == "top",
-               Example.feature.in_(features))
-        .order_by(Example.feature, Example.rank)).all()
+    rows = conn.execute(sa.select(Feature.feature, Feature.examples).where(
+        Feature.feature_key.in_([feature_key(sae.number, f) for f in features]))).all()
     contexts = context_store(sae)
     found: dict[int, list[int]] = {}
-    for feature, context_id, max_pos in rows:
-        tokens = contexts.tokens(context_id)
-        if 0 <= max_pos < len(tokens):
-            found.setdefault(feature, []).append(tokens[max_pos])
+    for feature, examples in rows:
+        for e in examples or ():
+            tokens = contexts.tokens(e["context_id"])
+            if e["kind"] == "top" and 0 <= e["max_pos"] < len(tokens):
+                found.setdefault(feature, []).append(tokens[e["max_pos"]])
     return found
 
 
@@ -452,16 +451,8 @@ def check_index(sae: SAEInfo, index: int) -> None:
                        model_id=sae.model_id, sae_id=sae.id, choices=[nearest], valid_range=(0, sae.d_sae - 1))
 
 
-def _this_feature(table: sa.Table) -> list[sa.ColumnElement[bool]]:
-    return [table.c.model_id == sa.bindparam("model_id"), table.c.sae_id == sa.bindparam("sae_id"),
-            table.c.feature == sa.bindparam("index")]
-
-
 # Built once: constructing a statement costs more than SQLAlchemy's cached compile of it.
-_FEATURE_ROW = sa.select(Feature.__table__).where(*_this_feature(Feature.__table__))
-_EXAMPLES = (sa.select(Example.kind, Example.bin, Example.rank, Example.context_id, Example.max_act, Example.max_pos,
-                       Example.positions, Example.acts)
-             .where(*_this_feature(Example.__table__)))  # ORDER BY in DuckDB costs more than the whole sort in Python
+_FEATURE_ROW = sa.select(Feature.__table__).where(Feature.feature_key == sa.bindparam("key"))
 
 
 def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text: str = "") -> dict[str, Any]:
@@ -470,9 +461,9 @@ def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text:
     shared between requests, never modify them."""
     sae = catalog.sae(model_id, sae_id)
     check_index(sae, index)
-    stored = _stored_features(sae.file)(sae, token_texts(catalog.model(model_id)), index)
+    stored = _stored_feature(sae, token_texts(catalog.model(model_id)), index)
     return {
-        **stored,
+        **stored.page,
         "links": catalog.links(model_id, sae_id, index),
         "prev": index - 1 if index > 0 else None,
         "next": index + 1 if index + 1 < sae.d_sae else None,
@@ -480,24 +471,30 @@ def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text:
     }
 
 
-def _stored_features(data_file: DataFile) -> Callable[[SAEInfo, TokenTexts, int], dict[str, Any]]:
-    return _cached_per_file(data_file, ("features",), lambda: functools.lru_cache(FEATURES_CACHED)(_read_feature))
+@dataclass(frozen=True)
+class StoredFeature:
+    page: dict[str, Any]  # what feature_view shows from the feature's own row
+    link_rows: list[dict[str, Any]]  # its features.links elements, for feature_links
 
 
-def _read_feature(sae: SAEInfo, vocab: TokenTexts, index: int) -> dict[str, Any]:
-    params = {"model_id": sae.model_id, "sae_id": sae.id, "index": index}
+def _stored_feature(sae: SAEInfo, vocab: TokenTexts, index: int) -> StoredFeature:
+    read = _cached_per_file(sae.file, ("features",), lambda: functools.lru_cache(FEATURES_CACHED)(_read_feature))
+    return read(sae, vocab, index)
+
+
+def _read_feature(sae: SAEInfo, vocab: TokenTexts, index: int) -> StoredFeature:
     with sae.file.connect() as conn:
-        row = conn.execute(_FEATURE_ROW, params).mappings().first()
+        row = conn.execute(_FEATURE_ROW, {"key": feature_key(sae.number, index)}).mappings().first()
         if row is None:
             raise NotFound("feature", str(index), f"Feature {index} of {sae.id!r} is not in the published data.",
                            model_id=sae.model_id, sae_id=sae.id, choices=[], valid_range=(0, sae.d_sae - 1))
-        examples = sorted(conn.execute(_EXAMPLES, params).all(), key=lambda e: (e.bin, e.rank))
         neighbours = _neighbours(conn, sae, list(row["neighbour_ids"] or []), list(row["neighbour_cos"] or []), vocab)
     contexts = context_store(sae)
-    top = [_example(e, contexts, vocab) for e in examples if e.kind == "top"]
+    examples = [_example(e, contexts, vocab) for e in row["examples"] or ()]
+    top = [e for e, stored in zip(examples, row["examples"] or ()) if stored["kind"] == "top"]
     label, label_kind = _label(row["label"], row["label_kind"], [e["token_ids"][e["max_pos"]] for e in top],
                                row["logit_pos_ids"], vocab)
-    return {
+    page = {
         "model_id": sae.model_id, "sae": sae.as_dict(), "index": index, "label": label, "label_kind": label_kind,
         "n_firing": row["n_firing"], "density": row["density"], "max_act": row["max_act"], "mean_act": row["mean_act"],
         "activation_histogram": {"bin_width": row["hist_bin_width"], "counts": list(row["hist_counts"] or [])},
@@ -508,23 +505,24 @@ def _read_feature(sae: SAEInfo, vocab: TokenTexts, index: int) -> dict[str, Any]
                           "counts": list(row["logit_hist_counts"] or [])},
         },
         "top_examples": top,
-        "intervals": _intervals(row, examples, contexts, vocab),
+        "intervals": _intervals(row, examples, row["examples"] or ()),
         "neighbours": neighbours,
     }
+    return StoredFeature(page, list(row["links"] or ()))
 
 
-def _example(e: sa.Row, contexts: ContextStore, vocab: TokenTexts) -> dict[str, Any]:
-    token_ids = contexts.tokens(e.context_id)
-    return {"context_id": e.context_id, "max_act": e.max_act, "max_pos": e.max_pos, "token_ids": token_ids,
-            "tokens": vocab.many(token_ids), "positions": list(e.positions), "acts": list(e.acts)}
+def _example(e: dict[str, Any], contexts: ContextStore, vocab: TokenTexts) -> dict[str, Any]:
+    token_ids = contexts.tokens(e["context_id"])
+    return {"context_id": e["context_id"], "max_act": e["max_act"], "max_pos": e["max_pos"], "token_ids": token_ids,
+            "tokens": vocab.many(token_ids), "positions": e["positions"], "acts": e["acts"]}
 
 
-def _intervals(row: sa.RowMapping, examples: list[sa.Row], contexts: ContextStore, vocab: TokenTexts) -> list[dict[str, Any]]:
+def _intervals(row: sa.RowMapping, examples: list[dict[str, Any]], stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
     los, his, shares = row["interval_lo"] or [], row["interval_hi"] or [], row["interval_share"] or []
     by_bin: dict[int, list[dict[str, Any]]] = {}
-    for e in examples:
-        if e.kind == "interval":
-            by_bin.setdefault(e.bin, []).append(_example(e, contexts, vocab))
+    for e, s in zip(examples, stored):
+        if s["kind"] == "interval":
+            by_bin.setdefault(s["bin"], []).append(e)
     return [{"bin": b, "lo": lo, "hi": hi, "share": share, "examples": by_bin.get(b, [])}
             for b, (lo, hi, share) in enumerate(zip(los, his, shares))]
 
@@ -594,41 +592,31 @@ def feature_briefs(sae: SAEInfo) -> FeatureBrief:
 LINK_GROUPS = {"up": "upstream", "down": "downstream", "same": "alongside"}  # stored direction -> list name
 
 
-def has_links(data_file: DataFile) -> bool:
-    """Whether a file has the links table (schema 0003; files of revision 0002 are served without links)."""
-    def build() -> bool:
-        with data_file.connect() as conn:
-            return bool(conn.execute(sa.text("SELECT count(*) FROM information_schema.tables "
-                                             "WHERE table_name = 'links' AND table_catalog = current_database()")).scalar())
-
-    return _cached_per_file(data_file, ("has_links",), build)
+def links_computed(sae: SAEInfo) -> bool:
+    """Whether the run that published an SAE computed cross-layer links (`featurescope precompute --no-links`
+    does not)."""
+    return bool(run_config(sae).get("links", True))
 
 
-def _link_rows(sae: SAEInfo, features: list[int]) -> dict[int, list[sa.Row]]:
-    """Stored links rows of some features of an SAE, per feature, neighbour SAEs in id order."""
-    if not features or not has_links(sae.file):
+def _link_rows(sae: SAEInfo, features: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """Stored links (features.links elements) of some features of an SAE, per feature, neighbour SAEs in id order."""
+    if not features:
         return {}
     with sae.file.connect() as conn:
-        rows = conn.execute(
-            sa.select(Link.feature, Link.other_sae_id, Link.direction, Link.other_features, Link.coact, Link.coact_rel,
-                      Link.cosine)
-            .where(Link.model_id == sae.model_id, Link.sae_id == sae.id, Link.feature.in_(features))
-            .order_by(Link.feature, Link.other_sae_id)).all()
-    found: dict[int, list[sa.Row]] = {}
-    for row in rows:
-        found.setdefault(row.feature, []).append(row)
-    return found
+        rows = conn.execute(sa.select(Feature.feature, Feature.links).where(
+            Feature.feature_key.in_([feature_key(sae.number, f) for f in features]))).all()
+    return {feature: list(links or ()) for feature, links in rows}
 
 
-def _linked(catalog: Catalog, model_id: str, row: sa.Row) -> list[dict[str, Any]]:
-    """The features one links row names, with labels; [] when the other SAE is not being served."""
-    if not catalog.has_sae(model_id, row.other_sae_id):
+def _linked(catalog: Catalog, model_id: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The features one features.links element names, with labels; [] when the other SAE is not being served."""
+    if not catalog.has_sae(model_id, row["other_sae_id"]):
         return []
-    other = catalog.sae(model_id, row.other_sae_id)
+    other = catalog.sae(model_id, row["other_sae_id"])
     labels = feature_labels(other)
-    cosines = row.cosine if row.cosine is not None else [None] * len(row.other_features)
+    cosines = row["cosine"] if row["cosine"] is not None else [None] * len(row["other_features"])
     out = []
-    for feature, coact, coact_rel, cosine in zip(row.other_features, row.coact, row.coact_rel, cosines):
+    for feature, coact, coact_rel, cosine in zip(row["other_features"], row["coact"], row["coact_rel"], cosines):
         label, kind, density = labels.get(feature, (None, None, None))
         out.append({"sae_id": other.id, "layer": other.layer, "site": other.site, "feature": feature,
                     "label": label or "", "label_kind": kind, "density": density, "coact": coact,
@@ -637,7 +625,7 @@ def _linked(catalog: Catalog, model_id: str, row: sa.Row) -> list[dict[str, Any]
 
 
 def feature_links(catalog: Catalog, model_id: str, sae_id: str, index: int) -> dict[str, Any]:
-    """A feature's cross-layer links: {"computed": whether its file has links at all, "upstream",
+    """A feature's cross-layer links: {"computed": whether its run computed links at all, "upstream",
     "downstream", "alongside": [{sae_id, layer, site, feature, label, label_kind, density, coact, coact_rel,
     cosine}]}. coact is the linked feature's mean activation where this one peaks, coact_rel that minus its
     mean over all tokens, over its max (what ranks them); cosine is None unless both SAEs are residual.
@@ -645,11 +633,12 @@ def feature_links(catalog: Catalog, model_id: str, sae_id: str, index: int) -> d
     (highest coact_rel first), then links found only by weights."""
     sae = catalog.sae(model_id, sae_id)
     check_index(sae, index)
-    out: dict[str, Any] = {"computed": has_links(sae.file), **{name: [] for name in LINK_GROUPS.values()}}
+    out: dict[str, Any] = {"computed": links_computed(sae), **{name: [] for name in LINK_GROUPS.values()}}
     order = {sid: i for i, sid in enumerate(catalog.model(model_id).saes)}
-    rows = sorted(_link_rows(sae, [index]).get(index, []), key=lambda r: order.get(r.other_sae_id, -1))
+    stored = _stored_feature(sae, token_texts(catalog.model(model_id)), index)
+    rows = sorted(stored.link_rows, key=lambda r: order.get(r["other_sae_id"], -1))
     for row in rows:
-        out[LINK_GROUPS.get(row.direction, "alongside")] += _linked(catalog, model_id, row)
+        out[LINK_GROUPS.get(row["direction"], "alongside")] += _linked(catalog, model_id, row)
     return out
 
 
@@ -688,7 +677,7 @@ def lineage_view(catalog: Catalog, model_id: str, sae_id: str, index: int, query
     nodes = _lineage_nodes(catalog, model, scores, column, start)
     used = sorted({n["column"] for n in nodes})
     return {"model_id": model_id, "sae": sae.as_dict(), "index": index, "query": asdict(query),
-            "links_computed": has_links(sae.file),
+            "links_computed": links_computed(sae),
             "columns": [{"column": c, "sae_ids": [s for s, col in column.items() if col == c]} for c in used],
             "nodes": nodes, "edges": edges}
 
@@ -704,7 +693,7 @@ def _lineage_step(catalog, model_id, frontier, via, step, at, column, query, sco
     for sid, features in by_sae.items():
         for feature, rows in _link_rows(catalog.sae(model_id, sid), features).items():
             for row in rows:
-                if row.direction != via or (column.get(row.other_sae_id, at) - at) * step <= 0:
+                if row["direction"] != via or (column.get(row["other_sae_id"], at) - at) * step <= 0:
                     continue
                 for link in _linked(catalog, model_id, row):
                     score = link["coact_rel" if query.by == "coact" else "cosine"]

@@ -2,8 +2,11 @@
 Alembic migrations in migrations/ create and evolve it; `featurescope db upgrade PATH` applies them.
 
 One database file holds one precompute run: a model, the contexts it read (stored once, shared by
-every feature), and for each SAE its features, examples and cross-layer links. Rows are written sorted by
-(sae_id, feature) so a feature page is a couple of range scans.
+every feature), and for each SAE its features. A feature's row carries everything its page shows, its
+examples and cross-layer links included, so a feature page is one indexed point lookup (`feature_key`):
+DuckDB decompresses a whole vector of 2,048 rows to read one row of a scan, but fetches a single row
+through an index, and it serves point lookups from single-column indexes only. The views `examples`
+and `links` show the nested lists as rows, for SQL.
 """
 
 from __future__ import annotations
@@ -13,6 +16,34 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 IntList = sa.ARRAY(sa.Integer)
 FloatList = sa.ARRAY(sa.Float)  # DuckDB FLOAT is float32: stored activations equal the fp32 computation
+
+
+class DuckDBType(sa.types.UserDefinedType):
+    """A column type written as DuckDB spells it (duckdb_engine cannot compile a list of structs)."""
+    cache_ok = True
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+
+    def get_col_spec(self, **kw) -> str:
+        return self.spec
+
+
+# One element per example: the top examples (kind 'top', bin 0) by rank, then the interval samples
+# (kind 'interval', bin = interval index) by bin and rank. positions/acts: the context's tokens where this
+# feature's activation is > 0, and those activations.
+EXAMPLE_LIST = DuckDBType("STRUCT(kind VARCHAR, bin INTEGER, rank INTEGER, context_id INTEGER, max_act FLOAT, "
+                          "max_pos INTEGER, positions INTEGER[], acts FLOAT[])[]")
+# One element per neighbouring SAE (previous/next layer with an SAE, or the same layer) with at least one
+# link, by other_sae_id (see precompute/links.py and the `links` view below).
+LINK_LIST = DuckDBType("STRUCT(other_sae_id VARCHAR, direction VARCHAR, other_features INTEGER[], coact FLOAT[], "
+                       "coact_rel FLOAT[], cosine FLOAT[])[]")
+SAE_NUMBER_SHIFT = 32
+
+
+def feature_key(sae_number: int, feature: int) -> int:
+    """features.feature_key: the SAE's number in its file and the feature index as one indexed BIGINT."""
+    return (sae_number << SAE_NUMBER_SHIFT) + feature
 
 
 def _key(type_=sa.Text) -> Mapped:
@@ -76,6 +107,7 @@ class SAE(Base):
     dead_share = mapped_column(sa.Float)  # of this run: features that never fired
     dense_share = mapped_column(sa.Float)  # of this run: features firing on > 10% of tokens
     card = mapped_column(sa.JSON)
+    number: Mapped[int] = mapped_column(sa.Integer)  # 0, 1, ... within the file: the high half of feature_key
 
 
 class Context(Base):
@@ -115,10 +147,13 @@ class Feature(Base):
     # Label shown on pages and searched; label_kind says who made it ("auto": featurescope.labels.auto_label).
     label = mapped_column(sa.Text)
     label_kind = mapped_column(sa.Text)
+    feature_key: Mapped[int] = mapped_column(sa.BigInteger)  # feature_key(sae number, feature), uniquely indexed
+    examples = mapped_column(EXAMPLE_LIST)  # [] when the feature never fired
+    links = mapped_column(LINK_LIST)  # [] when the run computed no links for it
 
 
 class Example(Base):
-    """One context shown for a feature: a top example (kind 'top', bin 0) or an interval sample."""
+    """The view `examples` (read-only): one row per element of features.examples, with the run's id."""
     __tablename__ = "examples"
     model_id: Mapped[str] = _key()
     sae_id: Mapped[str] = _key()
@@ -136,8 +171,9 @@ class Example(Base):
 
 
 class Link(Base):
-    """Features of a neighbouring SAE (previous/next layer with an SAE, or the same layer) linked to one
-    feature (precompute/links.py): co-activation links first (by coact_rel), then weight-only ones."""
+    """The view `links` (read-only): one row per element of features.links, the features of a
+    neighbouring SAE linked to one feature (precompute/links.py): co-activation links first (by
+    coact_rel), then weight-only ones."""
     __tablename__ = "links"
     model_id: Mapped[str] = _key()
     sae_id: Mapped[str] = _key()

@@ -37,7 +37,7 @@ from precompute.writer import SAEResult, write_run_db
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Part of every run id: bump it when a code change alters what a run stores, so old runs are not reused.
-RESULTS_VERSION = 3  # 3: cross-layer links
+RESULTS_VERSION = 4  # 3: cross-layer links; 4: one row per feature (schema 0004)
 
 
 @dataclass

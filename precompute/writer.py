@@ -2,7 +2,8 @@
 
 The file is created with the Alembic migrations (featurescope.db.upgrade), filled, closed, and only
 then published by the job (an os.replace into the data folder), so a reader never sees it half-written.
-Rows are inserted sorted by (sae_id, feature) so a feature page reads a contiguous range.
+Each SAE's statistics become three flat Arrow tables (features, examples, links), which
+`insert_features` nests into one row per feature (featurescope/schema.py says why).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pyarrow as pa
 
 from featurescope import db
 from featurescope.labels import LABEL_KIND_AUTO, auto_label
+from featurescope.schema import SAE_NUMBER_SHIFT
 
 
 @dataclass
@@ -185,19 +187,42 @@ def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict
         _insert(con, "contexts", pa.table({"run_id": [run_row["id"]] * len(contexts),
                                            "context_id": np.arange(len(contexts), dtype=np.int32),
                                            "token_ids": list_column(contexts.astype(np.int32), pa.int32())}))
-        for result in sorted(saes, key=lambda r: r.row["id"]):
+        for number, result in enumerate(sorted(saes, key=lambda r: r.row["id"])):
             sae_id = result.row["id"]
-            _insert(con, "saes", pa.Table.from_pylist([result.row]))
+            _insert(con, "saes", pa.Table.from_pylist([{**result.row, "number": number}]))
             labels = feature_labels(result.stats, result.static, contexts, vocab)
-            _insert(con, "features", features_table(model_row["id"], sae_id, result.stats, result.static, labels))
-            _insert(con, "examples", examples_table(model_row["id"], sae_id, run_row["id"], result.stats,
-                                                     result.interval_token_acts))
-            if result.links:
-                _insert(con, "links", links_table(model_row["id"], sae_id, result.links))
+            insert_features(con, number, features_table(model_row["id"], sae_id, result.stats, result.static, labels),
+                            examples_table(model_row["id"], sae_id, run_row["id"], result.stats, result.interval_token_acts),
+                            links_table(model_row["id"], sae_id, result.links))
         con.execute("COMMIT")
         con.execute("CHECKPOINT")
     finally:
         con.close()
+
+
+def insert_features(con: duckdb.DuckDBPyConnection, sae_number: int, features: pa.Table, examples: pa.Table,
+                    links: pa.Table) -> None:
+    """Insert one SAE's `features` rows: the columns of `features` (one row per feature), plus each
+    feature's rows of `examples` and `links` (the columns of the views of the same names, any order) as its
+    nested lists, and its feature_key. Rows go in sorted by feature."""
+    staged = {"_features": features, "_examples": examples, "_links": links}
+    for name, table in staged.items():
+        con.register(name, table)
+    names = ", ".join(f'"{c}"' for c in features.column_names)  # from our own code, not users
+    con.execute(f"""
+        INSERT INTO features ({names}, feature_key, examples, links)
+        SELECT {", ".join(f'f."{c}"' for c in features.column_names)}, ?::BIGINT * {2 ** SAE_NUMBER_SHIFT} + f.feature,
+               coalesce(ex.examples, []), coalesce(li.links, [])
+        FROM _features f
+        LEFT JOIN (SELECT feature, list(struct_pack(kind, bin, rank, context_id, max_act, max_pos, positions, acts)
+                                        ORDER BY kind <> 'top', bin, rank) AS examples
+                   FROM _examples GROUP BY feature) ex ON ex.feature = f.feature
+        LEFT JOIN (SELECT feature, list(struct_pack(other_sae_id, direction, other_features, coact, coact_rel, cosine)
+                                        ORDER BY other_sae_id) AS links
+                   FROM _links GROUP BY feature) li ON li.feature = f.feature
+        ORDER BY f.feature""", [sae_number])
+    for name in staged:
+        con.unregister(name)
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:

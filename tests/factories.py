@@ -31,6 +31,7 @@ from featurescope import db as fsdb
 from featurescope.flow import direction, neighbour_layers
 from featurescope.labels import LABEL_KIND_AUTO, auto_label
 from featurescope.schema import SAE, Context, Example, Feature, Link, Model, Run, Vocab
+from precompute.writer import insert_features
 
 HOSTILE_TOKENS = [
     "<script>alert(1)</script>",
@@ -87,8 +88,10 @@ def make_vocab(n_filler: int = 120) -> list[str]:
 
 def make_db(path: str | Path, *, model_id: str = "tiny-gemma-2", saes: Sequence[SAESpec] = DEFAULT_SAES,
             n_contexts: int = 96, context_len: int = 48, n_top: int = 8, n_bins: int = 5, per_bin: int = 2,
-            with_labels: bool = True, seed: int = 0) -> Path:
-    """Write a complete FeatureScope database at path (migrated to head) and return the path."""
+            with_labels: bool = True, seed: int = 0, config: dict | None = None) -> Path:
+    """Write a complete FeatureScope database at path (migrated to head) and return the path. `config`
+    adds to the run's precompute config (e.g. {"links": False}: a run without cross-layer links)."""
+    config = {"batch_size": 16, "seed": seed, **(config or {})}
     if HIST_BINS % n_bins:
         raise ValueError(f"n_bins must divide {HIST_BINS}: each activation interval is a whole number of histogram bins")
     path = Path(path)
@@ -104,7 +107,7 @@ def make_db(path: str | Path, *, model_id: str = "tiny-gemma-2", saes: Sequence[
     rows[Vocab] += [dict(model_id=model_id, token_id=i, text=t) for i, t in enumerate(vocab)]
     started = dt.datetime(2026, 11, 26, 12, 0, 0)
     rows[Run].append(dict(id=run_id, model_id=model_id, corpus="pydoc_data.topics", n_contexts=n_contexts,
-                          context_len=context_len, n_tokens=n_tokens, config={"batch_size": 16, "seed": seed},
+                          context_len=context_len, n_tokens=n_tokens, config=config,
                           status="complete", started_at=started, finished_at=started + dt.timedelta(seconds=95),
                           seconds=95.0))
     rows[Context] += [dict(run_id=run_id, context_id=c, token_ids=[int(t) for t in ids]) for c, ids in enumerate(contexts)]
@@ -122,11 +125,20 @@ def make_db(path: str | Path, *, model_id: str = "tiny-gemma-2", saes: Sequence[
         rows[Example] += [e for _, examples in features for e in examples]
         rows[SAE][-1]["dead_share"] = sum(f["n_firing"] == 0 for f, _ in features) / spec.d_sae
         rows[SAE][-1]["dense_share"] = sum(f["density"] > 0.1 for f, _ in features) / spec.d_sae
-    rows[Link] = _make_links(np.random.default_rng(seed + 1000), model_id, saes)  # own generator: other rows unchanged
+    rows[SAE] = [dict(row, number=number) for number, row in enumerate(sorted(rows[SAE], key=lambda r: r["id"]))]
+    if config.get("links", True):  # own generator: other rows unchanged
+        rows[Link] = _make_links(np.random.default_rng(seed + 1000), model_id, saes)
     engine = fsdb.engine_for(path)
     with engine.begin() as conn:
-        for table, table_rows in rows.items():
-            _bulk_insert(conn, table.__table__, table_rows)
+        for table in (Model, Vocab, Run, SAE, Context):
+            _bulk_insert(conn, table.__table__, rows[table])
+        flat_features = [c for c in Feature.__table__.columns if c.name not in ("feature_key", "examples", "links")]
+        for sae_row in rows[SAE]:
+            mine = lambda table: [r for r in rows[table] if r["sae_id"] == sae_row["id"]]  # noqa: E731
+            insert_features(conn.connection.driver_connection, sae_row["number"],
+                            pa.Table.from_pylist(mine(Feature), schema=_arrow_schema(flat_features)),
+                            pa.Table.from_pylist(mine(Example), schema=_arrow_schema(Example.__table__.columns)),
+                            pa.Table.from_pylist(mine(Link), schema=_arrow_schema(Link.__table__.columns)))
     engine.dispose()
     return path
 
@@ -140,12 +152,12 @@ def _bulk_insert(conn: sa.Connection, table: sa.Table, rows: list[dict]) -> None
             row[name] = json.dumps(row[name])
     staging = f"staging_{table.name}"
     names = [c.name for c in table.columns]
-    conn.connection.driver_connection.register(staging, pa.Table.from_pylist(rows, schema=_arrow_schema(table)))
+    conn.connection.driver_connection.register(staging, pa.Table.from_pylist(rows, schema=_arrow_schema(table.columns)))
     conn.execute(sa.insert(table).from_select(names, sa.select(*[sa.column(n) for n in names]).select_from(sa.table(staging))))
     conn.connection.driver_connection.unregister(staging)
 
 
-def _arrow_schema(table: sa.Table) -> pa.Schema:
+def _arrow_schema(columns) -> pa.Schema:
     def arrow_type(type_: sa.types.TypeEngine) -> pa.DataType:
         if isinstance(type_, sa.ARRAY):
             return pa.list_(arrow_type(type_.item_type))
@@ -159,7 +171,7 @@ def _arrow_schema(table: sa.Table) -> pa.Schema:
             return pa.timestamp("us")
         return pa.string()
 
-    return pa.schema([(c.name, arrow_type(c.type)) for c in table.columns])
+    return pa.schema([(c.name, arrow_type(c.type)) for c in columns])
 
 
 def _make_contexts(rng: np.random.Generator, vocab: list[str], n_contexts: int, context_len: int) -> np.ndarray:

@@ -1,8 +1,13 @@
 """Cross-layer links in the explorer: the feature page's upstream/downstream lists and their JSON twin,
-the lineage view (graph and JSON) with its depth/breadth/by parameters, and databases published before
-links existed (schema 0002), which are served without them."""
+the lineage view (graph and JSON) with its depth/breadth/by parameters, runs computed without links, and
+databases at an older schema revision, which `featurescope db upgrade` makes servable again."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from alembic import command
@@ -128,22 +133,46 @@ def test_lineage_page_draws_every_node_with_a_link(client):
     assert not [e for e in document.iter() if any(name.startswith("on") for name in e.attrs)]
 
 
-def test_a_database_from_before_links_is_served_without_them(tmp_path):
-    path = make_db(tmp_path / "db" / "old.duckdb", model_id="old", saes=(SAESpec("1-res-8", 1, "res", 8),
-                                                                        SAESpec("2-res-8", 2, "res", 8)))
+def test_an_older_database_is_listed_as_a_problem_until_db_upgrade_brings_it_back_unchanged(tmp_path):
+    saes = (SAESpec("1-res-8", 1, "res", 8), SAESpec("2-res-8", 2, "res", 8))
+    current = make_db(tmp_path / "current" / "db" / "old.duckdb", model_id="old", saes=saes)
+    with make_app_client(current.parent.parent) as client:
+        before = {url: client.get(url).json() for url in ("/old/1-res-8/2.json", "/old/2-res-8/5.json", "/old/1-res-8.json")}
+    assert before["/old/1-res-8/2.json"]["links"]["downstream"]
+    path = tmp_path / "db" / "old.duckdb"
+    path.parent.mkdir()
+    shutil.copy(current, path)
     cfg = fsdb.alembic_config(path)
     engine = fsdb.engine_for(path)
-    with engine.begin() as connection:
+    with engine.begin() as connection:  # schema 0003: examples and links in their own tables
         cfg.attributes["connection"] = connection
-        command.downgrade(cfg, "0002")
+        command.downgrade(cfg, "0003")
     engine.dispose()
-    assert fsdb.current_revision(path) == "0002"
+    assert fsdb.current_revision(path) == "0003"
+    served_old = tmp_path / "served-old" / "db" / "old.duckdb"  # a copy: a closed test app may still hold its file
+    served_old.parent.mkdir(parents=True)
+    shutil.copy(path, served_old)
+    with make_app_client(served_old.parent.parent) as client:
+        problems = client.get("/-/health").json()["problems"]
+        assert len(problems) == 1 and f"featurescope db upgrade {served_old}" in problems[0]["error"]
+        assert client.get("/old/1-res-8/2.json").status_code == 404
+    upgrade = subprocess.run([str(Path(sys.executable).parent / "featurescope"), "db", "upgrade", str(path)],
+                             capture_output=True, text=True, timeout=120)
+    assert upgrade.returncode == 0, upgrade.stderr
     with make_app_client(tmp_path) as client:
         assert client.get("/-/health").json()["problems"] == []
-        links = client.get("/old/1-res-8/2.json").json()["links"]
-        assert links == {"computed": False, "upstream": [], "downstream": [], "alongside": []}
-        page = parse_html(client.get("/old/1-res-8/2").text)
-        assert "published before cross-layer links" in page.find("section", id="links").text()
-        view = client.get("/old/1-res-8/2/lineage.json").json()
+        assert {url: client.get(url).json() for url in before} == before
+
+
+def test_a_run_without_links_says_so(tmp_path):
+    make_db(tmp_path / "db" / "nolinks.duckdb", model_id="nolinks", saes=(SAESpec("1-res-8", 1, "res", 8),
+                                                                          SAESpec("2-res-8", 2, "res", 8)),
+            config={"links": False})
+    with make_app_client(tmp_path) as client:
+        links = client.get("/nolinks/1-res-8/2.json").json()["links"]
+        assert links["computed"] is False
+        page = parse_html(client.get("/nolinks/1-res-8/2").text)
+        assert "without cross-layer links" in page.find("section", id="links").text()
+        view = client.get("/nolinks/1-res-8/2/lineage.json").json()
         assert view["links_computed"] is False and [n["id"] for n in view["nodes"]] == ["1-res-8/2"]
-        assert client.get("/old/1-res-8/2/lineage").status_code == 200
+        assert client.get("/nolinks/1-res-8/2/lineage").status_code == 200
