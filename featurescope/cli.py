@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,6 +19,7 @@ from featurescope.sites import parse_site
 from featurescope.training import TrainConfig
 
 USER_ERRORS = (FeatureScopeError,)
+MAX_DEFAULT_WORKERS = 8  # `serve --no-live` default: one process per core, up to this
 
 app = typer.Typer(
     help="FeatureScope: precompute and explore JumpReLU SAE features (Gemma Scope and your own).",
@@ -349,7 +351,7 @@ def serve(
     htmx_url: Annotated[str | None, typer.Option(help="Where pages load htmx 2 from (default: its CDN).")] = None,
     local_htmx: Annotated[bool, typer.Option("--local-htmx", help="Serve the local htmx copy in node_modules/ (npm install htmx.org@2) instead of the CDN's.")] = False,
     htmx_file: Annotated[Path | None, typer.Option(help="Serve this htmx.min.js instead of the CDN's.")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Server processes (about one per CPU core serves the most requests).")] = 1,
+    workers: Annotated[int | None, typer.Option(min=1, help="Server processes; each loads its own copy of the models for live encoding [default: 1, or one per CPU core (at most 8) with --no-live].")] = None,
     live: Annotated[bool, typer.Option("--live/--no-live", help="Live encoding, search and steering (loads each model and its SAEs into the server).")] = True,
     load: Annotated[str, typer.Option(help="When the server loads models for live encoding: 'startup' (in the background) or 'first-use'.")] = "startup",
     device: DeviceOpt = "auto",
@@ -368,13 +370,15 @@ def serve(
         raise typer.BadParameter(f"{local} does not exist (bash scripts/install_test_tools.sh installs htmx into node_modules/).")
     if load not in ("startup", "first-use"):
         raise typer.BadParameter(f"--load must be 'startup' or 'first-use', not {load!r}.")
+    if workers is None:  # stored pages only: a process per core; live encoding: the model once, in one process
+        workers = 1 if live else min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS)
     settings = Settings(data_dir=Path(data_dir).resolve(), host=host, port=port, htmx_url=htmx_url or HTMX_CDN_URL,
                         local_htmx=local, workers=workers, live=live, load_models=load, device=device, dtype=dtype,
                         max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, max_queue=max_queue,
                         max_new_tokens=max_new_tokens)
     if not settings.db_dir.is_dir():
         typer.echo(f"Note: {settings.db_dir} does not exist yet; the explorer shows databases as soon as they are published there.")
-    typer.echo(f"FeatureScope explorer: {settings.url}  (Ctrl+C to stop)")
+    typer.echo(f"FeatureScope explorer: {settings.url}  ({workers} server process{'es' if workers > 1 else ''}; Ctrl+C to stop)")
     _serve(settings)
 
 
@@ -389,8 +393,6 @@ def _serve(settings, preloaded: dict | None = None) -> None:
         uvicorn.run(create_app(settings, LiveService(settings, preloaded)), host=settings.host, port=settings.port,
                     log_level="warning")
         return
-    import os
-
     from app.main import SETTINGS_ENV
 
     os.environ[SETTINGS_ENV] = settings.to_json()

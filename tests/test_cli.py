@@ -62,3 +62,51 @@ def test_unknown_site_on_the_command_line_is_a_clear_error(tiny_gemma2_path, tmp
     np.savez(tmp_path / "params.npz", **random_sae_params(64, 32))
     result = run("encode", "hi", "--model", str(tiny_gemma2_path), "--sae", str(tmp_path), "--site", "9-res", "--device", "cpu")
     assert result.returncode == 2 and "has 4 layers (0 to 3)" in result.stderr
+
+
+@pytest.mark.parametrize("workers", [None, "2"])
+def test_serve_without_live_encoding_serves_from_one_process_per_core(tmp_path, workers):
+    """`featurescope serve --no-live` is the real command with uvicorn's worker processes (one per core by
+    default): every process answers the same pages."""
+    import os
+    import time
+    import urllib.request
+
+    from factories import make_data_dir
+    from test_browser import free_port
+
+    make_data_dir(tmp_path)
+    port = free_port()
+    args = [EXE, "serve", "--data-dir", str(tmp_path), "--port", str(port), "--no-live"] + (["--workers", workers] if workers else [])
+    expected = int(workers) if workers else min(os.cpu_count() or 1, 8)
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log)
+    try:
+        base, deadline, bodies = f"http://127.0.0.1:{port}", time.monotonic() + 60, set()
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{base}/-/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        for _ in range(20):  # new connections: the kernel spreads them over the worker processes
+            with urllib.request.urlopen(f"{base}/tiny-gemma-2/2-res-64/3.json", timeout=5) as response:
+                bodies.add(response.read())
+        assert len(bodies) == 1 and b'"index":3' in next(iter(bodies))
+        if expected > 1:  # uvicorn's supervisor plus its worker processes (multiprocessing may add a helper)
+            assert len(_children(server.pid)) >= expected
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=30)
+    assert f"{expected} server process" in out.decode(), out.decode() + (tmp_path / "serve.log").read_text()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
