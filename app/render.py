@@ -6,7 +6,6 @@ htmx asks for a fragment (its HX-Target header names the element to replace), an
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from app.present import visible
+from app.present import count, number, percent, visible
 from app.settings import Settings
 from app.urls import Urls
 
@@ -28,30 +27,6 @@ class TwinJSONResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
-
-
-def percent(share: float | None) -> str:
-    """A share of tokens as a percentage with useful precision at every scale (0.0032%, 0.41%, 12.5%)."""
-    if share is None or (isinstance(share, float) and math.isnan(share)):
-        return "–"
-    pct = share * 100
-    if pct == 0:
-        return "0%"
-    if pct >= 1:
-        return f"{pct:.1f}%"
-    if pct >= 0.01:
-        return f"{pct:.2f}%"
-    return f"{pct:.2g}%"
-
-
-def number(value: float | None, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.{digits}g}"
-
-
-def count(value: int | None) -> str:
-    return "–" if value is None else f"{value:,}"
 
 
 _DICT_ATTRIBUTES = frozenset(dir(dict))
