@@ -1,7 +1,8 @@
 """Server-side histograms as inline SVG, readable without JavaScript; every bar carries its exact range
-and count as an SVG <title> tooltip. `Chart.svg()` writes the markup: every text it draws goes through
-markupsafe.escape (what Jinja's autoescape calls); everything else is a formatted number. A chart has
-~50 bars, and drawing them through a template loop cost more than the page's database queries.
+and count as an SVG <title> tooltip. `histogram()` draws the bars and `Chart.svg()` the rest: every text
+they draw goes through markupsafe.escape (what Jinja's autoescape calls); everything else is a formatted
+number. A chart has ~50 bars, and drawing them through a template loop cost more than the page's database
+queries; they are drawn in the loop that computes them (a feature page draws two charts per request).
 
     activation_histogram(feature["activation_histogram"]) -> Chart
     logit_histogram(feature["logits"]["histogram"])         -> Chart
@@ -22,15 +23,6 @@ LEFT, RIGHT, TOP, BOTTOM = 44, 10, 10, 34
 SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
-class Bar(NamedTuple):  # a chart has ~50: a NamedTuple is built several times faster than a frozen dataclass
-    x: float
-    y: float
-    width: float
-    height: float
-    tip: str
-    accent: bool = False
-
-
 class Tick(NamedTuple):
     x: float
     label: str
@@ -41,7 +33,7 @@ class Chart:
     title: str
     x_label: str
     y_label: str
-    bars: list[Bar] = field(default_factory=list)
+    bars: Markup = Markup()  # the <rect>s, drawn by histogram()
     x_ticks: list[Tick] = field(default_factory=list)
     y_max: str = ""
     empty: str = ""  # shown instead of bars when there is nothing to draw
@@ -64,11 +56,7 @@ class Chart:
                f'<line class="axis" x1="{self.plot_left}" y1="{self.plot_bottom}" x2="{self.plot_right}" y2="{self.plot_bottom}"/>',
                f'<text class="ylab" x="{self.plot_left - 6}" y="{self.plot_top + 8}" text-anchor="end">{e(self.y_max)}</text>',
                f'<text class="ylab" x="{self.plot_left - 6}" y="{self.plot_bottom}" text-anchor="end">0</text>']
-        unit = e(self.y_label)
-        for b in self.bars:
-            css = "bar accent" if b.accent else "bar"
-            out.append(f'<rect class="{css}" x="{b.x:g}" y="{b.y:g}" width="{b.width:g}" height="{b.height:g}">'
-                       f'<title>{e(b.tip)} {unit}</title></rect>')
+        out.append(self.bars)
         if self.marker_x is not None:
             out.append(f'<line class="marker" x1="{self.marker_x:g}" y1="{self.plot_top}" x2="{self.marker_x:g}" y2="{self.plot_bottom}"/>')
         for t in self.x_ticks:
@@ -94,17 +82,18 @@ def histogram(counts: Sequence[int], lo: float, hi: float, *, title: str, x_labe
         return round(LEFT + (value - lo) / (hi - lo) * plot_w, 2)
 
     edges = [lo + i * step for i in range(len(counts) + 1)]
-    shown = [fmt(edge) for edge in edges]
-    width = max(round(plot_w / len(counts) - 1, 2), 0.5)
+    shown = [escape(fmt(edge)) for edge in edges]
+    width, unit = f"{max(round(plot_w / len(counts) - 1, 2), 0.5):g}", escape(y_label)
     bars = []
     for i, count in enumerate(counts):
         height = round(count / peak * plot_h, 2)
-        bars.append(Bar(x_of(edges[i]), round(TOP + plot_h - height, 2), width, height,
-                        f"[{shown[i]}, {shown[i + 1]}): {count:,}", bool(accent and accent(edges[i], edges[i + 1]))))
+        css = "bar accent" if accent and accent(edges[i], edges[i + 1]) else "bar"
+        bars.append(f'<rect class="{css}" x="{x_of(edges[i]):g}" y="{round(TOP + plot_h - height, 2):g}" width="{width}" '
+                    f'height="{height:g}"><title>[{shown[i]}, {shown[i + 1]}): {count:,} {unit}</title></rect>')
     tick_fmt = tick_fmt or fmt
     x_ticks = [Tick(x_of(t), tick_fmt(t)) for t in ticks if lo <= t <= hi]
     summary = f"{title}: {total:,} in {len(counts)} bins from {fmt(lo)} to {fmt(hi)}; the tallest bin holds {peak:,}."
-    return Chart(title, x_label, y_label, bars, x_ticks, f"{peak:,}",
+    return Chart(title, x_label, y_label, Markup("".join(bars)), x_ticks, f"{peak:,}",
                  marker_x=x_of(marker) if marker is not None and lo <= marker <= hi else None, summary=summary, kind=kind)
 
 
