@@ -13,8 +13,10 @@ formatted floats.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Literal
 
 from markupsafe import Markup, escape
@@ -23,6 +25,7 @@ from app.data import TokenTexts
 
 ContextMode = Literal["snippet", "full"]
 SNIPPET_BEFORE, SNIPPET_AFTER = 12, 4  # tokens shown around an example's maximum in snippet mode
+LINK_GROUPS = (("upstream", "Upstream"), ("downstream", "Downstream"), ("alongside", "Same site"))
 _MARKS = str.maketrans({" ": "·", "\n": "↵", "\t": "⇥", "\r": "↵"})
 
 
@@ -144,3 +147,10 @@ def show_examples(feature: dict[str, Any], mode: ContextMode, forms: TokenForms)
         "intervals": [dict(interval, shown=example_rows(interval["examples"], feature_max, mode, forms))
                       for interval in reversed(feature["intervals"])],
     }
+
+
+def link_groups(links: dict[str, Any]) -> list[tuple[str, str, list[tuple[str, list[dict[str, Any]]]]]]:
+    """A feature's cross-layer links (data.feature_links) as templates/_links.html lists them: per group that
+    has links, (group, title, runs), a run being the consecutive links into one SAE, (sae_id, links)."""
+    return [(group, title, [(sae_id, list(run)) for sae_id, run in itertools.groupby(links[group], itemgetter("sae_id"))])
+            for group, title in LINK_GROUPS if links[group]]

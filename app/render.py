@@ -14,7 +14,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from app.present import count, number, percent, visible
+from app.present import count, link_groups, number, percent, visible
 from app.settings import Settings
 from app.urls import Urls
 
@@ -51,7 +51,8 @@ class Renderer:
         self.env = Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, auto_reload=False,
                                undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         self.env.globals.update(urls=urls, settings=settings, htmx_integrity=settings.htmx_integrity)
-        self.env.filters.update(percent=percent, number=number, count=count, visible=visible)
+        self.env.filters.update(percent=percent, number=number, count=count, visible=visible,
+                                link_groups=link_groups)
 
     def html(self, template: str, status: int = 200, **context: Any) -> HTMLResponse:
         return HTMLResponse(self.env.get_template(template).render(**context), status_code=status,
