@@ -8,9 +8,9 @@ Every feature of the "cold" pass is one the server has not been asked for yet, s
 cached; the "warm" pass asks again, in random order, for the last 100 features of the cold pass (a
 cache's best case). HTML and JSON use different features.
 
-    .venv/bin/python bench/serve.py                      # builds a factory database (6,144 features)
-    .venv/bin/python bench/serve.py --data-dir data      # the demo's published data instead
-    .venv/bin/python bench/serve.py --workers 2          # two server processes
+    .venv/bin/python bench/serve.py --data-dir data      # the demo's published data (8,192 features)
+    .venv/bin/python bench/serve.py                      # a factory database instead (6,144 features)
+    .venv/bin/python bench/serve.py --workers 1          # one server process (default: serve's, one per core)
 
 The client is a few lines of asyncio on raw sockets (HTTP/1.1 keep-alive), because it shares the
 machine's cores with the server: an HTTP library's parsing would cost the server CPU time.
@@ -56,7 +56,7 @@ def build_bench_data(folder: Path) -> Path:
     return folder
 
 
-def start_server(data_dir: Path, port: int, log: Path, workers: int = 1) -> subprocess.Popen:
+def start_server(data_dir: Path, port: int, log: Path, workers: int) -> subprocess.Popen:
     """`featurescope serve --no-live`: the page is measured without a model loading beside it."""
     with open(log, "wb") as out:  # a file, not a pipe nobody reads: a full pipe would block the server's logging
         server = subprocess.Popen([str(ROOT / ".venv/bin/featurescope"), "serve", "--data-dir", str(data_dir), "--port",
@@ -153,7 +153,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="Serve this data dir instead of building a factory database.")
     parser.add_argument("--requests", type=int, default=2000, help="Requests per pass (HTML and JSON, cold and warm).")
     parser.add_argument("--clients", type=int, default=8, help="Concurrent clients.")
-    parser.add_argument("--workers", type=int, default=1, help="Server processes (featurescope serve --workers).")
+    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                        help="Server processes (featurescope serve --workers; the default is serve's with --no-live).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
