@@ -31,7 +31,7 @@ from app.errors import InvalidParameter, NotFound, nearest_names
 from featurescope.db import head_revision
 from featurescope.labels import LABEL_KIND_AUTO, auto_label
 from featurescope.flow import flow_key
-from featurescope.schema import SAE, Context, Example, Feature, Model, Run, Vocab, feature_key
+from featurescope.schema import SAE, Context, Feature, IntList, Model, Run, Vocab, feature_key
 
 DENSE_THRESHOLD = 0.1  # the Gemma Scope report's "dense": fires on more than 10% of tokens
 DENSITY_BINS_PER_DECADE = 4
@@ -345,12 +345,11 @@ def sae_view(catalog: Catalog, model_id: str, sae_id: str, query: FeatureQuery) 
         pages = max(1, math.ceil(total / query.size))
         rows = conn.execute(
             sa.select(Feature.feature, Feature.label, Feature.label_kind, Feature.density, Feature.max_act,
-                      Feature.n_firing, Feature.logit_pos_ids)
+                      Feature.n_firing, Feature.logit_pos_ids, Feature.peak_token_ids)
             .where(*where).order_by(order, Feature.feature).limit(query.size).offset((query.page - 1) * query.size)).all()
-        peaks = _peak_tokens(conn, sae, [r.feature for r in rows])
     features = []
     for r in rows:
-        peak_ids = peaks.get(r.feature, [])
+        peak_ids = list(r.peak_token_ids or [])
         label, kind = _label(r.label, r.label_kind, peak_ids, r.logit_pos_ids, vocab)
         top = Counter(peak_ids).most_common(PEAK_TOKENS_SHOWN)
         features.append({"index": r.feature, "label": label, "label_kind": kind, "density": r.density,
@@ -377,12 +376,7 @@ def _table_conditions(sae: SAEInfo, query: FeatureQuery, vocab: TokenTexts) -> l
         where.append(Feature.label.icontains(query.q, autoescape=True))
     if query.token:
         token_ids = vocab.ids_for(query.token)
-        peak = sa.func.list_extract(Context.token_ids, Example.max_pos + 1)  # DuckDB lists are 1-indexed
-        peaking = (sa.select(Example.feature).join(Context, sa.and_(Context.run_id == Example.run_id,
-                                                                    Context.context_id == Example.context_id))
-                   .where(Example.model_id == sae.model_id, Example.sae_id == sae.id, Example.kind == "top",
-                          peak.in_(token_ids)))
-        where.append(Feature.feature.in_(peaking))
+        where.append(sa.func.list_has_any(Feature.peak_token_ids, sa.bindparam("token_ids", token_ids, IntList)))
     return where
 
 
@@ -390,16 +384,9 @@ def _peak_tokens(conn: sa.Connection, sae: SAEInfo, features: list[int]) -> dict
     """Token id at the maximum of each top example, strongest example first, for each feature."""
     if not features:
         return {}
-    rows = conn.execute(sa.select(Feature.feature, Feature.examples).where(
+    rows = conn.execute(sa.select(Feature.feature, Feature.peak_token_ids).where(
         Feature.feature_key.in_([feature_key(sae.number, f) for f in features]))).all()
-    contexts = context_store(sae)
-    found: dict[int, list[int]] = {}
-    for feature, examples in rows:
-        for e in examples or ():
-            tokens = contexts.tokens(e["context_id"])
-            if e["kind"] == "top" and 0 <= e["max_pos"] < len(tokens):
-                found.setdefault(feature, []).append(tokens[e["max_pos"]])
-    return found
+    return {feature: list(peaks) for feature, peaks in rows if peaks}
 
 
 def _label(stored: str | None, kind: str | None, peak_ids: list[int], promoted_ids: list[int] | None,
@@ -492,8 +479,7 @@ def _read_feature(sae: SAEInfo, vocab: TokenTexts, index: int) -> StoredFeature:
     contexts = context_store(sae)
     examples = [_example(e, contexts, vocab) for e in row["examples"] or ()]
     top = [e for e, stored in zip(examples, row["examples"] or ()) if stored["kind"] == "top"]
-    label, label_kind = _label(row["label"], row["label_kind"], [e["token_ids"][e["max_pos"]] for e in top],
-                               row["logit_pos_ids"], vocab)
+    label, label_kind = _label(row["label"], row["label_kind"], row["peak_token_ids"] or [], row["logit_pos_ids"], vocab)
     page = {
         "model_id": sae.model_id, "sae": sae.as_dict(), "index": index, "label": label, "label_kind": label_kind,
         "n_firing": row["n_firing"], "density": row["density"], "max_act": row["max_act"], "mean_act": row["mean_act"],

@@ -150,6 +150,7 @@ class Feature(Base):
     feature_key: Mapped[int] = mapped_column(sa.BigInteger)  # feature_key(sae number, feature), uniquely indexed
     examples = mapped_column(EXAMPLE_LIST)  # [] when the feature never fired
     links = mapped_column(LINK_LIST)  # [] when the run computed no links for it
+    peak_token_ids = mapped_column(IntList)  # the token at each top example's maximum, strongest first
 
 
 class Example(Base):

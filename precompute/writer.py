@@ -200,23 +200,31 @@ def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict
         con.close()
 
 
+NESTED_COLUMNS = ("feature_key", "examples", "links", "peak_token_ids")  # the features columns insert_features fills
+
+
 def insert_features(con: duckdb.DuckDBPyConnection, sae_number: int, features: pa.Table, examples: pa.Table,
                     links: pa.Table) -> None:
     """Insert one SAE's `features` rows: the columns of `features` (one row per feature), plus each
     feature's rows of `examples` and `links` (the columns of the views of the same names, any order) as its
-    nested lists, and its feature_key. Rows go in sorted by feature."""
+    nested lists, the tokens its top examples peak on (from the `contexts` table, filled before), and its
+    feature_key. Rows go in sorted by feature."""
     staged = {"_features": features, "_examples": examples, "_links": links}
     for name, table in staged.items():
         con.register(name, table)
     names = ", ".join(f'"{c}"' for c in features.column_names)  # from our own code, not users
     con.execute(f"""
-        INSERT INTO features ({names}, feature_key, examples, links)
+        INSERT INTO features ({names}, feature_key, examples, peak_token_ids, links)
         SELECT {", ".join(f'f."{c}"' for c in features.column_names)}, ?::BIGINT * {2 ** SAE_NUMBER_SHIFT} + f.feature,
-               coalesce(ex.examples, []), coalesce(li.links, [])
+               coalesce(ex.examples, []), coalesce(ex.peak_token_ids, []), coalesce(li.links, [])
         FROM _features f
-        LEFT JOIN (SELECT feature, list(struct_pack(kind, bin, rank, context_id, max_act, max_pos, positions, acts)
-                                        ORDER BY kind <> 'top', bin, rank) AS examples
-                   FROM _examples GROUP BY feature) ex ON ex.feature = f.feature
+        LEFT JOIN (SELECT e.feature,
+                          list(struct_pack(kind := e.kind, bin := e.bin, rank := e.rank, context_id := e.context_id, max_act := e.max_act,
+                                      max_pos := e.max_pos, positions := e.positions, acts := e.acts)
+                               ORDER BY e.kind <> 'top', e.bin, e.rank) AS examples,
+                          list(c.token_ids[e.max_pos + 1] ORDER BY e.rank) FILTER (WHERE e.kind = 'top') AS peak_token_ids
+                   FROM _examples e JOIN contexts c ON c.run_id = e.run_id AND c.context_id = e.context_id
+                   GROUP BY e.feature) ex ON ex.feature = f.feature
         LEFT JOIN (SELECT feature, list(struct_pack(other_sae_id, direction, other_features, coact, coact_rel, cosine)
                                         ORDER BY other_sae_id) AS links
                    FROM _links GROUP BY feature) li ON li.feature = f.feature

@@ -31,7 +31,7 @@ from featurescope import db as fsdb
 from featurescope.flow import direction, neighbour_layers
 from featurescope.labels import LABEL_KIND_AUTO, auto_label
 from featurescope.schema import SAE, Context, Example, Feature, Link, Model, Run, Vocab
-from precompute.writer import insert_features
+from precompute.writer import NESTED_COLUMNS, insert_features
 
 HOSTILE_TOKENS = [
     "<script>alert(1)</script>",
@@ -132,7 +132,7 @@ def make_db(path: str | Path, *, model_id: str = "tiny-gemma-2", saes: Sequence[
     with engine.begin() as conn:
         for table in (Model, Vocab, Run, SAE, Context):
             _bulk_insert(conn, table.__table__, rows[table])
-        flat_features = [c for c in Feature.__table__.columns if c.name not in ("feature_key", "examples", "links")]
+        flat_features = [c for c in Feature.__table__.columns if c.name not in NESTED_COLUMNS]
         for sae_row in rows[SAE]:
             mine = lambda table: [r for r in rows[table] if r["sae_id"] == sae_row["id"]]  # noqa: E731
             insert_features(conn.connection.driver_connection, sae_row["number"],

@@ -65,6 +65,26 @@ def one_run(tiny_gemma2, tiny_gemma2_path, sae_dirs, tmp_path_factory):
     return cfg, path
 
 
+def test_each_feature_row_holds_its_examples_in_order_with_their_peak_tokens(one_run):
+    _, path = one_run
+    con = duckdb.connect(str(path), read_only=True)
+    rows = con.execute("SELECT sae_id, feature, feature_key, examples, peak_token_ids FROM features ORDER BY sae_id, feature").fetchall()
+    numbers = dict(con.execute("SELECT id, number FROM saes").fetchall())
+    contexts = dict(con.execute("SELECT context_id, token_ids FROM contexts").fetchall())
+    con.close()
+    assert sorted(numbers.values()) == list(range(len(numbers)))
+    fired = 0
+    for sae_id, feature, key, examples, peaks in rows:
+        assert key == (numbers[sae_id] << 32) + feature
+        order = [(e["kind"] != "top", e["bin"], e["rank"]) for e in examples]
+        assert order == sorted(order)  # top examples by rank, then intervals by bin and rank
+        top = [e for e in examples if e["kind"] == "top"]
+        assert [e["rank"] for e in top] == list(range(len(top)))
+        assert peaks == [contexts[e["context_id"]][e["max_pos"]] for e in top]
+        fired += bool(top)
+    assert fired > 0
+
+
 def test_stored_per_token_activations_equal_the_live_encoder(one_run, tiny_gemma2):
     cfg, path = one_run
     lm = tiny_gemma2

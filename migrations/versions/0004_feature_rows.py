@@ -1,5 +1,6 @@
 """One row per feature: a feature's examples and cross-layer links move into its features row
-(features.examples, features.links), which gets a single-column key, features.feature_key =
+(features.examples, features.links, and features.peak_token_ids: the token at each top example's
+maximum), which gets a single-column key, features.feature_key =
 saes.number * 2**32 + feature, with a unique index. A feature page becomes one indexed point lookup;
 the tables examples and links become views over the nested lists, so SQL over them keeps working.
 
@@ -41,13 +42,20 @@ def upgrade() -> None:
     op.execute("ALTER TABLE features ADD COLUMN feature_key BIGINT")
     op.execute(f"ALTER TABLE features ADD COLUMN examples {EXAMPLE_LIST}")
     op.execute(f"ALTER TABLE features ADD COLUMN links {LINK_LIST}")
+    op.execute("ALTER TABLE features ADD COLUMN peak_token_ids INTEGER[]")
     op.execute("""
-UPDATE features SET feature_key = p.feature_key, examples = coalesce(p.examples, []), links = coalesce(p.links, [])
-FROM (SELECT f.model_id, f.sae_id, f.feature, s.number::BIGINT * 4294967296 + f.feature AS feature_key, ex.examples, li.links
+UPDATE features SET feature_key = p.feature_key, examples = coalesce(p.examples, []), links = coalesce(p.links, []),
+                    peak_token_ids = coalesce(p.peak_token_ids, [])
+FROM (SELECT f.model_id, f.sae_id, f.feature, s.number::BIGINT * 4294967296 + f.feature AS feature_key, ex.examples,
+             ex.peak_token_ids, li.links
       FROM features f JOIN saes s ON s.model_id = f.model_id AND s.id = f.sae_id
-      LEFT JOIN (SELECT model_id, sae_id, feature, list(struct_pack(kind, bin, rank, context_id, max_act, max_pos, positions, acts)
-                                                         ORDER BY kind <> 'top', bin, rank) AS examples
-                 FROM examples GROUP BY ALL) ex ON ex.model_id = f.model_id AND ex.sae_id = f.sae_id AND ex.feature = f.feature
+      LEFT JOIN (SELECT e.model_id, e.sae_id, e.feature,
+                        list(struct_pack(kind := e.kind, bin := e.bin, rank := e.rank, context_id := e.context_id, max_act := e.max_act,
+                                      max_pos := e.max_pos, positions := e.positions, acts := e.acts)
+                             ORDER BY e.kind <> 'top', e.bin, e.rank) AS examples,
+                        list(c.token_ids[e.max_pos + 1] ORDER BY e.rank) FILTER (WHERE e.kind = 'top') AS peak_token_ids
+                 FROM examples e JOIN contexts c ON c.run_id = e.run_id AND c.context_id = e.context_id
+                 GROUP BY ALL) ex ON ex.model_id = f.model_id AND ex.sae_id = f.sae_id AND ex.feature = f.feature
       LEFT JOIN (SELECT model_id, sae_id, feature, list(struct_pack(other_sae_id, direction, other_features, coact, coact_rel, cosine)
                                                          ORDER BY other_sae_id) AS links
                  FROM links GROUP BY ALL) li ON li.model_id = f.model_id AND li.sae_id = f.sae_id AND li.feature = f.feature) p
@@ -63,7 +71,7 @@ def downgrade() -> None:
     # DuckDB cannot drop an indexed column in the transaction that drops its index: rebuild the table instead.
     op.execute("CREATE TEMP TABLE old_examples AS SELECT * FROM examples")
     op.execute("CREATE TEMP TABLE old_links AS SELECT * FROM links")
-    op.execute("CREATE TEMP TABLE old_features AS SELECT * EXCLUDE (feature_key, examples, links) FROM features")
+    op.execute("CREATE TEMP TABLE old_features AS SELECT * EXCLUDE (feature_key, examples, links, peak_token_ids) FROM features")
     op.execute("DROP VIEW examples")
     op.execute("DROP VIEW links")
     op.drop_table("features")
