@@ -26,6 +26,7 @@ from app.data import TokenTexts
 ContextMode = Literal["snippet", "full"]
 SNIPPET_BEFORE, SNIPPET_AFTER = 12, 4  # tokens shown around an example's maximum in snippet mode
 LINK_GROUPS = (("upstream", "Upstream"), ("downstream", "Downstream"), ("alongside", "Same site"))
+_UNKNOWN = '<span class="t special">&lt;unk {}&gt;</span>'  # a token id outside the vocabulary
 _MARKS = str.maketrans({" ": "·", "\n": "↵", "\t": "⇥", "\r": "↵"})
 
 
@@ -109,8 +110,7 @@ def token_spans(example: dict[str, Any], scale: float, mode: ContextMode, forms:
     else:
         start, stop = 0, len(token_ids)
     quiet, n_forms = forms.quiet, len(forms.quiet)
-    parts = [quiet[t] if 0 <= t < n_forms else f'<span class="t special">&lt;unk {int(t)}&gt;</span>'
-             for t in token_ids[start:stop]]
+    parts = [quiet[t] if 0 <= t < n_forms else _UNKNOWN.format(int(t)) for t in token_ids[start:stop]]
     acts = dict(zip(example["positions"], example["acts"]))
     for pos, act in acts.items():
         if act > 0 and start <= pos < stop and pos != max_pos:
@@ -124,7 +124,7 @@ def token_spans(example: dict[str, Any], scale: float, mode: ContextMode, forms:
 
 def _firing_span(token_id: int, act: float, scale: float, peak: str, forms: TokenForms) -> str:
     if not 0 <= token_id < len(forms.css):
-        return f'<span class="t special">&lt;unk {int(token_id)}&gt;</span>'
+        return _UNKNOWN.format(int(token_id))
     style = f' style="--a:{min(act * scale, 1.0):.2f}" title="{act:.6g}"' if act > 0 else ""
     return f'<span class="t {forms.css[token_id]}{peak}"{style}>{forms.text[token_id]}</span>'
 
