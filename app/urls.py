@@ -10,6 +10,7 @@ Model and SAE ids are data, so the app's own pages live under /-/ where no id ca
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -19,6 +20,7 @@ APP_PREFIX = "/-"
 LOCAL_HTMX_PATH = f"{APP_PREFIX}/static/htmx.min.js"
 
 
+@functools.lru_cache(maxsize=4096)  # a feature page links ~30 times to a handful of model and SAE ids
 def _segment(value: str | int) -> str:
     return quote(str(value), safe="")
 
@@ -26,6 +28,8 @@ def _segment(value: str | int) -> str:
 def _with(path: str, fmt: str | None, params: dict[str, Any]) -> str:
     if fmt:
         path = f"{path}.{fmt}"
+    if not params:
+        return path
     query = urlencode({k: v for k, v in params.items() if v is not None and v != "" and v != []}, doseq=True)
     return f"{path}?{query}" if query else path
 
