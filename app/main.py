@@ -9,7 +9,6 @@ URLs) that link to the nearest valid choices; malformed query parameters give 42
 
 from __future__ import annotations
 
-import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -62,15 +61,6 @@ def create_app(settings: Settings, live_service: LiveService | None = None) -> F
     app.include_router(lineage.router)
     _add_error_pages(app)
     return app
-
-
-SETTINGS_ENV = "FEATURESCOPE_SERVE_SETTINGS"
-
-
-def create_app_from_environment() -> FastAPI:
-    """create_app for uvicorn's multi-process mode (`featurescope serve --workers N`), where each worker
-    imports the app by name: the settings travel as JSON in FEATURESCOPE_SERVE_SETTINGS."""
-    return create_app(Settings.from_json(os.environ[SETTINGS_ENV]))
 
 
 def _wants_json(request: Request) -> bool:

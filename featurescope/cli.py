@@ -383,21 +383,10 @@ def serve(
 
 
 def _serve(settings, preloaded: dict | None = None) -> None:
-    """Run uvicorn on create_app(settings); `preloaded` models ({id: LoadedModel}) are shared with live encoding."""
-    import uvicorn
+    """Run the explorer (app/serving.py); `preloaded` models ({id: LoadedModel}) are shared with live encoding."""
+    from app.serving import serve
 
-    from app import create_app
-    from app.live import LiveService
-
-    if settings.workers == 1:
-        uvicorn.run(create_app(settings, LiveService(settings, preloaded)), host=settings.host, port=settings.port,
-                    log_level="warning")
-        return
-    from app.main import SETTINGS_ENV
-
-    os.environ[SETTINGS_ENV] = settings.to_json()
-    uvicorn.run("app.main:create_app_from_environment", factory=True, workers=settings.workers, host=settings.host,
-                port=settings.port, log_level="warning")
+    serve(settings, preloaded)
 
 
 def main() -> None:

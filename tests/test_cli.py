@@ -66,8 +66,9 @@ def test_unknown_site_on_the_command_line_is_a_clear_error(tiny_gemma2_path, tmp
 
 @pytest.mark.parametrize("workers", [None, "2"])
 def test_serve_without_live_encoding_serves_from_one_process_per_core(tmp_path, workers):
-    """`featurescope serve --no-live` is the real command with uvicorn's worker processes (one per core by
-    default): every process answers the same pages."""
+    """`featurescope serve --no-live` is the real command, with one worker process per core by default:
+    each has its own socket on the port (SO_REUSEPORT), and the kernel spreads connections over all of them."""
+    import json
     import os
     import time
     import urllib.request
@@ -89,12 +90,14 @@ def test_serve_without_live_encoding_serves_from_one_process_per_core(tmp_path, 
                     break
             except OSError:
                 time.sleep(0.2)
-        for _ in range(20):  # new connections: the kernel spreads them over the worker processes
+        pids = set()
+        for _ in range(40):  # new connections: the kernel spreads them over the worker processes
             with urllib.request.urlopen(f"{base}/tiny-gemma-2/2-res-64/3.json", timeout=5) as response:
                 bodies.add(response.read())
+            with urllib.request.urlopen(f"{base}/-/health", timeout=5) as response:
+                pids.add(json.load(response)["pid"])
         assert len(bodies) == 1 and b'"index":3' in next(iter(bodies))
-        if expected > 1:  # uvicorn's supervisor plus its worker processes (multiprocessing may add a helper)
-            assert len(_children(server.pid)) >= expected
+        assert len(pids) == expected and pids <= set(_children(server.pid)) | {server.pid}
     finally:
         server.terminate()
         out, _ = server.communicate(timeout=30)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 
@@ -14,7 +16,7 @@ router = APIRouter(prefix=APP_PREFIX, tags=["app"])
 
 @router.get("/health", summary="Liveness and what the server is serving")
 def health(catalog: CatalogDep, render: RendererDep) -> Response:
-    return render.json({"status": "ok", "databases": catalog.n_files, "models": len(catalog.models),
+    return render.json({"status": "ok", "pid": os.getpid(), "databases": catalog.n_files, "models": len(catalog.models),
                         "saes": sum(len(m.saes) for m in catalog.models.values()),
                         "problems": [{"database": p.name, "error": p.error} for p in catalog.problems]})
 
