@@ -19,7 +19,7 @@ import math
 import random
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -215,6 +215,9 @@ class TokenTexts:
         except IndexError:
             return [self[t] for t in token_ids]
 
+    def lazy(self, token_ids: list[int]) -> "TokenStrings":
+        return TokenStrings(self, token_ids)
+
     def ids_for(self, text: str) -> list[int]:
         """Tokens whose text is `text`; a query without surrounding whitespace (" Paris" typed as "Paris")
         also matches tokens that differ from it only in surrounding whitespace."""
@@ -251,6 +254,28 @@ def token_texts(model: ModelInfo) -> TokenTexts:
         return TokenTexts(texts)
 
     return _cached_per_file(model.file, ("vocab", model.id), build)
+
+
+class TokenStrings(Sequence[str]):
+    """The texts of a token id sequence, looked up when read: a feature page holds thousands of example
+    tokens, which the HTML page renders from their ids and only the JSON twin writes out as text
+    (app/render.py serialises this as a list)."""
+    __slots__ = ("_vocab", "_ids")
+
+    def __init__(self, vocab: TokenTexts, token_ids: list[int]) -> None:
+        self._vocab, self._ids = vocab, token_ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._vocab.many(self._ids[i]) if isinstance(i, slice) else self._vocab[self._ids[i]]
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, TokenStrings)) else NotImplemented
+
+    def as_list(self) -> list[str]:
+        return self._vocab.many(self._ids)
 
 
 # ---------------------------------------------------------------------------------------------- contexts
@@ -500,7 +525,7 @@ def _read_feature(sae: SAEInfo, vocab: TokenTexts, index: int) -> StoredFeature:
 def _example(e: dict[str, Any], contexts: ContextStore, vocab: TokenTexts) -> dict[str, Any]:
     token_ids = contexts.tokens(e["context_id"])
     return {"context_id": e["context_id"], "max_act": e["max_act"], "max_pos": e["max_pos"], "token_ids": token_ids,
-            "tokens": vocab.many(token_ids), "positions": e["positions"], "acts": e["acts"]}
+            "tokens": vocab.lazy(token_ids), "positions": e["positions"], "acts": e["acts"]}
 
 
 def _intervals(row: sa.RowMapping, examples: list[dict[str, Any]], stored: list[dict[str, Any]]) -> list[dict[str, Any]]:

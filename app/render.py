@@ -14,6 +14,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from app.data import TokenStrings
 from app.present import count, link_groups, number, percent, visible
 from app.settings import Settings
 from app.urls import Urls
@@ -26,7 +27,13 @@ class TwinJSONResponse(JSONResponse):
     (orjson's rule)."""
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps(content, default=_as_json, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _as_json(value: Any) -> Any:
+    if isinstance(value, TokenStrings):
+        return value.as_list()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 _DICT_ATTRIBUTES = frozenset(dir(dict))
