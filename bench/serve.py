@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 def build_bench_data(folder: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the precompute package, not bench/precompute.py
     from factories import SAESpec, make_db
 
     started = time.perf_counter()
