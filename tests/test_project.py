@@ -57,3 +57,16 @@ def test_imports_point_one_way(package, forbidden):
             continue  # the command line is the composition root: it wires the job and the server together
         bad = _imported_top_packages(path) & forbidden
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_explorer_benchmark_runs_against_a_real_server():
+    """bench/serve.py stays runnable (its figures are read, not asserted): a factory database, a real
+    `featurescope serve` with two worker processes, every page answered."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--requests", "40", "--workers", "2"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("feature ")]
+    assert len(lines) == 4 and all(line.endswith("errors 0") for line in lines), result.stdout
