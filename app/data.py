@@ -36,7 +36,7 @@ from featurescope.schema import SAE, Context, Feature, IntList, Model, Run, Voca
 DENSE_THRESHOLD = 0.1  # the Gemma Scope report's "dense": fires on more than 10% of tokens
 DENSITY_BINS_PER_DECADE = 4
 PEAK_TOKENS_SHOWN = 3
-FEATURES_CACHED = 128  # per file; a feature's stored data is ~100 KB of Python objects, mostly example tokens
+FEATURES_CACHED = 128  # per file; a feature's stored data is tens of KB of Python objects
 
 SortKey = Literal["index", "label", "density", "max_act"]
 Show = Literal["all", "alive", "dead", "dense"]
@@ -501,9 +501,9 @@ def _read_feature(sae: SAEInfo, vocab: TokenTexts, index: int) -> StoredFeature:
             raise NotFound("feature", str(index), f"Feature {index} of {sae.id!r} is not in the published data.",
                            model_id=sae.model_id, sae_id=sae.id, choices=[], valid_range=(0, sae.d_sae - 1))
         neighbours = _neighbours(conn, sae, list(row["neighbour_ids"] or []), list(row["neighbour_cos"] or []), vocab)
-    contexts = context_store(sae)
-    examples = [_example(e, contexts, vocab) for e in row["examples"] or ()]
-    top = [e for e, stored in zip(examples, row["examples"] or ()) if stored["kind"] == "top"]
+    contexts, stored = context_store(sae), row["examples"] or []  # top examples by rank, then intervals by bin
+    examples = [_example(e, contexts, vocab) for e in stored]
+    top = [e for e, s in zip(examples, stored) if s["kind"] == "top"]
     label, label_kind = _label(row["label"], row["label_kind"], row["peak_token_ids"] or [], row["logit_pos_ids"], vocab)
     page = {
         "model_id": sae.model_id, "sae": sae.as_dict(), "index": index, "label": label, "label_kind": label_kind,
@@ -516,7 +516,7 @@ def _read_feature(sae: SAEInfo, vocab: TokenTexts, index: int) -> StoredFeature:
                           "counts": list(row["logit_hist_counts"] or [])},
         },
         "top_examples": top,
-        "intervals": _intervals(row, examples, row["examples"] or ()),
+        "intervals": _intervals(row, examples, stored),
         "neighbours": neighbours,
     }
     return StoredFeature(page, list(row["links"] or ()))
