@@ -222,7 +222,7 @@ def insert_features(con: duckdb.DuckDBPyConnection, sae_number: int, features: p
                           list(struct_pack(kind := e.kind, bin := e.bin, rank := e.rank, context_id := e.context_id, max_act := e.max_act,
                                       max_pos := e.max_pos, positions := e.positions, acts := e.acts)
                                ORDER BY e.kind <> 'top', e.bin, e.rank) AS examples,
-                          list(c.token_ids[e.max_pos + 1] ORDER BY e.rank) FILTER (WHERE e.kind = 'top') AS peak_token_ids
+                          list(c.token_ids[e.max_pos + 1] ORDER BY e.rank) FILTER (WHERE e.kind = 'top') AS peak_token_ids  -- lists are 1-indexed
                    FROM _examples e JOIN contexts c ON c.run_id = e.run_id AND c.context_id = e.context_id
                    GROUP BY e.feature) ex ON ex.feature = f.feature
         LEFT JOIN (SELECT feature, list(struct_pack(other_sae_id, direction, other_features, coact, coact_rel, cosine)
