@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 
 from app.settings import Settings
+from featurescope.errors import FeatureScopeError
 
 FAST_EXIT_SECONDS = 5.0  # a worker that dies sooner than this after starting is not restarted: it would again
 
@@ -35,15 +36,26 @@ def serve(settings: Settings, preloaded: dict[str, Any] | None = None) -> None:
         uvicorn.run(create_app(settings, LiveService(settings, preloaded)), host=settings.host, port=settings.port,
                     log_level="warning")
         return
-    _reuse_port_socket(settings).close()  # fail here, once, if the port is taken
+    _check_port_free(settings)
     _supervise(settings)
 
 
-def _reuse_port_socket(settings: Settings) -> socket.socket:
+def _check_port_free(settings: Settings) -> None:
+    """Bind once without SO_REUSEPORT: that fails if anything listens on the port, another FeatureScope
+    included, which the workers' SO_REUSEPORT sockets would otherwise silently share the port with."""
+    try:
+        _listening_socket(settings, reuse_port=False).close()
+    except OSError as exc:
+        raise FeatureScopeError(f"Cannot serve on {settings.host}:{settings.port}: {exc.strerror or exc}. "
+                                "Is another server running there? Choose another port with --port.") from None
+
+
+def _listening_socket(settings: Settings, reuse_port: bool = True) -> socket.socket:
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((settings.host, settings.port))
     return sock
 
@@ -52,7 +64,7 @@ def _worker(settings_json: str) -> None:
     from app.main import create_app
 
     settings = Settings.from_json(settings_json)
-    sock = _reuse_port_socket(settings)
+    sock = _listening_socket(settings)
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
     server.run(sockets=[sock])  # handles SIGINT/SIGTERM itself: finishes open requests, then returns
 

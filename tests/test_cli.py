@@ -113,3 +113,22 @@ def _children(pid: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_serve_refuses_a_port_that_is_already_served(tmp_path):
+    """Worker sockets share their port (SO_REUSEPORT): a second server on the same port must fail, not
+    silently take half of the first one's connections."""
+    import socket as socket_module
+
+    from test_browser import free_port
+
+    port = free_port()
+    with socket_module.socket() as taken:
+        taken.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEADDR, 1)
+        taken.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = run("serve", "--data-dir", str(tmp_path), "--port", str(port), "--no-live", "--workers", "2")
+    assert result.returncode == 2
+    assert f"Cannot serve on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+    assert "Traceback" not in result.stderr
