@@ -164,6 +164,8 @@ def _build_catalog(files: tuple[DataFile, ...], problems: list[FileProblem], hea
         ordered = sorted(model.saes.items(), key=lambda kv: (kv[1].layer, kv[1].site_kind, kv[0]))
         model.saes.clear()
         model.saes.update(ordered)
+    problems = [replace(p, error=p.error + ". Every SAE in it is served from a newer file, so it can also be deleted")
+                if p.saes and all(m in models and s in models[m].saes for m, s in p.saes) else p for p in problems]
     return Catalog(dict(sorted(models.items())), problems, len(files))
 
 
@@ -172,9 +174,10 @@ def _read_file_catalog(data_file: DataFile, head: str) -> list[ModelInfo] | File
     with data_file.connect() as conn:
         revision = conn.execute(sa.select(version.c.version_num)).scalar()
         if revision != head:
+            saes = tuple((m, s) for m, s in conn.execute(sa.select(SAE.model_id, SAE.id)))  # the same in every revision
             return FileProblem(data_file.path.name, f"has schema revision {revision}; this server reads {head}: upgrade it "
                                f"with `featurescope db upgrade {data_file.path}` while no server has it open, "
-                               "or publish it again with this version of featurescope")
+                               "or publish it again with this version of featurescope", saes)
         model_rows = conn.execute(sa.select(Model.__table__).order_by(Model.id)).mappings().all()
         sae_rows = conn.execute(
             sa.select(SAE.__table__, Run.corpus, Run.n_tokens, Run.n_contexts, Run.context_len)

@@ -88,6 +88,7 @@ def _close(engine: sa.Engine, root: duckdb.DuckDBPyConnection) -> None:
 class FileProblem:
     name: str
     error: str
+    saes: tuple[tuple[str, str], ...] = ()  # (model id, SAE id) it holds, when that much could be read
 
 
 class DataDir:

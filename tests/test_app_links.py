@@ -156,6 +156,14 @@ def test_an_older_database_is_listed_as_a_problem_until_db_upgrade_brings_it_bac
         problems = client.get("/-/health").json()["problems"]
         assert len(problems) == 1 and f"featurescope db upgrade {served_old}" in problems[0]["error"]
         assert client.get("/old/1-res-8/2.json").status_code == 404
+        assert "served from a newer file" not in problems[0]["error"]
+    shutil.copy(current, served_old.parent / "new.duckdb")  # the same SAEs, published again at this revision
+    with make_app_client(served_old.parent.parent) as client:
+        problems = client.get("/-/health").json()["problems"]
+        assert len(problems) == 1 and problems[0]["error"].endswith("served from a newer file, so it can also be deleted")
+        page = client.get("/old/1-res-8/2.json").json()
+        assert page["sae"]["database"] == "new"
+        assert {**page, "sae": {**page["sae"], "database": "old"}} == before["/old/1-res-8/2.json"]
     upgrade = subprocess.run([str(Path(sys.executable).parent / "featurescope"), "db", "upgrade", str(path)],
                              capture_output=True, text=True, timeout=120)
     assert upgrade.returncode == 0, upgrade.stderr
