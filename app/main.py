@@ -44,6 +44,7 @@ def create_app(settings: Settings, live_service: LiveService | None = None) -> F
     async def lifespan(_app: FastAPI):
         # Everything alive now (torch, templates, routes: ~250k objects) lives as long as the server. Freezing
         # it keeps Python's full collections from walking it again: feature-page p99 went from 170 ms to 70 ms.
+        gc.collect()
         gc.freeze()
         if settings.live and settings.load_models == "startup":
             live_service.start(list(catalogs.current().models.values()))
