@@ -218,9 +218,6 @@ class TokenTexts:
         except IndexError:
             return [self[t] for t in token_ids]
 
-    def lazy(self, token_ids: list[int]) -> "TokenStrings":
-        return TokenStrings(self, token_ids)
-
     def ids_for(self, text: str) -> list[int]:
         """Tokens whose text is `text`; a query without surrounding whitespace (" Paris" typed as "Paris")
         also matches tokens that differ from it only in surrounding whitespace."""
@@ -273,9 +270,6 @@ class TokenStrings(Sequence[str]):
 
     def __getitem__(self, i):  # type: ignore[override]
         return self._vocab.many(self._ids[i]) if isinstance(i, slice) else self._vocab[self._ids[i]]
-
-    def __eq__(self, other: object) -> bool:
-        return list(self) == list(other) if isinstance(other, (list, TokenStrings)) else NotImplemented
 
     def as_list(self) -> list[str]:
         return self._vocab.many(self._ids)
@@ -412,9 +406,13 @@ def _peak_tokens(conn: sa.Connection, sae: SAEInfo, features: list[int]) -> dict
     """Token id at the maximum of each top example, strongest example first, for each feature."""
     if not features:
         return {}
-    rows = conn.execute(sa.select(Feature.feature, Feature.peak_token_ids).where(
-        Feature.feature_key.in_([feature_key(sae.number, f) for f in features]))).all()
+    rows = conn.execute(sa.select(Feature.feature, Feature.peak_token_ids).where(_rows_of(sae, features))).all()
     return {feature: list(peaks) for feature, peaks in rows if peaks}
+
+
+def _rows_of(sae: SAEInfo, features: list[int]) -> sa.ColumnElement[bool]:
+    """Some features' rows of an SAE, found through the feature_key index."""
+    return Feature.feature_key.in_([feature_key(sae.number, f) for f in features])
 
 
 def _label(stored: str | None, kind: str | None, peak_ids: list[int], promoted_ids: list[int] | None,
@@ -528,7 +526,7 @@ def _read_feature(sae: SAEInfo, vocab: TokenTexts, index: int) -> StoredFeature:
 def _example(e: dict[str, Any], contexts: ContextStore, vocab: TokenTexts) -> dict[str, Any]:
     token_ids = contexts.tokens(e["context_id"])
     return {"context_id": e["context_id"], "max_act": e["max_act"], "max_pos": e["max_pos"], "token_ids": token_ids,
-            "tokens": vocab.lazy(token_ids), "positions": e["positions"], "acts": e["acts"]}
+            "tokens": TokenStrings(vocab, token_ids), "positions": e["positions"], "acts": e["acts"]}
 
 
 def _intervals(row: sa.RowMapping, examples: list[dict[str, Any]], stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -617,8 +615,7 @@ def _link_rows(sae: SAEInfo, features: list[int]) -> dict[int, list[dict[str, An
     if not features:
         return {}
     with sae.file.connect() as conn:
-        rows = conn.execute(sa.select(Feature.feature, Feature.links).where(
-            Feature.feature_key.in_([feature_key(sae.number, f) for f in features]))).all()
+        rows = conn.execute(sa.select(Feature.feature, Feature.links).where(_rows_of(sae, features))).all()
     return {feature: list(links or ()) for feature, links in rows}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import socket
 import sys
@@ -22,6 +23,13 @@ from app.settings import Settings
 from featurescope.errors import FeatureScopeError
 
 FAST_EXIT_SECONDS = 5.0  # a worker that dies sooner than this after starting is not restarted: it would again
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers(live: bool) -> int:
+    """Stored pages only: a process per core (at most MAX_DEFAULT_WORKERS). Live encoding: one process,
+    which holds each model once."""
+    return 1 if live else min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS)
 
 
 def serve(settings: Settings, preloaded: dict[str, Any] | None = None) -> None:

@@ -33,6 +33,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.serving import default_workers
+
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 100  # features asked for before measuring: vocab, contexts and pools load
 REVISITED = 100  # features of the warm pass, all among the last ones of the cold pass
@@ -153,7 +155,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="Serve this data dir instead of building a factory database.")
     parser.add_argument("--requests", type=int, default=2000, help="Requests per pass (HTML and JSON, cold and warm).")
     parser.add_argument("--clients", type=int, default=8, help="Concurrent clients.")
-    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+    parser.add_argument("--workers", type=int, default=default_workers(live=False),
                         help="Server processes (featurescope serve --workers; the default is serve's with --no-live).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

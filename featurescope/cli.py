@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,7 +18,6 @@ from featurescope.sites import parse_site
 from featurescope.training import TrainConfig
 
 USER_ERRORS = (FeatureScopeError,)
-MAX_DEFAULT_WORKERS = 8  # `serve --no-live` default: one process per core, up to this
 
 app = typer.Typer(
     help="FeatureScope: precompute and explore JumpReLU SAE features (Gemma Scope and your own).",
@@ -370,8 +368,9 @@ def serve(
         raise typer.BadParameter(f"{local} does not exist (bash scripts/install_test_tools.sh installs htmx into node_modules/).")
     if load not in ("startup", "first-use"):
         raise typer.BadParameter(f"--load must be 'startup' or 'first-use', not {load!r}.")
-    if workers is None:  # stored pages only: a process per core; live encoding: the model once, in one process
-        workers = 1 if live else min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS)
+    from app.serving import default_workers
+
+    workers = workers or default_workers(live)
     settings = Settings(data_dir=Path(data_dir).resolve(), host=host, port=port, htmx_url=htmx_url or HTMX_CDN_URL,
                         local_htmx=local, workers=workers, live=live, load_models=load, device=device, dtype=dtype,
                         max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, max_queue=max_queue,

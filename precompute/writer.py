@@ -212,10 +212,10 @@ def insert_features(con: duckdb.DuckDBPyConnection, sae_number: int, features: p
     staged = {"_features": features, "_examples": examples, "_links": links}
     for name, table in staged.items():
         con.register(name, table)
-    names = ", ".join(f'"{c}"' for c in features.column_names)  # from our own code, not users
+    names = [f'"{c}"' for c in features.column_names]  # from our own code, not users
     con.execute(f"""
-        INSERT INTO features ({names}, feature_key, examples, peak_token_ids, links)
-        SELECT {", ".join(f'f."{c}"' for c in features.column_names)}, ?::BIGINT * {2 ** SAE_NUMBER_SHIFT} + f.feature,
+        INSERT INTO features ({", ".join(names)}, feature_key, examples, peak_token_ids, links)
+        SELECT {", ".join("f." + n for n in names)}, ?::BIGINT * {2 ** SAE_NUMBER_SHIFT} + f.feature,
                coalesce(ex.examples, []), coalesce(ex.peak_token_ids, []), coalesce(li.links, [])
         FROM _features f
         LEFT JOIN (SELECT e.feature,
