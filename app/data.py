@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import random
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -134,14 +135,33 @@ class CatalogSource:
         self._key: tuple[int, ...] | None = None
         self._catalog = Catalog({}, [], 0)
         self._head = head_revision()
+        self._lock = threading.Lock()
 
-    def current(self) -> Catalog:
-        files, problems = self.data_dir.files()
+    def current(self, model_id: str | None = None, sae_id: str | None = None) -> Catalog:
+        """The catalog. When it lacks the model (or SAE) a request names, the folder is re-listed first, so
+        a file published since the last scan, or being attached right now, is found rather than answered
+        404. Ids may carry a `.json` suffix."""
+        catalog = self._catalog_of(self.data_dir.files())
+        if model_id is not None and not _names(catalog, model_id, sae_id):
+            catalog = self._catalog_of(self.data_dir.refresh())
+        return catalog
+
+    def _catalog_of(self, listing: tuple[tuple[DataFile, ...], tuple[FileProblem, ...]]) -> Catalog:
+        files, problems = listing
         key = tuple(id(f) for f in files) + tuple(id(p) for p in problems)
         if key != self._key:
-            catalog = _build_catalog(files, list(problems), self._head)
-            self._catalog, self._key = catalog, key
+            with self._lock:  # one request builds it; the others arriving meanwhile wait for that one
+                if key != self._key:
+                    catalog = _build_catalog(files, list(problems), self._head)
+                    self._catalog, self._key = catalog, key
         return self._catalog
+
+
+def _names(catalog: Catalog, model_id: str, sae_id: str | None) -> bool:
+    models = [model_id, model_id.removesuffix(".json")] if sae_id is None else [model_id]
+    if sae_id is None:
+        return any(catalog.has_model(m) for m in models)
+    return catalog.has_sae(model_id, sae_id) or catalog.has_sae(model_id, sae_id.removesuffix(".json"))
 
 
 def _build_catalog(files: tuple[DataFile, ...], problems: list[FileProblem], head: str) -> Catalog:

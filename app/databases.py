@@ -103,12 +103,26 @@ class DataDir:
 
     def files(self) -> tuple[tuple[DataFile, ...], tuple[FileProblem, ...]]:
         """The current files and the ones that could not be opened. Rescans when due; while one request
-        rescans, the others keep using the previous list rather than wait."""
-        if time.monotonic() - self._scanned_at >= self.rescan_seconds and self._lock.acquire(blocking=False):
-            try:
-                self._rescan()
-            finally:
-                self._lock.release()
+        rescans, the others keep using the previous list rather than wait - except before the first scan
+        has finished, when there is no previous list: they wait for it, so no request ever answers from
+        an empty catalog."""
+        if time.monotonic() - self._scanned_at >= self.rescan_seconds:
+            if self._scanned_at == float("-inf"):
+                with self._lock:
+                    if self._scanned_at == float("-inf"):
+                        self._rescan()
+            elif self._lock.acquire(blocking=False):
+                try:
+                    self._rescan()
+                finally:
+                    self._lock.release()
+        return self._files, self._problems
+
+    def refresh(self) -> tuple[tuple[DataFile, ...], tuple[FileProblem, ...]]:
+        """Re-list the folder now, after any rescan in progress: for a lookup that missed, which may name a
+        file published since the last scan or being attached by another request right now."""
+        with self._lock:
+            self._rescan()
         return self._files, self._problems
 
     def _rescan(self) -> None:

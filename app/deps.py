@@ -18,7 +18,9 @@ from app.urls import Urls
 
 
 def get_catalog(request: Request) -> Catalog:
-    return request.app.state.catalogs.current()
+    """The catalog, re-listed first when it lacks the model or SAE the URL names (a file just published)."""
+    params = request.path_params
+    return request.app.state.catalogs.current(params.get("model_id"), params.get("sae_id"))
 
 
 async def get_renderer(request: Request) -> Renderer:

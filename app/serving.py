@@ -68,12 +68,15 @@ def _listening_socket(settings: Settings, reuse_port: bool = True) -> socket.soc
     return sock
 
 
-def _worker(settings_json: str) -> None:
+def _worker(settings_json: str, ready: Any, slot: int) -> None:
+    """One server process. It reads the data dir before it listens, then marks its slot in the shared
+    `ready` flags, which every worker's /-/health reads."""
     from app.main import create_app
 
     settings = Settings.from_json(settings_json)
     sock = _listening_socket(settings)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
+    app = create_app(settings, on_ready=lambda: ready.__setitem__(slot, 1), readiness=lambda: (sum(ready), len(ready)))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     server.run(sockets=[sock])  # handles SIGINT/SIGTERM itself: finishes open requests, then returns
 
 
@@ -82,8 +85,12 @@ def _supervise(settings: Settings) -> None:
     context = multiprocessing.get_context("spawn")  # no forked copies of the parent's threads or DuckDB handles
     stopping = False
 
-    def start() -> tuple[multiprocessing.Process, float]:
-        process = context.Process(target=_worker, args=(settings.to_json(),), name="featurescope-worker", daemon=False)
+    ready = context.Array("b", settings.workers, lock=False)  # a flag per worker slot: set once it serves
+
+    def start(slot: int) -> tuple[multiprocessing.Process, float]:
+        ready[slot] = 0
+        process = context.Process(target=_worker, args=(settings.to_json(), ready, slot), name="featurescope-worker",
+                                  daemon=False)
         process.start()
         return process, time.monotonic()
 
@@ -92,7 +99,7 @@ def _supervise(settings: Settings) -> None:
         stopping = True
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    workers = [start() for _ in range(settings.workers)]
+    workers = [start(slot) for slot in range(settings.workers)]
     try:
         while not stopping:
             multiprocessing.connection.wait([p.sentinel for p, _ in workers], timeout=0.5)
@@ -105,7 +112,7 @@ def _supervise(settings: Settings) -> None:
                     stopping = True
                     break
                 print(f"A server worker exited with code {process.exitcode}; starting a new one.", file=sys.stderr)
-                workers[i] = start()
+                workers[i] = start(i)
     finally:
         for process, _ in workers:
             if process.is_alive():

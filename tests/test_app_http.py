@@ -304,7 +304,7 @@ def test_unknown_path_404_html_and_json(client):
 # ------------------------------------------------------------------------------------------- app pages
 def test_health_and_docs(client):
     health = get_json(client, "/-/health")
-    assert health == {"status": "ok", "pid": os.getpid(), "databases": 2, "models": 2, "saes": 4, "problems": []}
+    assert health == {"status": "ok", "pid": os.getpid(), "workers": 1, "workers_ready": 1, "databases": 2, "models": 2, "saes": 4, "problems": []}
     assert client.get("/-/docs").status_code == 200
     paths = client.get("/-/openapi.json").json()["paths"]
     assert {"/", "/{model_id}/{sae_id}", "/{model_id}/{sae_id}/{index}", "/-/health"} <= set(paths)

@@ -40,7 +40,7 @@ def feature(
     # The busiest page reads app.state itself: solving four Depends (each plain `def` one a threadpool hop)
     # cost ~0.3 ms a request, about as much as drawing its two charts.
     state = request.app.state
-    catalog, render, urls, settings = state.catalogs.current(), state.renderer, state.urls, state.settings
+    catalog, render, urls, settings = state.catalogs.current(model_id, sae_id), state.renderer, state.urls, state.settings
     index_text, fmt = split_format(index, False)
     sae = catalog.sae(model_id, sae_id)
     if not INDEX.fullmatch(index_text):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 
 from app.deps import CatalogDep, RendererDep, SettingsDep
@@ -14,11 +14,19 @@ from app.urls import APP_PREFIX, LOCAL_HTMX_PATH
 router = APIRouter(prefix=APP_PREFIX, tags=["app"])
 
 
-@router.get("/health", summary="Liveness and what the server is serving")
-def health(catalog: CatalogDep, render: RendererDep) -> Response:
-    return render.json({"status": "ok", "pid": os.getpid(), "databases": catalog.n_files, "models": len(catalog.models),
-                        "saes": sum(len(m.saes) for m in catalog.models.values()),
-                        "problems": [{"database": p.name, "error": p.error} for p in catalog.problems]})
+@router.get("/health", summary="Readiness and what the server is serving")
+def health(request: Request, catalog: CatalogDep, render: RendererDep) -> Response:
+    """200 once every worker process has read the data dir; 503 with Retry-After while any is starting."""
+    ready, workers = request.app.state.readiness()
+    body = {"status": "ok" if ready == workers else "starting", "pid": os.getpid(), "workers": workers,
+            "workers_ready": ready, "databases": catalog.n_files, "models": len(catalog.models),
+            "saes": sum(len(m.saes) for m in catalog.models.values()),
+            "problems": [{"database": p.name, "error": p.error} for p in catalog.problems]}
+    if ready < workers:
+        response = render.json(body, status=503)
+        response.headers["Retry-After"] = "1"
+        return response
+    return render.json(body)
 
 
 @router.get(LOCAL_HTMX_PATH.removeprefix(APP_PREFIX), include_in_schema=False)
