@@ -1,6 +1,6 @@
 """FeatureScope's web explorer: FastAPI + Jinja2 + htmx over the published DuckDB files.
 
-    from app import Settings, create_app
+    from featurescope.app import Settings, create_app
     app = create_app(Settings(data_dir="data"))
 
 Layout: settings.py (the one config object), databases.py (published files, read-only, reopened on
@@ -11,7 +11,7 @@ fragments), urls.py (every URL), deps.py, routes/ (one router per resource); the
 live in the top-level templates/ and static/.
 """
 
-from app.main import create_app
-from app.settings import Settings
+from featurescope.app.main import create_app
+from featurescope.app.settings import Settings
 
 __all__ = ["Settings", "create_app"]

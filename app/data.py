@@ -27,8 +27,8 @@ from typing import Any, Literal
 import numpy as np
 import sqlalchemy as sa
 
-from app.databases import DataDir, DataFile, FileProblem
-from app.errors import InvalidParameter, NotFound, nearest_names
+from featurescope.app.databases import DataDir, DataFile, FileProblem
+from featurescope.app.errors import InvalidParameter, NotFound, nearest_names
 from featurescope.db import head_revision
 from featurescope.labels import LABEL_KIND_AUTO, auto_label
 from featurescope.flow import flow_key

@@ -11,10 +11,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.data import Catalog
-from app.render import Renderer
-from app.settings import Settings
-from app.urls import Urls
+from featurescope.app.data import Catalog
+from featurescope.app.render import Renderer
+from featurescope.app.settings import Settings
+from featurescope.app.urls import Urls
 
 
 def get_catalog(request: Request) -> Catalog:

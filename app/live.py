@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from app.data import ModelInfo, SAEInfo, run_config
+from featurescope.app.data import ModelInfo, SAEInfo, run_config
 from featurescope.encoder import FeatureEncoder
 from featurescope.models import LoadedModel, load_model
 from featurescope.sae import JumpReLUSAE

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from app.data import DENSE_THRESHOLD, Catalog, ModelInfo, SAEInfo, feature_briefs, token_texts
-from app.errors import InvalidParameter, NotFound
-from app.live import EncodeResult, SteerResult
+from featurescope.app.data import DENSE_THRESHOLD, Catalog, ModelInfo, SAEInfo, feature_briefs, token_texts
+from featurescope.app.errors import InvalidParameter, NotFound
+from featurescope.app.live import EncodeResult, SteerResult
 
 SearchScope = Literal["text", "token"]
 SearchSort = Literal["activation", "relative", "density", "layer"]

@@ -1,6 +1,6 @@
 """The FastAPI application factory: create_app(settings) wires data, templates, routers and error pages.
 
-    from app import Settings, create_app
+    from featurescope.app import Settings, create_app
     app = create_app(Settings(data_dir=Path("data")))    # uvicorn.run(app, host="127.0.0.1", port=8000)
 
 `featurescope serve` does exactly this. Errors: unknown ids give 404 pages (and JSON errors for .json
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlencode
 
@@ -21,18 +20,18 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.data import CatalogSource
-from app.databases import DataDir
-from app.errors import InvalidParameter, NotFound
-from app.live import LiveService, LiveUnavailable, ServiceBusy
-from app.render import Renderer
-from app.routes import features, home, live, meta, models, saes
-from app.routes import lineage
-from app.routes.live import ClientGone
-from app.settings import Settings
-from app.urls import APP_PREFIX, Urls
+from featurescope.app.data import CatalogSource
+from featurescope.app.databases import DataDir
+from featurescope.app.errors import InvalidParameter, NotFound
+from featurescope.app.live import LiveService, LiveUnavailable, ServiceBusy
+from featurescope.app.render import Renderer
+from featurescope.app.routes import features, home, live, meta, models, saes
+from featurescope.app.routes import lineage
+from featurescope.app.routes.live import ClientGone
+from featurescope.app.settings import Settings
+from featurescope.app.urls import APP_PREFIX, Urls
+from featurescope.assets import asset_dir
 
-STATIC = Path(__file__).resolve().parent.parent / "static"  # top-level static/, beside templates/
 
 
 def create_app(settings: Settings, live_service: LiveService | None = None,
@@ -68,7 +67,7 @@ def create_app(settings: Settings, live_service: LiveService | None = None,
     app.state.live = live_service
     app.state.readiness = readiness or (lambda: (1, 1))
     app.include_router(meta.router)  # before the static mount, which would otherwise own /-/static/htmx.min.js
-    app.mount(f"{APP_PREFIX}/static", StaticFiles(directory=STATIC), name="static")
+    app.mount(f"{APP_PREFIX}/static", StaticFiles(directory=asset_dir("static")), name="static")
     # live first: /{model}/encode and /{model}/steer would otherwise be read as SAE ids
     for router in (home.router, live.router, features.router, saes.router, models.router):
         app.include_router(router)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from markupsafe import Markup, escape
 
-from app.data import TokenTexts
+from featurescope.app.data import TokenTexts
 
 ContextMode = Literal["snippet", "full"]
 SNIPPET_BEFORE, SNIPPET_AFTER = 12, 4  # tokens shown around an example's maximum in snippet mode

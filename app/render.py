@@ -6,7 +6,6 @@ htmx asks for a fragment (its HX-Target header names the element to replace), an
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -14,12 +13,12 @@ import orjson
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from app.data import TokenStrings
-from app.present import count, link_groups, number, percent, visible
-from app.settings import Settings
-from app.urls import Urls
+from featurescope.app.data import TokenStrings
+from featurescope.app.present import count, link_groups, number, percent, visible
+from featurescope.app.settings import Settings
+from featurescope.app.urls import Urls
+from featurescope.assets import asset_dir
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"  # top-level templates/
 
 
 class TwinJSONResponse(JSONResponse):
@@ -55,7 +54,7 @@ class Environment(jinja2.Environment):
 
 class Renderer:
     def __init__(self, settings: Settings, urls: Urls) -> None:
-        self.env = Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, auto_reload=False,
+        self.env = Environment(loader=jinja2.FileSystemLoader(asset_dir("templates")), autoescape=True, auto_reload=False,
                                undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         self.env.globals.update(urls=urls, settings=settings, htmx_integrity=settings.htmx_integrity)
         self.env.filters.update(percent=percent, number=number, count=count, visible=visible,

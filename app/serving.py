@@ -19,7 +19,7 @@ from typing import Any
 
 import uvicorn
 
-from app.settings import Settings
+from featurescope.app.settings import Settings
 from featurescope.errors import FeatureScopeError
 
 FAST_EXIT_SECONDS = 5.0  # a worker that dies sooner than this after starting is not restarted: it would again
@@ -35,8 +35,8 @@ def default_workers(live: bool) -> int:
 def serve(settings: Settings, preloaded: dict[str, Any] | None = None) -> None:
     """Serve until interrupted. `preloaded` models ({id: LoadedModel}) are shared with live encoding, in
     one process only (each worker process would load its own)."""
-    from app.live import LiveService
-    from app.main import create_app
+    from featurescope.app.live import LiveService
+    from featurescope.app.main import create_app
 
     if settings.workers == 1 or not hasattr(socket, "SO_REUSEPORT") or sys.platform != "linux":
         if settings.workers > 1:
@@ -71,7 +71,7 @@ def _listening_socket(settings: Settings, reuse_port: bool = True) -> socket.soc
 def _worker(settings_json: str, ready: Any, slot: int) -> None:
     """One server process. It reads the data dir before it listens, then marks its slot in the shared
     `ready` flags, which every worker's /-/health reads."""
-    from app.main import create_app
+    from featurescope.app.main import create_app
 
     settings = Settings.from_json(settings_json)
     sock = _listening_socket(settings)

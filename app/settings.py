@@ -11,8 +11,9 @@ HTMX_VERSION = "2.0.11"
 HTMX_CDN_URL = f"https://unpkg.com/htmx.org@{HTMX_VERSION}/dist/htmx.min.js"
 # Subresource integrity of that exact file (npm's htmx.org 2.0.11 dist/htmx.min.js, which unpkg serves as is).
 HTMX_CDN_INTEGRITY = "sha384-2OatzQy1H+Zd/IIrjr1TcuDGqLXeHhbooAyJY1KdQMKnr4LZ22k31GBLdYKHmVjg"
-# Where `npm install htmx.org@2` (scripts/install_test_tools.sh) puts the local copy.
-DEFAULT_LOCAL_HTMX = Path(__file__).resolve().parent.parent / "node_modules" / "htmx.org" / "dist" / "htmx.min.js"
+# Where `npm install htmx.org@2` (scripts/install_test_tools.sh, run in the project folder) puts the local copy:
+# relative to the folder the server starts in.
+DEFAULT_LOCAL_HTMX = Path("node_modules") / "htmx.org" / "dist" / "htmx.min.js"
 
 
 @dataclass(frozen=True)

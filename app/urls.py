@@ -14,7 +14,7 @@ import functools
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from app.settings import Settings
+from featurescope.app.settings import Settings
 
 APP_PREFIX = "/-"
 LOCAL_HTMX_PATH = f"{APP_PREFIX}/static/htmx.min.js"

@@ -15,16 +15,14 @@ slower with 2 threads: measure with --threads 1 or OMP_WAIT_POLICY=PASSIVE there
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's precompute/, not bench/precompute.py
 
 from featurescope.sae import JumpReLUSAE, SAEConfig  # noqa: E402
-from precompute.feature_stats import FeatureStats, expected_memory_bytes  # noqa: E402
+from featurescope.precompute.feature_stats import FeatureStats, expected_memory_bytes  # noqa: E402
 
 
 def random_sae(d_in: int, d_sae: int, l0: float, seed: int = 0) -> JumpReLUSAE:

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 # ------------------------------------------------------------------------------------------------ client
@@ -121,10 +120,10 @@ def main() -> None:
 
     import torch
 
-    from app import Settings, create_app
-    from app.data import CatalogSource
-    from app.databases import DataDir
-    from app.live import LiveService, resolve_source
+    from featurescope.app import Settings, create_app
+    from featurescope.app.data import CatalogSource
+    from featurescope.app.databases import DataDir
+    from featurescope.app.live import LiveService, resolve_source
     from featurescope.corpus import pack_contexts, python_docs_corpus
     from featurescope.models import load_model
     from featurescope.sites import run_truncated

@@ -21,15 +21,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from featurescope.corpus import pack_contexts  # noqa: E402
 from featurescope.models import load_model  # noqa: E402
 from featurescope.sae_loading import load_sae  # noqa: E402
 from featurescope.sites import parse_site, run_truncated  # noqa: E402
 from featurescope.training import DEMO_CONFIG, cached_saes  # noqa: E402
-from precompute.corpus_sources import CorpusSpec, iter_texts  # noqa: E402
-from precompute.job import PrecomputeConfig, run_precompute  # noqa: E402
+from featurescope.precompute.corpus_sources import CorpusSpec, iter_texts  # noqa: E402
+from featurescope.precompute.job import PrecomputeConfig, run_precompute  # noqa: E402
 
 
 def bare_forward_seconds(lm, contexts: torch.Tensor, last_layer: int, batch_size: int) -> float:

@@ -10,21 +10,18 @@ pass, same process, same tokens, same batch; for one SAE (layer 12) and for all 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from featurescope.corpus import content_mask  # noqa: E402
 from featurescope.encoder import FeatureEncoder  # noqa: E402
 from featurescope.models import LoadedModel  # noqa: E402
 from featurescope.sae import JumpReLUSAE, SAEConfig  # noqa: E402
 from featurescope.sites import Site, capture_sites, run_truncated  # noqa: E402
-from precompute.feature_stats import FeatureStats  # noqa: E402
+from featurescope.precompute.feature_stats import FeatureStats  # noqa: E402
 
 GEMMA2_2B = dict(vocab_size=256_000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=4096,

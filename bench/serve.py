@@ -33,7 +33,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.serving import default_workers
+from featurescope.app.serving import default_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 100  # features asked for before measuring: vocab, contexts and pools load
@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 def build_bench_data(folder: Path) -> Path:
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the precompute package, not bench/precompute.py
+    sys.path.insert(0, str(ROOT / "tests"))  # the test factories build the benchmark database
     from factories import SAESpec, make_db
 
     started = time.perf_counter()

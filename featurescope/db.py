@@ -11,7 +11,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic.ddl.impl import DefaultImpl
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+from featurescope.assets import asset_dir
+
 
 
 class DuckDBImpl(DefaultImpl):
@@ -29,10 +30,8 @@ def engine_for(path: str | Path, read_only: bool = False) -> sa.Engine:
 def alembic_config(path: str | Path):
     from alembic.config import Config
 
-    if not (MIGRATIONS_DIR / "env.py").is_file():
-        raise RuntimeError(f"Alembic migrations not found at {MIGRATIONS_DIR}: install FeatureScope from its source tree (pip install -e .).")
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(asset_dir("migrations")))
     cfg.set_main_option("sqlalchemy.url", f"duckdb:///{Path(path)}")
     return cfg
 

@@ -1,7 +1,7 @@
 """The precompute job: one pass of a model over a corpus, any number of SAEs encoding the same batch,
 streaming per-feature statistics, then one DuckDB file published atomically.
 
-    from precompute.job import PrecomputeConfig, run_precompute
+    from featurescope.precompute.job import PrecomputeConfig, run_precompute
     run_precompute(PrecomputeConfig(model="smollm2-135m", saes=["data/saes/6-res"], max_tokens=100_000))
 
 or `featurescope precompute --sae data/saes/6-res --sae data/saes/12-res`. Killed? Run the same
@@ -18,7 +18,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -29,11 +28,11 @@ from featurescope.models import LoadedModel, load_model
 from featurescope.sae import JumpReLUSAE
 from featurescope.sae_loading import load_sae
 from featurescope.sites import parse_site
-from precompute.corpus_sources import CorpusError, CorpusSpec, iter_texts
-from precompute.feature_stats import FeatureStats, example_context_ids, expected_memory_bytes, fill_example_acts
-from precompute.links import PEAK_WIDTH, TOP_N, LinkPlan, cross_layer_links
-from precompute.static_stats import decoder_neighbours, logit_effect, unembedding
-from precompute.writer import SAEResult, write_run_db
+from featurescope.precompute.corpus_sources import CorpusError, CorpusSpec, iter_texts
+from featurescope.precompute.feature_stats import FeatureStats, example_context_ids, expected_memory_bytes, fill_example_acts
+from featurescope.precompute.links import PEAK_WIDTH, TOP_N, LinkPlan, cross_layer_links
+from featurescope.precompute.static_stats import decoder_neighbours, logit_effect, unembedding
+from featurescope.precompute.writer import SAEResult, write_run_db
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Part of every run id: bump it when a code change alters what a run stores, so old runs are not reused.

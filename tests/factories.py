@@ -31,7 +31,7 @@ from featurescope import db as fsdb
 from featurescope.flow import direction, neighbour_layers
 from featurescope.labels import LABEL_KIND_AUTO, auto_label
 from featurescope.schema import SAE, Context, Example, Feature, Link, Model, Run, Vocab
-from precompute.writer import NESTED_COLUMNS, insert_features
+from featurescope.precompute.writer import NESTED_COLUMNS, insert_features
 
 HOSTILE_TOKENS = [
     "<script>alert(1)</script>",
@@ -317,7 +317,7 @@ def make_app_client(data_dir: str | Path, **settings) -> Iterator["TestClient"]:
     """A FastAPI TestClient on create_app(Settings(data_dir=..., **settings))."""
     from fastapi.testclient import TestClient
 
-    from app import Settings, create_app
+    from featurescope.app import Settings, create_app
 
     with TestClient(create_app(Settings(data_dir=Path(data_dir), **settings))) as client:
         yield client

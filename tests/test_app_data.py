@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 
-import pytest
 import sqlalchemy as sa
 
 from conftest import require_test_tool

@@ -311,7 +311,7 @@ def test_health_and_docs(client):
 
 
 def test_htmx_from_cdn_by_default_and_local_copy_when_set(tmp_path):
-    from app.settings import HTMX_CDN_INTEGRITY, HTMX_CDN_URL
+    from featurescope.app.settings import HTMX_CDN_INTEGRITY, HTMX_CDN_URL
 
     with make_app_client(shared_data_dir()) as cdn:
         script = [s for s in parse_html(cdn.get("/").text).find_all("script") if "htmx" in s.attrs["src"]][0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.settings import HTMX_CDN_URL
+from featurescope.app.settings import HTMX_CDN_URL
 from factories import make_app_client, parse_html, shared_data_dir
 
 MODEL, SAE = "tiny-gemma-2", "2-res-64"

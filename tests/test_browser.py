@@ -32,7 +32,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
 
 
 def require_browser_tools() -> None:
-    from app.settings import DEFAULT_LOCAL_HTMX
+    from featurescope.app.settings import DEFAULT_LOCAL_HTMX
 
     require_test_tool(CHROMIUM.exists(), f"{CHROMIUM} is not installed (bash scripts/install_test_tools.sh)")
     require_test_tool(DEFAULT_LOCAL_HTMX.is_file(), f"{DEFAULT_LOCAL_HTMX} is missing (bash scripts/install_test_tools.sh)")
@@ -65,8 +65,8 @@ def serving(app, port: int) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def server():
-    from app import Settings, create_app
-    from app.settings import DEFAULT_LOCAL_HTMX
+    from featurescope.app import Settings, create_app
+    from featurescope.app.settings import DEFAULT_LOCAL_HTMX
 
     require_browser_tools()
     port = free_port()

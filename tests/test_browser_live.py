@@ -14,9 +14,9 @@ PROMPT = "The capital of France is Paris."
 
 @pytest.fixture(scope="module")
 def server(live_data_dir, tiny_gemma2):
-    from app import Settings, create_app
-    from app.live import LiveService
-    from app.settings import DEFAULT_LOCAL_HTMX
+    from featurescope.app import Settings, create_app
+    from featurescope.app.live import LiveService
+    from featurescope.app.settings import DEFAULT_LOCAL_HTMX
 
     require_browser_tools()
     port = free_port()

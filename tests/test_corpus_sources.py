@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from precompute.corpus_sources import CorpusError, CorpusSpec, iter_texts
+from featurescope.precompute.corpus_sources import CorpusError, CorpusSpec, iter_texts
 
 DOCS = ["The capital of France is Paris.", "def add(a, b):\n    return a + b", "<script>alert(1)</script> &amp;"]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.feature_stats import (FINE_BINS, UNITS, FeatureStats, example_context_ids, expected_memory_bytes,
+from featurescope.precompute.feature_stats import (FINE_BINS, UNITS, FeatureStats, example_context_ids, expected_memory_bytes,
                                       fill_example_acts, positive_candidates, priority_hash)
 
 N, T, F = 48, 16, 40  # contexts, positions, features

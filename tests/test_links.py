@@ -12,9 +12,9 @@ import torch
 from conftest import random_sae_params
 from featurescope.encoder import FeatureEncoder
 from featurescope.sae_loading import load_sae, save_sae
-from precompute.feature_stats import FeatureStats
-from precompute.job import PrecomputeConfig, run_precompute
-from precompute.links import LinkPlan
+from featurescope.precompute.feature_stats import FeatureStats
+from featurescope.precompute.job import PrecomputeConfig, run_precompute
+from featurescope.precompute.links import LinkPlan
 from featurescope.sites import parse_site
 
 SITES = {"1-res-a": "1-res", "2-mlp-b": "2-mlp", "2-res-c": "2-res", "3-res-d": "3-res"}

@@ -6,20 +6,17 @@ towards the feature's promoted tokens."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import time
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
-import torch
 
-from app import Settings, create_app
-from app.data import CatalogSource
-from app.databases import DataDir
-from app.live import EncodeJob, LiveModel, LiveService, ServiceBusy, resolve_source
-from app.routes.live import DEFAULT_STRENGTH_MULTIPLE, ClientGone, run_job
+from featurescope.app import Settings, create_app
+from featurescope.app.data import CatalogSource
+from featurescope.app.databases import DataDir
+from featurescope.app.live import EncodeJob, LiveModel, LiveService, ServiceBusy, resolve_source
+from featurescope.app.routes.live import DEFAULT_STRENGTH_MULTIPLE, ClientGone, run_job
 from factories import parse_html
 from featurescope.sae_loading import load_sae
 from featurescope.sites import parse_site

@@ -10,10 +10,10 @@ import duckdb
 import numpy as np
 import pytest
 
-from app import Settings, create_app
-from app.live import LiveService
+from featurescope.app import Settings, create_app
+from featurescope.app.live import LiveService
 from featurescope.training import DEMO_CONFIG, train_saes
-from precompute.job import PrecomputeConfig, run_precompute
+from featurescope.precompute.job import PrecomputeConfig, run_precompute
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ import torch
 from conftest import random_sae_params
 from featurescope.encoder import FeatureEncoder
 from featurescope.sae_loading import load_sae, save_sae
-from precompute.corpus_sources import CorpusSpec
-from precompute.job import PrecomputeConfig, PrecomputeError, published_path, run_precompute
+from featurescope.precompute.corpus_sources import CorpusSpec
+from featurescope.precompute.job import PrecomputeConfig, PrecomputeError, run_precompute
 
 EXE = shutil.which("featurescope") or str(Path(sys.executable).parent / "featurescope")
 

@@ -72,8 +72,8 @@ def test_no_request_right_after_start_meets_a_worker_that_has_not_read_its_files
 
 def test_concurrent_first_requests_wait_for_the_first_scan(tmp_path, monkeypatch):
     """In one process: requests arriving while the first scan is still opening files wait for it."""
-    import app.databases as databases
-    from app.data import CatalogSource
+    import featurescope.app.databases as databases
+    from featurescope.app.data import CatalogSource
 
     make_data_dir(tmp_path)
     slow_open = databases.DataFile.__init__
@@ -110,7 +110,7 @@ def test_a_file_published_after_the_last_scan_is_found_not_404(tmp_path):
 def test_health_is_not_green_while_a_worker_is_starting(tmp_path):
     from fastapi.testclient import TestClient
 
-    from app import Settings, create_app
+    from featurescope.app import Settings, create_app
 
     make_data_dir(tmp_path)
     workers_ready = [1]

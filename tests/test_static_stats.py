@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.static_stats import decoder_neighbours, logit_effect, unembedding, uniform_histogram
+from featurescope.precompute.static_stats import decoder_neighbours, logit_effect, unembedding, uniform_histogram
 
 
 def test_logit_tables_equal_the_dense_reference_across_blocks():

@@ -10,9 +10,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
-from app import charts, data, present
-from app.deps import CatalogDep, UrlsDep, split_format
-from app.errors import NotFound
+from featurescope.app import charts, data, present
+from featurescope.app.deps import CatalogDep, UrlsDep, split_format
+from featurescope.app.errors import NotFound
 
 router = APIRouter(tags=["features"])
 INDEX = re.compile(r"-?[0-9]{1,12}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app import data
-from app.deps import CatalogDep, RendererDep
+from featurescope.app import data
+from featurescope.app.deps import CatalogDep, RendererDep
 
 router = APIRouter(tags=["home"])
 

@@ -11,9 +11,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BeforeValidator, Field
 
-from app import data, graph
-from app.deps import CatalogDep, RendererDep, UrlsDep
-from app.errors import NotFound
+from featurescope.app import data, graph
+from featurescope.app.deps import CatalogDep, RendererDep, UrlsDep
+from featurescope.app.errors import NotFound
 
 router = APIRouter(tags=["lineage"])
 INDEX = re.compile(r"-?[0-9]{1,12}")

@@ -18,13 +18,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from app import live_views, present
-from app.data import DENSE_THRESHOLD, SAEInfo, check_index, feature_briefs, feature_links
-from app.deps import CatalogDep, RendererDep, SettingsDep, UrlsDep
-from app.errors import InvalidParameter
-from app.live import TOKEN_TOP_K, EncodeJob, LiveModel, LiveUnavailable, PromptRejected, SteerJob
-from app.live_views import EncodeQuery, Metric, SearchScope, SearchSort
-from app.routes.saes import OptionalDensity
+from featurescope.app import live_views, present
+from featurescope.app.data import DENSE_THRESHOLD, SAEInfo, check_index, feature_briefs, feature_links
+from featurescope.app.deps import CatalogDep, RendererDep, SettingsDep, UrlsDep
+from featurescope.app.errors import InvalidParameter
+from featurescope.app.live import TOKEN_TOP_K, EncodeJob, LiveModel, LiveUnavailable, PromptRejected, SteerJob
+from featurescope.app.live_views import EncodeQuery, Metric, SearchScope, SearchSort
+from featurescope.app.routes.saes import OptionalDensity
 
 router = APIRouter(tags=["live"])
 

@@ -8,8 +8,8 @@ import os
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 
-from app.deps import CatalogDep, RendererDep, SettingsDep
-from app.urls import APP_PREFIX, LOCAL_HTMX_PATH
+from featurescope.app.deps import CatalogDep, RendererDep, SettingsDep
+from featurescope.app.urls import APP_PREFIX, LOCAL_HTMX_PATH
 
 router = APIRouter(prefix=APP_PREFIX, tags=["app"])
 

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BeforeValidator, Field
 
-from app import charts, data
-from app.data import FeatureQuery, Show, SortKey
-from app.deps import CatalogDep, RendererDep, UrlsDep, split_format
+from featurescope.app import charts, data
+from featurescope.app.data import FeatureQuery, Show, SortKey
+from featurescope.app.deps import CatalogDep, RendererDep, UrlsDep, split_format
 
 router = APIRouter(tags=["saes"])
 

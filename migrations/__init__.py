@@ -1,0 +1,1 @@
+"""Package data of FeatureScope: installed as featurescope.migrations (see featurescope/assets.py)."""
