@@ -6,7 +6,12 @@ one batch; runs the one FeatureEncoder (featurescope/encoder.py, the precompute 
 the deepest layer any of them needs; and reduces each SAE's activations on the device to what pages
 show (per-token top features and counts, the prompt's top features, requested feature columns). It
 never waits for a batch to fill: alone, a request runs at once; under load, the requests that arrived
-during one forward pass share the next. A full queue answers 503 with Retry-After instead of hanging.
+during one forward pass share the next.
+
+Admission control: a request is admitted only when the work already queued ahead of it is expected to
+take at most `max_wait_seconds` (AdmissionControl: the queue of each kind times that kind's measured
+service time); otherwise it gets 503 with Retry-After at once, rather than a long wait that no client
+sees coming. Steering jobs, which hold the model longest, have their own cap (`max_steer_jobs`).
 
     service = LiveService(settings)
     future = service.model(model_info).submit(EncodeJob(text="The capital of France is", saes=[sae_info]))
@@ -43,7 +48,7 @@ class LiveUnavailable(Exception):
 
 
 class ServiceBusy(Exception):
-    """The queue is full: 503 with Retry-After."""
+    """Too much work is queued ahead of a request: 503 with Retry-After."""
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
@@ -109,6 +114,70 @@ class SteerResult:
     model_ms: float
 
 
+# ------------------------------------------------------------------------------------------- admission
+class AdmissionControl:
+    """What is waiting for one model's worker, and how long each kind of job takes to serve.
+
+    The expected wait of a new job is the remaining time of the job in service plus, for every job
+    queued ahead of it, its kind's service time: an encode request costs its share of a batch (batch
+    seconds / requests in the batch, measured), a steering job its whole run. Until a kind has been
+    measured, its first estimate stands in. Thread-safe: request threads admit, the worker reports."""
+
+    EWMA = 0.2  # weight of the newest measurement
+
+    def __init__(self, max_wait_seconds: float, max_steer_jobs: int, encode_seconds: float = 0.25,
+                 steer_seconds: float = 3.0) -> None:
+        self.max_wait_seconds, self.max_steer_jobs = max_wait_seconds, max_steer_jobs
+        self.service_seconds = {"encode": encode_seconds, "steer": steer_seconds}
+        self.waiting = {"encode": 0, "steer": 0}
+        self._in_service: tuple[str, float, int] | None = None  # (kind, started, jobs)
+        self._lock = threading.Lock()
+
+    def expected_wait(self) -> float:
+        with self._lock:
+            return self._expected_wait(time.perf_counter())
+
+    def _expected_wait(self, now: float) -> float:
+        wait = sum(n * self.service_seconds[kind] for kind, n in self.waiting.items())
+        if self._in_service is not None:
+            kind, started, jobs = self._in_service
+            wait += max(0.0, jobs * self.service_seconds[kind] - (now - started))
+        return wait
+
+    def admit(self, kind: str, model_id: str) -> None:
+        """Count a new job in, or raise ServiceBusy saying how long the queue is and when to come back."""
+        with self._lock:
+            wait = self._expected_wait(time.perf_counter())
+            if kind == "steer" and self.waiting["steer"] >= self.max_steer_jobs:
+                raise ServiceBusy(f"The live encoder of {model_id} already has {self.waiting['steer']} steering jobs "
+                                  f"waiting (its limit is {self.max_steer_jobs}: featurescope serve --max-steer-jobs); "
+                                  "try again shortly.", max(1, math.ceil(self.service_seconds["steer"])))
+            if wait > self.max_wait_seconds:
+                raise ServiceBusy(f"The live encoder of {model_id} is busy: the requests ahead of this one need about "
+                                  f"{wait:.0f} s, and this server admits a request only when it can start within "
+                                  f"{self.max_wait_seconds:g} s (featurescope serve --max-wait); try again shortly.",
+                                  max(1, math.ceil(wait - self.max_wait_seconds)))
+            self.waiting[kind] += 1
+
+    def withdraw(self, kind: str) -> None:
+        """A job that will not be served after all (the queue was full)."""
+        with self._lock:
+            self.waiting[kind] -= 1
+
+    def started(self, kind: str, jobs: int) -> None:
+        with self._lock:
+            self.waiting[kind] -= jobs
+            self._in_service = (kind, time.perf_counter(), jobs)
+
+    def finished(self, kind: str, seconds: float, jobs: int) -> None:
+        """A batch of `jobs` encode requests (or one steering job) took `seconds`; jobs=0 measures nothing."""
+        with self._lock:
+            self._in_service = None
+            if jobs > 0:
+                per_job = seconds / jobs
+                self.service_seconds[kind] += self.EWMA * (per_job - self.service_seconds[kind])
+
+
 # ----------------------------------------------------------------------------------------------- model
 class LiveModel:
     """A model, the SAEs requests have asked for, and the worker thread that runs them."""
@@ -122,7 +191,7 @@ class LiveModel:
         self.ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._batch_seconds = 0.1  # running mean, for Retry-After
+        self.admission = AdmissionControl(settings.max_wait_seconds, settings.max_steer_jobs)
         self.served = 0
 
     # -- lifecycle
@@ -145,12 +214,15 @@ class LiveModel:
         if self.error is not None:
             raise LiveUnavailable(self.error)
         job.submitted = time.perf_counter()
+        kind = _kind(job)
+        self.admission.admit(kind, self.info.id)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
-            wait = self.queue.qsize() * self._batch_seconds / max(1, self.settings.max_batch)
+            self.admission.withdraw(kind)
             raise ServiceBusy(f"The live encoder of {self.info.id} has {self.queue.qsize()} requests waiting "
-                              f"(its limit is {self.settings.max_queue}); try again shortly.", max(1, math.ceil(wait)))
+                              f"(its limit is {self.settings.max_queue}: featurescope serve --max-queue); try again "
+                              "shortly.", max(1, math.ceil(self.admission.expected_wait())))
         return job.future
 
     # -- the worker
@@ -171,6 +243,8 @@ class LiveModel:
             if job is None:
                 return
             if self.error is not None:
+                self.admission.started(_kind(job), 1)
+                self.admission.finished(_kind(job), 0.0, 0)
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_exception(LiveUnavailable(self.error))
                 continue
@@ -217,6 +291,14 @@ class LiveModel:
 
     def _encode(self, jobs: list[EncodeJob]) -> None:
         started = time.perf_counter()
+        self.admission.started("encode", len(jobs))
+        try:
+            served = self._encode_jobs(jobs, started)
+        finally:
+            self.admission.finished("encode", time.perf_counter() - started, served)
+
+    def _encode_jobs(self, jobs: list[EncodeJob], started: float) -> int:
+        """Runs the batch; returns how many requests it served (0: nothing worth timing)."""
         live = []
         for job in jobs:
             if not job.future.set_running_or_notify_cancel():
@@ -229,20 +311,20 @@ class LiveModel:
                 continue
             live.append((job, ids, saes))
         if not live:
-            return
+            return 0
         try:
             results = self._encode_batch(live)
         except Exception as exc:  # noqa: BLE001
             for job, _, _ in live:
                 job.future.set_exception(exc)
-            return
+            return 0
         elapsed = time.perf_counter() - started
-        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
         for (job, _, _), result in zip(live, results):
             result.queue_ms = (started - job.submitted) * 1000
             result.model_ms = elapsed * 1000
             self.served += 1
             job.future.set_result(result)
+        return len(live)
 
     @torch.no_grad()
     def _encode_batch(self, live: list[tuple[EncodeJob, list[int], dict[str, JumpReLUSAE]]]) -> list[EncodeResult]:
@@ -290,9 +372,17 @@ class LiveModel:
         return ids
 
     def _steer(self, job: SteerJob) -> None:
-        if not job.future.set_running_or_notify_cancel():
-            return
         started = time.perf_counter()
+        self.admission.started("steer", 1)
+        served = 0
+        try:
+            served = self._steer_job(job, started)
+        finally:
+            self.admission.finished("steer", time.perf_counter() - started, served)
+
+    def _steer_job(self, job: SteerJob, started: float) -> int:
+        if not job.future.set_running_or_notify_cancel():
+            return 0
         try:
             ids = self._prompt_ids(job.text, None)
             steering = []
@@ -303,12 +393,17 @@ class LiveModel:
                                              should_stop=job.cancelled.is_set)
         except GenerationCancelled:
             job.future.cancel()
-            return
+            return 0
         except Exception as exc:  # noqa: BLE001
             job.future.set_exception(exc)
-            return
+            return 0
         self.served += 1
         job.future.set_result(SteerResult(ids, default, steered, (time.perf_counter() - started) * 1000))
+        return 1
+
+
+def _kind(job: EncodeJob | SteerJob) -> str:
+    return "steer" if isinstance(job, SteerJob) else "encode"
 
 
 def _reduce(acts: torch.Tensor, counted: torch.Tensor, columns: list[int], include_special: bool = False) -> SAEEncoding:

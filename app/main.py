@@ -28,6 +28,7 @@ from featurescope.app.render import Renderer
 from featurescope.app.routes import features, home, live, meta, models, saes
 from featurescope.app.routes import lineage
 from featurescope.app.routes.live import ClientGone
+from featurescope.app.security import SecurityHeaders
 from featurescope.app.settings import Settings
 from featurescope.app.urls import APP_PREFIX, Urls
 from featurescope.assets import asset_dir
@@ -73,6 +74,7 @@ def create_app(settings: Settings, live_service: LiveService | None = None,
         app.include_router(router)
     app.include_router(lineage.router)
     _add_error_pages(app)
+    app.add_middleware(SecurityHeaders, settings=settings, docs_path=f"{APP_PREFIX}/docs")
     return app
 
 

@@ -357,6 +357,8 @@ def serve(
     max_prompt_tokens: Annotated[int, typer.Option(min=2, help="Longest prompt live encoding accepts, in tokens (BOS included).")] = 512,
     max_batch: Annotated[int, typer.Option(min=1, help="Concurrent requests that share one forward pass.")] = 16,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting per model before the server answers 503 + Retry-After.")] = 64,
+    max_wait: Annotated[float, typer.Option(min=0.0, help="Admit a live request only when the work queued ahead of it is expected to take at most this many seconds; otherwise 503 + Retry-After at once.")] = 10.0,
+    max_steer_jobs: Annotated[int, typer.Option(min=1, help="Steering jobs (which hold the model longest) waiting per model before the server answers 503 + Retry-After.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest continuation steering generates.")] = 64,
 ) -> None:
     """Serve the feature explorer (read-only; picks up newly published precompute runs without a restart)."""
@@ -374,7 +376,7 @@ def serve(
     settings = Settings(data_dir=Path(data_dir).resolve(), host=host, port=port, htmx_url=htmx_url or HTMX_CDN_URL,
                         local_htmx=local, workers=workers, live=live, load_models=load, device=device, dtype=dtype,
                         max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, max_queue=max_queue,
-                        max_new_tokens=max_new_tokens)
+                        max_wait_seconds=max_wait, max_steer_jobs=max_steer_jobs, max_new_tokens=max_new_tokens)
     if not settings.db_dir.is_dir():
         typer.echo(f"Note: {settings.db_dir} does not exist yet; the explorer shows databases as soon as they are published there.")
     typer.echo(f"FeatureScope explorer: {settings.url}  ({workers} server process{'es' if workers > 1 else ''}; Ctrl+C to stop)")

@@ -13,6 +13,7 @@ from fastapi.responses import RedirectResponse, Response
 from featurescope.app import charts, data, present
 from featurescope.app.deps import CatalogDep, UrlsDep, split_format
 from featurescope.app.errors import NotFound
+from featurescope.app.security import embed_policy
 
 router = APIRouter(tags=["features"])
 INDEX = re.compile(r"-?[0-9]{1,12}")
@@ -55,7 +56,7 @@ def feature(
     page_url = urls.feature(model_id, sae_id, view["index"])
     share_params = {"text": text or None, "context": context if context != "snippet" else None}
     base = str(request.base_url).rstrip("/")
-    return render.respond(
+    response = render.respond(
         request, None, "embed.html" if embed else "feature.html", view, partials={"examples": "_examples.html"},
         examples=present.show_examples(view, context, forms), context=context, embed=embed,
         activation_chart=charts.activation_histogram(view["activation_histogram"]),
@@ -64,3 +65,6 @@ def feature(
         embed_url=base + urls.feature(model_id, sae_id, view["index"], embed=1, **share_params),
         canonical_url=base + page_url,
     )
+    if embed:
+        response.headers["Content-Security-Policy"] = embed_policy(settings)  # made to be framed by any site
+    return response
