@@ -115,3 +115,21 @@ def test_served_requests_measure_the_encoders_service_time(live_data_dir, tiny_g
         live = service.model(model)
         assert live.admission.service_seconds["encode"] != initial
         assert live.admission.waiting == {"encode": 0, "steer": 0} and live.admission.expected_wait() == 0.0
+
+
+def test_the_soak_benchmark_runs_against_a_real_live_server(live_data_dir):
+    """bench/soak.py stays runnable (its figures are read, not asserted): a real `featurescope serve` with
+    live encoding over the tiny Gemma 2 run, a few clients for a few seconds."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(root / "bench" / "soak.py"), "--data-dir", str(live_data_dir),
+                             "--clients", "4", "--seconds", "3", "--runs", "1", "--steer-tokens", "4",
+                             "--baseline-repeats", "1", "--log", str(live_data_dir.parent / "soak-server.log")],
+                            capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "4 clients, run 1:" in result.stdout and "service time alone" in result.stdout
+    for kind in ("encode", "test", "steer", "page"):
+        assert f"  {kind} " in result.stdout
