@@ -64,7 +64,7 @@ def start_server(data_dir: Path, port: int, log: Path, workers: int) -> subproce
         server = subprocess.Popen([str(ROOT / ".venv/bin/featurescope"), "serve", "--data-dir", str(data_dir), "--port",
                                    str(port), "--workers", str(workers), "--no-live"],
                                   stdout=subprocess.DEVNULL, stderr=out, cwd=ROOT)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 300  # a slow start is slow, not an error
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/health", timeout=1) as r:
