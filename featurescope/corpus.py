@@ -6,6 +6,7 @@ Works with no network: the text comes from `pydoc_data.topics` (the language ref
     texts = list(python_docs_corpus())                     # deterministic order
     ids = pack_contexts(lm, texts, context_len=128)        # [n_contexts, 128], each row starts with BOS
     mask = content_mask(lm, ids)                           # True where a position counts in statistics
+    sample, rest = pick_spread(ids, 100)                   # 100 contexts spread over the corpus, and the others
 """
 
 from __future__ import annotations
@@ -116,11 +117,24 @@ def content_mask(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     return ~torch.isin(ids, special)
 
 
+def spread_rows(n_rows: int, n: int) -> torch.Tensor:
+    """Indices of n of n_rows rows spread evenly, first and last included, so a sample covers the whole corpus."""
+    if not 0 < n <= n_rows:
+        raise ValueError(f"Cannot pick {n} of {n_rows} contexts.")
+    return torch.linspace(0, n_rows - 1, n).round().long()
+
+
+def pick_spread(contexts: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(picked, rest): n contexts spread evenly over `contexts` (spread_rows), and the others, both in corpus order."""
+    picked = torch.zeros(contexts.shape[0], dtype=torch.bool)
+    picked[spread_rows(contexts.shape[0], n)] = True
+    return contexts[picked], contexts[~picked]
+
+
 def split_contexts(contexts: torch.Tensor, held_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out): every k-th context is held out, so both halves cover the whole corpus."""
     n = contexts.shape[0]
     if not 0 < held_out < n:
         raise ValueError(f"held_out must be between 1 and {n - 1} contexts, got {held_out}.")
-    is_held = torch.zeros(n, dtype=torch.bool)
-    is_held[torch.linspace(0, n - 1, held_out).round().long()] = True
-    return contexts[~is_held], contexts[is_held]
+    held, train = pick_spread(contexts, held_out)
+    return train, held

@@ -72,10 +72,17 @@ class FeatureEncoder:
         return self.encode_with_masks(input_ids, attention_mask)[0]
 
     @torch.no_grad()
-    def encode_with_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    def encode_with_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          site_acts: dict[Site, torch.Tensor] | None = None
                           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Feature activations as __call__, plus per SAE the bool [batch, seq] mask of positions that count."""
-        site_acts = capture_sites(self.lm, input_ids, set(self.sites.values()), attention_mask)
+        """Feature activations as __call__, plus per SAE the bool [batch, seq] mask of positions that count.
+
+        `site_acts` ({site: [batch, seq, d_in]}, captured earlier for these ids by capture_sites, see
+        SiteActivations) replaces the model's forward pass; the SAEs and masks are the same code."""
+        if site_acts is None:
+            site_acts = capture_sites(self.lm, input_ids, set(self.sites.values()), attention_mask)
+        else:
+            site_acts = {s: site_acts[s].to(self.lm.device) for s in set(self.sites.values())}
         ids = input_ids.to(self.lm.device)
         acts = {name: sae.encode(site_acts[self.sites[name]]) for name, sae in self.saes.items()}
         masks = {name: counted_positions(self.lm, ids, sae, site_acts[self.sites[name]]) for name, sae in self.saes.items()}

@@ -8,6 +8,9 @@ Both spellings parse: "blocks.20.hook_resid_post" and "20-res".
 
     acts = capture_sites(lm, input_ids, [parse_site("3-res"), parse_site("5-mlp")])
     # the forward pass stops right after layer 5: later layers never run
+
+`SiteActivations` holds one pass's activations over many contexts, so a second user of the same
+contexts (the demo's precompute after its training) does not run the model again.
 """
 
 from __future__ import annotations
@@ -171,3 +174,23 @@ def capture_sites(
         run_truncated(lm, input_ids.to(lm.device), max(s.layer for s in sites),
                       None if attention_mask is None else attention_mask.to(lm.device))
     return captured
+
+
+@dataclass
+class SiteActivations:
+    """Activations [n, T, d_in] (float32, CPU) at each site for the contexts [n, T] they were captured on,
+    by capture_sites over batches of those contexts."""
+    contexts: torch.Tensor
+    acts: dict[Site, torch.Tensor]
+
+    def __post_init__(self):
+        for site, a in self.acts.items():
+            if a.shape[:2] != self.contexts.shape:
+                raise ValueError(f"Activations at {site} are {tuple(a.shape)} for contexts {tuple(self.contexts.shape)}.")
+
+    def rows(self, index: slice | torch.Tensor, sites: Iterable[Site]) -> dict[Site, torch.Tensor]:
+        """{site: [b, T, d_in]} of the contexts `index` selects, for `sites` (all held here)."""
+        missing = set(sites) - set(self.acts)
+        if missing:
+            raise SiteError(f"No activations captured at {', '.join(sorted(s.hook_name for s in missing))}.")
+        return {s: self.acts[s][index] for s in set(sites)}

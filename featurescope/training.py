@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from featurescope.corpus import content_mask, pack_contexts, python_docs_corpus, split_contexts
+from featurescope.corpus import content_mask, pack_contexts, pick_spread, python_docs_corpus, split_contexts
 from featurescope.models import LoadedModel
 from featurescope.sae import JumpReLUSAE, SAEConfig
 from featurescope.sae_loading import CARD_FILE, save_sae
-from featurescope.sites import Site, capture_sites, check_site, parse_site, site_width
+from featurescope.sites import Site, SiteActivations, capture_sites, check_site, parse_site, site_width
 
 CHECKPOINT_FILE = "checkpoint.pt"
 ARCHITECTURES = ("jumprelu", "relu")
@@ -237,24 +237,45 @@ def chunk_schedule(mask: torch.Tensor, cfg: TrainConfig) -> list[Chunk]:
 
 
 @torch.no_grad()
+def capture_contexts(lm: LoadedModel, contexts: torch.Tensor, sites: list[Site], model_batch: int,
+                     progress: bool = False) -> SiteActivations:
+    """Every site's activations [n, T, d_in] (float32, CPU) over `contexts` [n, T], one truncated pass per
+    batch of model_batch contexts (the batches the precompute job runs, so its values are the same)."""
+    n, T = contexts.shape
+    acts = {s: torch.empty(n, T, site_width(lm, s)) for s in sites}
+    from tqdm.auto import tqdm
+
+    with tqdm(total=contexts.numel(), unit="tok", unit_scale=True, desc=f"model pass, {len(sites)} site(s)",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for first in range(0, n, model_batch):
+            ids = contexts[first: first + model_batch]  # (b, T)
+            captured = capture_sites(lm, ids, sites)
+            for s in sites:
+                acts[s][first: first + len(ids)] = captured[s].float().cpu()
+            bar.update(ids.numel())
+    return SiteActivations(contexts, acts)
+
+
+def trained_positions(lm: LoadedModel, captured: SiteActivations, max_norm_ratio: float | None = None) -> torch.Tensor:
+    """Indices into the flattened [n * T] positions of `captured` that training uses: not special tokens,
+    and with max_norm_ratio not a norm outlier at any site (dropped at every site)."""
+    kept = content_mask(lm, captured.contexts).flatten().nonzero().squeeze(1)
+    if max_norm_ratio is not None:
+        keep = torch.ones(kept.shape[0], dtype=torch.bool)
+        for a in captured.acts.values():
+            keep &= ~norm_outliers(a.flatten(0, 1)[kept], max_norm_ratio)
+        kept = kept[keep]
+    return kept
+
+
 def chunk_activations(lm: LoadedModel, contexts: torch.Tensor, sites: list[Site], model_batch: int,
                       max_norm_ratio: float | None = None) -> dict[Site, torch.Tensor]:
     """{site: (n_tokens, d_in) float32} over the non-special tokens of `contexts`, one truncated pass per batch.
 
     With max_norm_ratio, tokens that are norm outliers at any site are dropped at every site."""
-    parts: dict[Site, list[torch.Tensor]] = {s: [] for s in sites}
-    for ids in contexts.split(model_batch):  # (b, T)
-        keep = content_mask(lm, ids).to(lm.device)
-        acts = capture_sites(lm, ids, sites)
-        for s in sites:
-            parts[s].append(acts[s][keep].float().cpu())  # (n_kept, d_in)
-    acts = {s: torch.cat(p) for s, p in parts.items()}
-    if max_norm_ratio is not None:
-        keep = torch.ones(next(iter(acts.values())).shape[0], dtype=torch.bool)
-        for a in acts.values():
-            keep &= ~norm_outliers(a, max_norm_ratio)
-        acts = {s: a[keep] for s, a in acts.items()}
-    return acts
+    captured = capture_contexts(lm, contexts, sites, model_batch)
+    kept = trained_positions(lm, captured, max_norm_ratio)
+    return {s: a.flatten(0, 1)[kept] for s, a in captured.acts.items()}
 
 
 def norm_outliers(acts: torch.Tensor, max_norm_ratio: float) -> torch.Tensor:
@@ -268,22 +289,40 @@ def norm_outliers(acts: torch.Tensor, max_norm_ratio: float) -> torch.Tensor:
 
 
 class ActivationStream:
-    """Batches of activations for every site; `batches(start_step)` resumes mid-chunk without replaying steps."""
+    """Batches of activations for every site; `batches(start_step)` resumes mid-chunk without replaying steps.
 
-    def __init__(self, lm: LoadedModel, contexts: torch.Tensor, sites: list[Site], cfg: TrainConfig):
-        self.lm, self.contexts, self.sites, self.cfg = lm, contexts, sites, cfg
+    A chunk's activations are captured once at every position of its contexts and kept until the next
+    chunk; when the whole data set is one chunk, `site_activations()` hands them on (to the demo's precompute)."""
+
+    def __init__(self, lm: LoadedModel, contexts: torch.Tensor, cfg: TrainConfig):
+        self.lm, self.contexts, self.cfg = lm, contexts, cfg
+        self.sites = [parse_site(s) for s in cfg.sites]
         self.schedule = chunk_schedule(content_mask(lm, contexts), cfg)
-        self._cached: tuple[torch.Tensor, dict[Site, torch.Tensor]] | None = None
+        self._cached: tuple[torch.Tensor, SiteActivations, torch.Tensor] | None = None  # chunk, captured, kept
         self.model_seconds = 0.0  # time spent in the model's forward pass
 
-    def activations(self, chunk: Chunk) -> dict[Site, torch.Tensor]:
+    def _captured(self, chunk: Chunk) -> tuple[SiteActivations, torch.Tensor]:
         if self._cached is None or not torch.equal(self._cached[0], chunk.contexts):
             self._cached = None  # free the previous chunk before computing the next one
             t0 = time.perf_counter()
-            acts = chunk_activations(self.lm, self.contexts[chunk.contexts], self.sites, self.cfg.model_batch,
-                                     self.cfg.max_norm_ratio)
+            captured = capture_contexts(self.lm, self.contexts[chunk.contexts], self.sites, self.cfg.model_batch,
+                                        progress=self.cfg.progress)
+            kept = trained_positions(self.lm, captured, self.cfg.max_norm_ratio)
             self.model_seconds += time.perf_counter() - t0
-            self._cached = (chunk.contexts, acts)
+            self._cached = (chunk.contexts, captured, kept)
+        return self._cached[1], self._cached[2]
+
+    def tokens(self, chunk: Chunk, site: Site) -> torch.Tensor:
+        """(n_tokens, d_in): the chunk's activations at `site` that training uses."""
+        captured, kept = self._captured(chunk)
+        return captured.acts[site].flatten(0, 1)[kept]
+
+    def site_activations(self) -> SiteActivations | None:
+        """Every position's activations over all the contexts, in order, if one chunk holds them all and
+        it was captured; else None."""
+        whole = torch.arange(self.contexts.shape[0])
+        if self._cached is None or not torch.equal(self._cached[0], whole):
+            return None
         return self._cached[1]
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[int, dict[Site, torch.Tensor]]]:
@@ -292,14 +331,15 @@ class ActivationStream:
         for chunk in self.schedule:
             if chunk.first_step + chunk.n_batches <= start_step:
                 continue
-            acts = self.activations(chunk)
-            n_tokens = next(iter(acts.values())).shape[0]
+            captured, kept = self._captured(chunk)
+            flat = {s: a.flatten(0, 1) for s, a in captured.acts.items()}  # views, (n * T, d_in)
+            n_tokens = kept.shape[0]
             seed = self.cfg.seed * 1_000_003 + chunk.epoch * 1009 + chunk.index + 1
-            perm = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))
+            order = kept[torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))]
             for b in range(max(0, start_step - chunk.first_step), chunk.n_batches):
                 # the schedule counted tokens before norm outliers were dropped: wrap in the rare short chunk
-                rows = perm[torch.arange(b * B, (b + 1) * B) % n_tokens]
-                yield chunk.first_step + b, {s: a[rows] for s, a in acts.items()}
+                rows = order[torch.arange(b * B, (b + 1) * B) % n_tokens]
+                yield chunk.first_step + b, {s: a[rows] for s, a in flat.items()}
 
 
 def input_scale(acts: torch.Tensor) -> float:
@@ -467,10 +507,12 @@ def load_checkpoint(path: Path, states: list[SiteState], cfg: TrainConfig) -> tu
 # The training loop.
 
 def train_saes(lm: LoadedModel, cfg: TrainConfig, out_dir: str | Path, contexts: torch.Tensor | None = None,
-               resume: bool = False, stop_after: int | None = None) -> dict[Site, Path]:
+               resume: bool = False, stop_after: int | None = None, stream: ActivationStream | None = None
+               ) -> dict[Site, Path]:
     """Train one SAE per site in cfg.sites; save each to out_dir/<site> (params.npz + featurescope.json).
 
-    `contexts` [n, context_len] defaults to the built-in corpus (minus cfg.held_out_contexts).
+    `contexts` [n, context_len] defaults to the built-in corpus (minus cfg.held_out_contexts); or pass the
+    `stream` over them, whose captured activations the caller can then reuse (`site_activations()`).
     Ctrl-C finishes the current step, writes a checkpoint and raises KeyboardInterrupt; `resume=True`
     continues from out_dir/checkpoint.pt. `stop_after` interrupts after that many steps the same way (tests).
     """
@@ -479,10 +521,13 @@ def train_saes(lm: LoadedModel, cfg: TrainConfig, out_dir: str | Path, contexts:
     sites = [parse_site(s) for s in cfg.sites]
     for s in sites:
         check_site(lm, s)
-    contexts = default_contexts(lm, cfg)[0] if contexts is None else contexts
-    stream = ActivationStream(lm, contexts, sites, cfg)
-    first = stream.activations(stream.schedule[0])  # the normalisation scale comes from the first chunk
-    states = [new_site_state(s, site_width(lm, s), input_scale(first[s]), i, cfg) for i, s in enumerate(sites)]
+    if stream is None:
+        stream = ActivationStream(lm, default_contexts(lm, cfg)[0] if contexts is None else contexts, cfg)
+    elif stream.cfg != cfg:
+        raise ValueError("The activation stream was made for another training configuration.")
+    first = stream.schedule[0]  # the normalisation scale comes from the first chunk
+    states = [new_site_state(s, site_width(lm, s), input_scale(stream.tokens(first, s)), i, cfg)
+              for i, s in enumerate(sites)]
     ckpt, done, elapsed = out_dir / CHECKPOINT_FILE, 0, 0.0
     if resume and ckpt.is_file():
         done, elapsed = load_checkpoint(ckpt, states, cfg)
@@ -575,16 +620,22 @@ def save_trained(lm: LoadedModel, st: SiteState, cfg: TrainConfig, folder: Path,
 def default_contexts(lm: LoadedModel, cfg: TrainConfig, texts: Iterable[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(train, held-out) contexts of `texts` (default: the built-in corpus).
 
-    Held-out contexts are every k-th one; `cfg.corpus_tokens` then keeps training contexts spread
-    evenly over the rest, so a small budget still sees every part of the corpus.
+    With `cfg.corpus_tokens`, the training contexts are that many tokens' worth spread evenly over the
+    corpus (`pick_spread`: the same contexts `featurescope precompute --sample spread --tokens N` reads),
+    and the held-out ones are spread over the rest; otherwise every k-th context is held out and the
+    others are trained on. Either way a small budget still sees every part of the corpus.
     """
     contexts = pack_contexts(lm, python_docs_corpus() if texts is None else texts, cfg.context_len)
     held = None
-    if cfg.held_out_contexts > 0:
-        contexts, held = split_contexts(contexts, cfg.held_out_contexts)
     if cfg.corpus_tokens is not None:
-        n = max(1, min(contexts.shape[0], cfg.corpus_tokens // (cfg.context_len - 1)))
-        contexts = contexts[torch.linspace(0, contexts.shape[0] - 1, n).round().long()]
+        room = contexts.shape[0] - cfg.held_out_contexts
+        if room < 1:
+            raise ValueError(f"The corpus has {contexts.shape[0]} contexts: too few to hold out {cfg.held_out_contexts}.")
+        contexts, rest = pick_spread(contexts, max(1, min(room, cfg.corpus_tokens // (cfg.context_len - 1))))
+        if cfg.held_out_contexts > 0:
+            held = pick_spread(rest, cfg.held_out_contexts)[0]
+    elif cfg.held_out_contexts > 0:
+        contexts, held = split_contexts(contexts, cfg.held_out_contexts)
     return contexts, held
 
 
@@ -621,11 +672,11 @@ def cached_saes(lm: LoadedModel, cfg: TrainConfig, out_dir: str | Path) -> dict[
 
 
 def train_demo_saes(lm: LoadedModel, out_dir: str | Path, cfg: TrainConfig = DEMO_CONFIG,
-                    force: bool = False) -> dict[Site, Path]:
+                    force: bool = False, stream: ActivationStream | None = None) -> dict[Site, Path]:
     """Train the demo SAEs into out_dir/<site>, or reuse them when their cards match `cfg` and the model.
 
-    An interrupted run (Ctrl-C) resumes from its checkpoint the next time.
+    An interrupted run (Ctrl-C) resumes from its checkpoint the next time. `stream`: see train_saes.
     """
     if not force and (found := cached_saes(lm, cfg, out_dir)) is not None:
         return found
-    return train_saes(lm, cfg, out_dir, resume=not force)
+    return train_saes(lm, cfg, out_dir, resume=not force, stream=stream)

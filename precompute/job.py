@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from featurescope.corpus import content_mask, pack_contexts
+from featurescope.corpus import content_mask, pack_contexts, pick_spread
 from featurescope.encoder import FeatureEncoder
 from featurescope.errors import FeatureScopeError
 from featurescope.models import LoadedModel, load_model
 from featurescope.sae import JumpReLUSAE
 from featurescope.sae_loading import load_sae
-from featurescope.sites import parse_site
+from featurescope.sites import SiteActivations, parse_site
 from featurescope.precompute.corpus_sources import CorpusError, CorpusSpec, iter_texts
 from featurescope.precompute.feature_stats import FeatureStats, example_context_ids, expected_memory_bytes, fill_example_acts
 from featurescope.precompute.links import PEAK_WIDTH, TOP_N, LinkPlan, cross_layer_links
@@ -37,6 +37,7 @@ from featurescope.precompute.writer import SAEResult, write_run_db
 CHECKPOINT_FILE = "checkpoint.pt"
 # Part of every run id: bump it when a code change alters what a run stores, so old runs are not reused.
 RESULTS_VERSION = 4  # 3: cross-layer links; 4: one row per feature (schema 0004)
+SAMPLES = ("first", "spread")
 
 
 @dataclass
@@ -47,6 +48,9 @@ class PrecomputeConfig:
     site: str | None = None  # site of bare params.npz SAEs
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     max_tokens: int = 200_000  # corpus tokens read (BOS not counted)
+    # "first": the corpus's first max_tokens tokens; "spread": max_tokens' worth of contexts spread evenly
+    # over the whole corpus (read in full), the contexts `featurescope train --corpus-tokens` trains on
+    sample: str = "first"
     context_len: int = 128  # tokens per context, BOS first
     batch_size: int = 16  # contexts per forward pass
     top_k: int = 20  # top examples kept per feature
@@ -74,6 +78,8 @@ class PrecomputeConfig:
                     max_tokens=self.max_tokens, context_len=self.context_len, top_k=self.top_k,
                     n_intervals=self.n_intervals, examples_per_interval=self.examples_per_interval, dtype=self.dtype,
                     links=[self.links, self.links_per_neighbour, self.links_peak_width])
+        if self.sample != "first":  # runs from before `sample` existed keep their ids
+            keys["sample"] = self.sample
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -105,8 +111,11 @@ def published_path(cfg: PrecomputeConfig, model_id: str) -> Path:
     return Path(cfg.data_dir) / "db" / f"{model_id}--{cfg.run_id()}.duckdb"
 
 
-def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=print, timings: dict | None = None) -> Path:
+def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=print, timings: dict | None = None,
+                   site_acts: SiteActivations | None = None) -> Path:
     """Run (or resume) the job and publish its DuckDB file; returns the published path.
+    `site_acts`, captured for exactly this run's contexts (the demo's training pass), stand in for the
+    model's forward pass; they must cover every SAE's site, and other contexts are refused.
     With cfg.shard = (i, n) it processes only the i-th of n slices of the contexts and saves that
     shard's statistics instead (returns their path); with cfg.merge_shards it merges all n saved
     shards and publishes: exactly the result of one run over the whole corpus.
@@ -118,6 +127,10 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
         log(f"Already complete: {target} (run {cfg.run_id()}). Pass --force to recompute.")
         return target
     contexts = _contexts(cfg, lm)
+    if site_acts is not None and not torch.equal(site_acts.contexts, contexts):
+        raise PrecomputeError(f"The activations given are for {len(site_acts.contexts)} other contexts, "
+                              f"not this run's {len(contexts)}: run it without them.")
+    encode = _Encode(encoder, contexts, site_acts)
     work_dir = Path(cfg.data_dir) / "runs" / cfg.run_id()
     work_dir.mkdir(parents=True, exist_ok=True)
     if cfg.merge_shards:
@@ -128,12 +141,12 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
         checkpoint = work_dir / _checkpoint_name(cfg)
         stats, next_context, previous_seconds = _start_or_resume(cfg, checkpoint, encoder, first, log)
         link_timer = {}
-        stream_seconds = _stream(cfg, encoder, contexts, stats, next_context, last, checkpoint, link_timer)
+        stream_seconds = _stream(cfg, encode, stats, next_context, last, checkpoint, link_timer)
         if cfg.shard:
             return _save_shard(cfg, work_dir, stats, previous_seconds + stream_seconds, checkpoint, log)
     log("Finishing: interval examples, logit effects, neighbours ...")
     finish_started = time.time()
-    results = _finish(cfg, lm, encoder, contexts, stats, link_timer)
+    results = _finish(cfg, lm, encode, stats, link_timer)
     finish_seconds = time.time() - finish_started
     write_started = time.time()
     staging = work_dir / "staging.duckdb"
@@ -205,8 +218,18 @@ def _merge_shard_files(cfg, work_dir: Path, encoder: FeatureEncoder) -> tuple[di
 def _contexts(cfg: PrecomputeConfig, lm: LoadedModel) -> torch.Tensor:
     if cfg.context_len > lm.max_context:
         raise PrecomputeError(f"Context length {cfg.context_len} is over model {lm.name!r}'s limit of {lm.max_context} tokens.")
+    if cfg.sample not in SAMPLES:
+        raise PrecomputeError(f"sample must be {' or '.join(SAMPLES)}; got {cfg.sample!r}.")
+    if cfg.sample == "spread" and cfg.corpus.source.startswith("hf:"):
+        raise PrecomputeError("--sample spread reads the whole corpus: use it with python-docs or local files, "
+                              "not with a streamed hf: dataset.")
     try:
-        contexts = pack_contexts(lm, iter_texts(cfg.corpus), cfg.context_len, cfg.max_tokens)
+        if cfg.sample == "spread":
+            contexts = pack_contexts(lm, iter_texts(cfg.corpus), cfg.context_len)
+            n = min(len(contexts), cfg.max_tokens // (cfg.context_len - 1))
+            contexts = pick_spread(contexts, n)[0] if n > 0 else contexts[:0]
+        else:
+            contexts = pack_contexts(lm, iter_texts(cfg.corpus), cfg.context_len, cfg.max_tokens)
     except CorpusError as exc:
         raise PrecomputeError(str(exc)) from exc
     if len(contexts) == 0:
@@ -263,10 +286,22 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)  # a kill mid-save leaves the previous file intact
 
 
-def _stream(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict, start: int, stop: int,
-            checkpoint: Path, link_timer: dict) -> float:
+class _Encode:
+    """Feature activations and counted positions of some of the run's contexts: the encoder's forward
+    pass, or the site activations a caller captured for these contexts (the same SAE code either way)."""
+
+    def __init__(self, encoder: FeatureEncoder, contexts: torch.Tensor, site_acts: SiteActivations | None):
+        self.encoder, self.contexts, self.site_acts = encoder, contexts, site_acts
+
+    def __call__(self, index: slice | torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        given = None if self.site_acts is None else self.site_acts.rows(index, self.encoder.sites.values())
+        return self.encoder.encode_with_masks(self.contexts[index], site_acts=given)
+
+
+def _stream(cfg, encode: _Encode, stats: dict, start: int, stop: int, checkpoint: Path, link_timer: dict) -> float:
     """The main loop over contexts [start, stop): one forward per batch, every SAE's statistics updated from it.
     Returns the seconds it took; link_timer["stream"] gets the part spent on the links' peak co-activations."""
+    encoder, contexts = encode.encoder, encode.contexts
     lm, T = encoder.lm, contexts.shape[1]
     plan, link_timer["stream"] = _link_plan(cfg, encoder), 0.0
     first_of_range = _shard_range(cfg, len(contexts))[0]
@@ -275,10 +310,11 @@ def _stream(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict, s
                desc=f"precompute {len(stats)} SAE{'s' * (len(stats) > 1)}" + (f" shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else ""))
     started = time.time()
     for batch_no, first in enumerate(range(start, stop, cfg.batch_size), start=1):
-        ids = contexts[first: min(first + cfg.batch_size, stop)]  # [B, T]
+        rows = slice(first, min(first + cfg.batch_size, stop))
+        ids = contexts[rows]  # [B, T]
         context_ids = torch.arange(first, first + len(ids), device=lm.device)
         # {sae: [B, T, d_sae]}, and per SAE the positions that count (never BOS/EOS/pad or norm outliers)
-        feature_acts, masks = encoder.encode_with_masks(ids)
+        feature_acts, masks = encode(rows)
         # What each SAE's top slots keep of the other SAEs at their peak (cross-layer links; no second pass)
         link_started = time.time()
         peaks = plan.peaks(feature_acts, masks) if plan else {}
@@ -294,10 +330,10 @@ def _stream(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict, s
 
 
 @torch.no_grad()
-def _finish(cfg, lm: LoadedModel, encoder: FeatureEncoder, contexts: torch.Tensor, stats: dict,
-            link_timer: dict) -> list[SAEResult]:
+def _finish(cfg, lm: LoadedModel, encode: _Encode, stats: dict, link_timer: dict) -> list[SAEResult]:
+    encoder = encode.encoder
     finals = {name: s.finalize() for name, s in stats.items()}
-    interval_acts = _interval_token_acts(cfg, encoder, contexts, finals)
+    interval_acts = _interval_token_acts(cfg, encode, finals)
     link_started, plan = time.time(), _link_plan(cfg, encoder)
     links = cross_layer_links(plan, finals, encoder.saes, top_n=cfg.links_per_neighbour) if plan else {}
     link_timer["finish"] = time.time() - link_started
@@ -313,7 +349,7 @@ def _finish(cfg, lm: LoadedModel, encoder: FeatureEncoder, contexts: torch.Tenso
     return results
 
 
-def _interval_token_acts(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, finals: dict) -> dict[str, torch.Tensor]:
+def _interval_token_acts(cfg, encode: _Encode, finals: dict) -> dict[str, torch.Tensor]:
     """Per-token acts of the interval samples: kept while streaming, or re-encoded with the same encoder
     (the values the live encoder gives), running again only the contexts that some sample names."""
     if all("interval_token_acts" in f for f in finals.values()):
@@ -322,8 +358,7 @@ def _interval_token_acts(cfg, encoder: FeatureEncoder, contexts: torch.Tensor, f
     out = {name: torch.zeros(*f["interval_ctx"].shape, cfg.context_len) for name, f in finals.items()}
     for first in range(0, len(wanted), cfg.batch_size):
         context_ids = wanted[first: first + cfg.batch_size]
-        ids = contexts[context_ids]
-        feature_acts, masks = encoder.encode_with_masks(ids)
+        feature_acts, masks = encode(context_ids)
         for name, acts in feature_acts.items():
             fill_example_acts(finals[name]["interval_ctx"], context_ids, acts, masks[name], out[name])
     return out

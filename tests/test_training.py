@@ -194,7 +194,7 @@ def test_trained_sae_reloads_through_params_npz_and_encodes_identically(tiny_gem
     x = _site_acts(lm, contexts, "2-att")
     for step in range(10):
         train_step(st, x[:256] * st.scale, step, cfg)
-    stream = training.ActivationStream(lm, contexts, [parse_site("2-att")], cfg)
+    stream = training.ActivationStream(lm, contexts, cfg)
     folder = training.save_trained(lm, st, cfg, tmp_path / "2-att", 1.0, stream)
     in_memory = st.sae.to_inference(st.scale, SAEConfig(d_in=96, d_sae=96, hook_name="blocks.2.attn.hook_z"))
     reloaded = load_sae(str(folder / "params.npz"))
