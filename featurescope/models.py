@@ -201,6 +201,10 @@ def converted_gguf(path: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # The weights are already dequantized; without the GGUF "quantizer" record they save as plain float32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / "source.json").write_text(json.dumps({"gguf": str(path), "sha256": digest}) + "\n")

@@ -79,3 +79,25 @@ def test_embedded_smollm2_loads_from_the_wheel_and_knows_the_capital_of_france(s
     out = lm.model.generate(ids, max_new_tokens=5, do_sample=False)
     continuation = lm.tokenizer.decode(out[0, ids.shape[1]:])
     assert "Paris" in continuation, continuation
+
+
+@pytest.mark.slow
+def test_gguf_cache_folder_gives_the_gguf_files_weights_tokens_and_logits(smollm2, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from featurescope.models import converted_gguf, embedded_model_path
+
+    gguf = embedded_model_path("smollm2-135m")
+    monkeypatch.setenv("FEATURESCOPE_CACHE", str(tmp_path))
+    folder = converted_gguf(gguf)
+    assert folder.parent == tmp_path / "gguf" and converted_gguf(gguf) == folder  # written once, then found
+    lm = load_model("smollm2-135m", device="cpu")
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    text = "The capital of France is Paris.\n\tdef f(x):  return x**2  # caf\u00e9 \U0001f916 <|im_start|>"
+    assert lm.tokenizer(text).input_ids == tokenizer(text).input_ids
+    assert (lm.tokenizer.all_special_ids, lm.bos_token_id) == (tokenizer.all_special_ids, tokenizer.bos_token_id)
+    ids = torch.tensor([lm.tokenize(text)])
+    with torch.no_grad():
+        assert torch.equal(lm.model(input_ids=ids).logits, direct(input_ids=ids).logits)
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in direct.state_dict().items())
