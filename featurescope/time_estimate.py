@@ -38,7 +38,8 @@ def demo_estimate(lm: LoadedModel, cfg, train: bool, eval_tokens: int, precomput
     ids[:, 0] = lm.bos_token_id
     capture_sites(lm, ids[:1], sites)  # warm-up: the first call pays for allocations
     pass_s = _timed(lambda: capture_sites(lm, ids, sites)) / SAMPLE_CONTEXTS  # per context
-    full_s = _timed(lambda: lm.model(input_ids=ids.to(lm.device), use_cache=False)) / SAMPLE_CONTEXTS
+    with torch.no_grad():
+        full_s = _timed(lambda: lm.model(input_ids=ids.to(lm.device), use_cache=False)) / SAMPLE_CONTEXTS
 
     d_in = site_width(lm, sites[0])
     x = torch.randn(cfg.batch_size, d_in, generator=gen) / d_in ** 0.5
@@ -46,8 +47,9 @@ def demo_estimate(lm: LoadedModel, cfg, train: bool, eval_tokens: int, precomput
     train_step(state, x, 0, cfg)  # warm-up: Adam's state is created on the first step
     step_s = _timed(lambda: train_step(state, x, 1, cfg)) * len(sites)
     sae = state.sae.to_inference(1.0, _sae_config(d_in, cfg))
-    rows = x[: PRECOMPUTE_BATCH * T] if x.shape[0] >= PRECOMPUTE_BATCH * T else x.repeat(PRECOMPUTE_BATCH * T // x.shape[0] + 1, 1)[: PRECOMPUTE_BATCH * T]
-    encode_s = _timed(lambda: sae.encode(rows)) * len(sites)  # one precompute batch, every SAE
+    rows = x.repeat(PRECOMPUTE_BATCH * T // x.shape[0] + 1, 1)[: PRECOMPUTE_BATCH * T]  # one batch's tokens
+    with torch.no_grad():
+        encode_s = _timed(lambda: sae.encode(rows)) * len(sites)  # one precompute batch, every SAE
 
     parts: dict[str, float] = {}
     n_train = (cfg.corpus_tokens or 0) // (T - 1)
@@ -64,10 +66,9 @@ def demo_estimate(lm: LoadedModel, cfg, train: bool, eval_tokens: int, precomput
 
 
 def _timed(fn) -> float:
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _sae_config(d_in: int, cfg):

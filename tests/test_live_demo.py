@@ -1,6 +1,7 @@
 """The demo's own stack end to end: SmolLM2 with SAEs trained by the demo recipe at the demo's four
 sites (narrower and on a short budget: values, not quality, are under test), a real precompute run, and the server's
-live encoder, which must give every SAE's stored activations back for the same contexts."""
+live encoder, which must give every SAE's stored activations back for the same contexts (stored from the
+training pass's activations, as the demo does)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from featurescope.app import Settings, create_app
 from featurescope.app.live import LiveService
-from featurescope.training import DEMO_CONFIG, train_saes
+from featurescope.training import DEMO_CONFIG, ActivationStream, default_contexts, train_saes
 from featurescope.precompute.job import PrecomputeConfig, run_precompute
 
 
@@ -22,11 +23,14 @@ def test_live_encoding_equals_precompute_for_every_demo_sae(smollm2, tmp_path):
 
     cfg = replace(DEMO_CONFIG, d_sae=256, corpus_tokens=8192, held_out_contexts=4, train_tokens=8192, buffer_tokens=8192,
                   batch_size=2048, lr_warmup_steps=1, sparsity_warmup_steps=2, checkpoint_every=0, progress=False)
-    folders = train_saes(smollm2, cfg, tmp_path / "saes")
-    run = PrecomputeConfig(model="smollm2-135m", saes=[str(f) for f in folders.values()], max_tokens=3072,
-                           context_len=128, batch_size=8, top_k=4, n_intervals=2, examples_per_interval=1, device="cpu",
-                           data_dir=str(tmp_path / "data"), progress=False)
-    published = run_precompute(run, lm=smollm2, log=lambda *_: None)
+    # as the demo runs it: the precompute encodes the training pass's activations of the same contexts
+    stream = ActivationStream(smollm2, default_contexts(smollm2, cfg)[0], cfg)
+    folders = train_saes(smollm2, cfg, tmp_path / "saes", stream=stream)
+    assert stream.site_activations() is not None
+    run = PrecomputeConfig(model="smollm2-135m", saes=[str(f) for f in folders.values()], max_tokens=cfg.corpus_tokens,
+                           sample="spread", context_len=128, batch_size=8, top_k=4, n_intervals=2,
+                           examples_per_interval=1, device="cpu", data_dir=str(tmp_path / "data"), progress=False)
+    published = run_precompute(run, lm=smollm2, log=lambda *_: None, site_acts=stream.site_activations())
     con = duckdb.connect(str(published), read_only=True)
     sae_ids = [r[0] for r in con.execute("SELECT id FROM saes ORDER BY layer").fetchall()]
     rows = con.execute("SELECT e.sae_id, e.feature, e.positions, e.acts, c.token_ids FROM examples e "

@@ -276,3 +276,35 @@ def test_cli_no_links_publishes_a_run_without_cross_layer_links(tiny_gemma2_path
         counts.append(con.execute("SELECT count(*), max(len(other_features)) FROM links").fetchone())
         con.close()
     assert counts[0][0] == 0 and counts[1][0] > 0 and counts[1][1] <= 2 * 2  # 2 by co-activation + 2 by weights
+
+
+def test_given_site_activations_of_the_runs_contexts_give_the_same_database_as_the_model_pass(
+        tiny_gemma2, tiny_gemma2_path, sae_dirs, tmp_path, one_run):
+    from featurescope.precompute.job import _contexts
+    from featurescope.sites import parse_site
+    from featurescope.training import capture_contexts
+
+    cfg, path = one_run
+    again = _config(tmp_path, sae_dirs, model=cfg.model, saes=cfg.saes, sae_ids=cfg.sae_ids)
+    contexts = _contexts(again, tiny_gemma2)
+    captured = capture_contexts(tiny_gemma2, contexts, [parse_site("1-res"), parse_site("3-res")], cfg.batch_size)
+    given = run_precompute(again, lm=tiny_gemma2, log=lambda *_: None, site_acts=captured)
+    assert _tables(given) == _tables(path)
+    other = _config(tmp_path / "other", sae_dirs, model=cfg.model, saes=cfg.saes, max_tokens=1200)
+    with pytest.raises(PrecomputeError, match="other contexts"):
+        run_precompute(other, lm=tiny_gemma2, log=lambda *_: None, site_acts=captured)
+
+
+def test_spread_sample_reads_the_contexts_training_takes_from_the_corpus(tiny_gemma2, sae_dirs, tmp_path):
+    from featurescope.precompute.job import _contexts
+    from featurescope.training import TrainConfig, default_contexts
+
+    spread = _config(tmp_path, sae_dirs, sample="spread", max_tokens=31 * 20)
+    train, held = default_contexts(tiny_gemma2, TrainConfig(sites=("1-res",), context_len=32, corpus_tokens=31 * 20,
+                                                            held_out_contexts=5))
+    contexts = _contexts(spread, tiny_gemma2)
+    assert torch.equal(contexts, train) and len(contexts) == 20
+    assert not any(torch.equal(h, c) for h in held for c in contexts)  # held-out contexts are never trained on
+    first = _contexts(_config(tmp_path, sae_dirs, max_tokens=31 * 20), tiny_gemma2)
+    assert torch.equal(first[0], contexts[0]) and not torch.equal(first, contexts)  # spread over the whole corpus
+    assert spread.run_id() != _config(tmp_path, sae_dirs, max_tokens=31 * 20).run_id()
