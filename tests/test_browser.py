@@ -3,6 +3,9 @@ local htmx copy, driven by Debian's Chromium through Playwright. Home -> SAE pag
 highlighted tokens, htmx sorting and search, the copy-link URL reopening the same view, hostile tokens
 that never execute, and a screenshot of the feature page in test-artifacts/ for review.
 
+Waits use locators and Python URL predicates, never page.wait_for_function("..."): Playwright polls a
+string predicate with eval(), which the pages' Content-Security-Policy (script-src 'self') refuses.
+
 Needs /usr/bin/chromium, the playwright package and node_modules/htmx.org (bash scripts/install_test_tools.sh).
 """
 
@@ -129,23 +132,23 @@ def test_sorting_and_search_swap_the_table_and_keep_the_url(page, server):
     marker = page.evaluate("() => { window.__sameDocument = true; return true; }")
     page.locator("table.feature-table a.sort", has_text="density").click()
     page.wait_for_url(f"{server}/{MODEL}/{SAE}?sort=density&desc=1")
-    page.wait_for_function("document.querySelector('a.sort.active') && document.querySelector('a.sort.active').textContent.includes('density')")
+    page.locator("a.sort.active", has_text="density").wait_for()
     values = densities(page)
     assert len(values) == 50 and values == sorted(values, reverse=True)
     assert marker and page.evaluate("window.__sameDocument === true"), "sorting reloaded the page instead of swapping the table"
 
     page.fill("input[name=q]", "Paris")
     page.locator("#filters button[type=submit]").click()
-    page.wait_for_function("location.search.includes('q=Paris')")
-    page.wait_for_function("document.querySelector('.result-count').textContent.includes('Paris')")
+    page.wait_for_url(lambda url: "q=Paris" in url)
+    page.locator(".result-count", has_text="Paris").wait_for()
     labels = page.locator("table.feature-table tbody tr td:nth-child(2) .label").all_inner_texts()
     assert labels and all("paris" in label.lower() for label in labels)
 
     page.goto(f"{server}/{MODEL}/{SAE}")
     page.fill("input[name=token]", "Paris")
     page.locator("#filters button[type=submit]").click()
-    page.wait_for_function("location.search.includes('token=Paris')")
-    page.wait_for_function("document.querySelector('.result-count').textContent.includes('peak on')")
+    page.wait_for_url(lambda url: "token=Paris" in url)
+    page.locator(".result-count", has_text="peak on").wait_for()
     tokens = page.locator("table.feature-table tbody tr td.toks").all_inner_texts()
     assert tokens and all("Paris" in t for t in tokens)
     assert page.problems == []
@@ -154,10 +157,10 @@ def test_sorting_and_search_swap_the_table_and_keep_the_url(page, server):
 def test_copy_link_reopens_the_same_view(page, browser, server):
     page.goto(f"{server}/{MODEL}/{SAE}/5?text=" + "The capital of France is")
     page.locator("#examples a.seg", has_text="Full context").click()
-    page.wait_for_function("location.search.includes('context=full')")
+    page.wait_for_url(lambda url: "context=full" in url)
     page.wait_for_selector("#examples.full")
     page.get_by_role("button", name="Copy link").first.click()
-    page.wait_for_function("document.querySelector('button.copied') !== null")
+    page.locator("button.copied").first.wait_for()
     copied = page.evaluate("navigator.clipboard.readText()")
     assert parse_qs(urlsplit(copied).query) == {"text": ["The capital of France is"], "context": ["full"]}
     shown_before = page.locator("#examples").inner_text()

@@ -5,6 +5,8 @@ shares the link, which reproduces the same continuation."""
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs, urlsplit
+
 import pytest
 
 from test_browser import ARTIFACTS, browser, free_port, page, require_browser_tools, serving  # noqa: F401 - shared browser fixtures
@@ -30,14 +32,14 @@ def test_prompt_to_token_to_feature_to_steering_and_a_shared_link(page, browser,
     page.goto(f"{server}/{model}/encode")
     page.fill("#encode-text", PROMPT)
     page.locator("#encode-form button[type=submit]").click()
-    page.wait_for_function("location.search.includes('text=')")
+    page.wait_for_url(lambda url: "text=" in url)
     page.wait_for_selector("#encode-result .prompt-tokens a.t")
     assert page.locator("table.layer-grid tbody tr").count() == 3  # one row per SAE, ordered by layer
 
     france = page.locator(".prompt-tokens a.t", has_text="France")
     france.first.click()
-    page.wait_for_function("new URLSearchParams(location.search).get('token') !== null")
-    position = int(page.evaluate("new URLSearchParams(location.search).get('token')"))
+    page.wait_for_url(lambda url: "token" in parse_qs(urlsplit(url).query))
+    position = int(parse_qs(urlsplit(page.url).query)["token"][0])
     assert "France" in page.locator("#encode-result h2", has_text=f"Token {position}").inner_text()
     columns = page.locator(".layer-columns").first.locator(".layer-col")
     assert columns.count() == 3
@@ -63,7 +65,7 @@ def test_prompt_to_token_to_feature_to_steering_and_a_shared_link(page, browser,
     assert page.locator(".continuation.default .t.gen").count() >= 1
 
     page.get_by_role("button", name="Copy link").first.click()
-    page.wait_for_function("document.querySelector('button.copied') !== null")
+    page.locator("button.copied").first.wait_for()
     copied = page.evaluate("navigator.clipboard.readText()")
     other = browser.new_page()
     other.goto(copied)
@@ -79,7 +81,7 @@ def test_search_via_inference_swaps_its_table_and_keeps_the_url(page, server, ti
     page.select_option("#search select[name=sort]", "density")
     page.fill("#search input[name=max_density]", "1")
     page.locator("#search button[type=submit]").click()
-    page.wait_for_function("location.search.includes('sort=density')")
+    page.wait_for_url(lambda url: "sort=density" in url)
     page.wait_for_selector("#search table.search-results")
     densities = [float(c.rstrip("%")) for c in page.locator("table.search-results tbody td:nth-child(6)").all_inner_texts()]
     assert densities and densities == sorted(densities)
