@@ -120,8 +120,10 @@ class AdmissionControl:
 
     The expected wait of a new job is the remaining time of the job in service plus, for every job
     queued ahead of it, its kind's service time: an encode request costs its share of a batch (batch
-    seconds / requests in the batch, measured), a steering job its whole run. Until a kind has been
-    measured, its first estimate stands in. Thread-safe: request threads admit, the worker reports."""
+    seconds / requests in the batch, measured), a steering job its whole run. A job is admitted when
+    that wait plus its own service time fits the bound, so the bound is on the answer, not only on the
+    start (an encode request also waits for the rest of its batch). Until a kind has been measured, its
+    first estimate stands in. Thread-safe: request threads admit, the worker reports."""
 
     EWMA = 0.2  # weight of the newest measurement
 
@@ -152,11 +154,12 @@ class AdmissionControl:
                 raise ServiceBusy(f"The live encoder of {model_id} already has {self.waiting['steer']} steering jobs "
                                   f"waiting (its limit is {self.max_steer_jobs}: featurescope serve --max-steer-jobs); "
                                   "try again shortly.", max(1, math.ceil(self.service_seconds["steer"])))
-            if wait > self.max_wait_seconds:
+            expected = wait + self.service_seconds[kind]
+            if expected > self.max_wait_seconds:
                 raise ServiceBusy(f"The live encoder of {model_id} is busy: the requests ahead of this one need about "
-                                  f"{wait:.0f} s, and this server admits a request only when it can start within "
-                                  f"{self.max_wait_seconds:g} s (featurescope serve --max-wait); try again shortly.",
-                                  max(1, math.ceil(wait - self.max_wait_seconds)))
+                                  f"{wait:.0f} s, and this server admits a request only when its answer should be "
+                                  f"ready within {self.max_wait_seconds:g} s (featurescope serve --max-wait); "
+                                  "try again shortly.", max(1, math.ceil(expected - self.max_wait_seconds)))
             self.waiting[kind] += 1
 
     def withdraw(self, kind: str) -> None:

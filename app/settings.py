@@ -35,7 +35,7 @@ class Settings:
     max_prompt_tokens: int = 512  # BOS included
     max_batch: int = 16  # requests that share one forward pass
     max_queue: int = 64  # requests waiting per model before the server answers 503
-    max_wait_seconds: float = 10.0  # admit a request only when the work queued ahead should take at most this
+    max_wait_seconds: float = 10.0  # admit a request only when the work ahead plus its own should be done within this
     max_steer_jobs: int = 4  # steering jobs waiting per model (they hold the model longest)
     max_new_tokens: int = 64  # steering: tokens generated per continuation
     live_timeout_seconds: float = 300.0  # a request gives up waiting (model load included) after this

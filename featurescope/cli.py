@@ -391,7 +391,7 @@ def serve(
     max_prompt_tokens: Annotated[int, typer.Option(min=2, help="Longest prompt live encoding accepts, in tokens (BOS included).")] = 512,
     max_batch: Annotated[int, typer.Option(min=1, help="Concurrent requests that share one forward pass.")] = 16,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting per model before the server answers 503 + Retry-After.")] = 64,
-    max_wait: Annotated[float, typer.Option(min=0.0, help="Admit a live request only when the work queued ahead of it is expected to take at most this many seconds; otherwise 503 + Retry-After at once.")] = 10.0,
+    max_wait: Annotated[float, typer.Option(min=0.0, help="Admit a live request only when the work queued ahead of it plus its own is expected to be done within this many seconds; otherwise 503 + Retry-After at once.")] = 10.0,
     max_steer_jobs: Annotated[int, typer.Option(min=1, help="Steering jobs (which hold the model longest) waiting per model before the server answers 503 + Retry-After.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest continuation steering generates.")] = 64,
 ) -> None:

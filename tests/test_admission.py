@@ -21,16 +21,15 @@ def test_the_expected_wait_is_the_queued_work_of_each_kind_times_its_service_tim
     assert control.expected_wait() == pytest.approx(4 * 0.5 + 3.0)
 
 
-def test_a_request_that_would_wait_longer_than_the_bound_is_refused_with_retry_after():
+def test_a_request_whose_answer_would_come_later_than_the_bound_is_refused_with_retry_after():
     control = AdmissionControl(max_wait_seconds=2, max_steer_jobs=4, encode_seconds=0.5)
-    for _ in range(4):  # 2.0 s queued: the fifth would start after 2 s, still admitted
+    for _ in range(4):  # the fourth is answered after 4 x 0.5 = 2.0 s: still admitted
         control.admit("encode", "m")
-    control.admit("encode", "m")
     with pytest.raises(ServiceBusy) as refused:
         control.admit("encode", "m")
     assert refused.value.retry_after >= 1
     assert "--max-wait" in refused.value.message and "about 2 s" in refused.value.message
-    assert control.waiting["encode"] == 5  # a refused request leaves nothing behind
+    assert control.waiting["encode"] == 4  # a refused request leaves nothing behind
 
 
 def test_the_job_in_service_counts_with_what_is_left_of_it():
@@ -81,9 +80,9 @@ def held_server(live_data_dir, tiny_gemma2):
 
 def test_an_overloaded_live_encoder_answers_503_at_once_not_after_a_long_wait(held_server):
     client, model, live = held_server
-    live.admission.service_seconds["encode"] = 0.6
+    live.admission.service_seconds["encode"] = 0.4
     live.submit(EncodeJob(saes=[], text="one"))
-    live.submit(EncodeJob(saes=[], text="two"))  # 1.2 s of work queued, over the 1 s bound
+    live.submit(EncodeJob(saes=[], text="two"))  # 0.8 s queued: a third would be answered after 1.2 s > 1 s
     started = time.perf_counter()
     for path in (f"/{model.id}/encode.json", f"/{model.id}/encode"):
         response = client.get(path, params={"text": "hello"})
@@ -96,6 +95,7 @@ def test_an_overloaded_live_encoder_answers_503_at_once_not_after_a_long_wait(he
 def test_a_second_steering_job_waits_for_no_one_when_the_cap_is_one(held_server):
     client, model, live = held_server
     sae = next(iter(model.saes.values()))
+    live.admission.service_seconds["steer"] = 0.1  # well inside --max-wait: only the cap can refuse
     live.submit(SteerJob(text="hi", features=[(sae, 0, 1.0)], n_tokens=4, temperature=0.0, seed=0))
     response = client.get(f"/{model.id}/steer.json", params={"text": "hi", "feature": f"{sae.id}:0"})
     assert response.status_code == 503 and "--max-steer-jobs" in response.json()["message"]
