@@ -1,6 +1,6 @@
 """How long the demo's first run will take on this machine: its work timed on small samples, scaled up.
 
-    parts = demo_estimate(lm, DEMO_CONFIG, train=True, eval_tokens=8192, precompute_tokens=100_000, reuse_pass=True)
+    parts = demo_estimate(lm, DEMO_CONFIG, train=True, eval_tokens=4096, precompute_tokens=100_000, reuse_pass=True)
     # {"model pass": 61.0, "training": 48.2, "evaluation": 31.5, "precompute": 40.1}   (seconds)
 
 The samples (~2 s in all): a forward pass of a few contexts stopped at the deepest site and one through
