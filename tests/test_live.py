@@ -15,12 +15,13 @@ import pytest
 from featurescope.app import Settings, create_app
 from featurescope.app.data import CatalogSource
 from featurescope.app.databases import DataDir
-from featurescope.app.live import EncodeJob, LiveModel, LiveService, ServiceBusy, resolve_source
+from featurescope.app.live import EncodeJob, LiveService, ServiceBusy, resolve_source
+from featurescope.app.live_encoder import LiveModel
 from featurescope.app.routes.live import DEFAULT_STRENGTH_MULTIPLE, ClientGone, run_job
 from factories import parse_html
 from featurescope.sae_loading import load_sae
 from featurescope.sites import parse_site
-from featurescope.steering import GenerationCancelled, SteeringVector, generate_pair
+from featurescope.app.steering import GenerationCancelled, SteeringVector, generate_pair
 
 SAE_IDS = ("1-res-a", "2-mlp-b", "3-res-c")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
@@ -22,9 +22,12 @@ from featurescope.app import live_views, present
 from featurescope.app.data import DENSE_THRESHOLD, SAEInfo, check_index, feature_briefs, feature_links
 from featurescope.app.deps import CatalogDep, RendererDep, SettingsDep, UrlsDep
 from featurescope.app.errors import InvalidParameter
-from featurescope.app.live import TOKEN_TOP_K, EncodeJob, LiveModel, LiveUnavailable, PromptRejected, SteerJob
+from featurescope.app.live import TOKEN_TOP_K, EncodeJob, LiveUnavailable, PromptRejected, SteerJob
 from featurescope.app.live_views import EncodeQuery, Metric, SearchScope, SearchSort
 from featurescope.app.routes.saes import OptionalDensity
+
+if TYPE_CHECKING:
+    from featurescope.app.live_encoder import LiveModel
 
 router = APIRouter(tags=["live"])
 
