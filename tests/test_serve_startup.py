@@ -137,9 +137,9 @@ from featurescope.app import serving  # what a worker process imports
 
 with TestClient(create_app(Settings(data_dir=Path({str(tmp_path)!r}), live=False))) as client:
     for path in ("/", "/tiny-gemma-2", "/tiny-gemma-2/2-res-64", "/tiny-gemma-2/2-res-64/3",
-                 "/tiny-gemma-2/2-res-64/3.json", "/tiny-gemma-2/2-res-64/3/lineage"):
+                 "/tiny-gemma-2/2-res-64/3.json", "/tiny-gemma-2/2-res-64/3/-/lineage"):
         assert client.get(path).status_code == 200, path
-    assert client.get("/tiny-gemma-2/encode.json", params={{"text": "hi"}}).status_code == 503
+    assert client.get("/tiny-gemma-2/-/encode.json", params={{"text": "hi"}}).status_code == 503
 print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
