@@ -332,7 +332,7 @@ def test_health_and_docs(client):
     assert health == {"status": "ok", "pid": os.getpid(), "workers": 1, "workers_ready": 1, "databases": 2, "models": 2, "saes": 4, "problems": []}
     assert client.get("/-/docs").status_code == 200
     paths = client.get("/-/openapi.json").json()["paths"]
-    assert {"/", "/{model_id}/{sae_id}", "/{model_id}/{sae_id}/{index}", "/-/health"} <= set(paths)
+    assert {"/.json", "/{model_id}/{sae_id}.json", "/{model_id}/{sae_id}/{index}.json", "/-/health"} <= set(paths)
 
 
 def test_htmx_from_cdn_by_default_and_local_copy_when_set(tmp_path):
