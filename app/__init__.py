@@ -5,10 +5,11 @@
 
 Layout: settings.py (the one config object), databases.py (published files, read-only, reopened on
 publication), data.py (every query; one data function per view), present.py and charts.py (tokens and
-SVG histograms for HTML), graph.py (the lineage graph's layout), live.py (the live encoder: models and SAEs
-loaded once, requests micro-batched) and live_views.py (its pages' data), render.py (pages, JSON twins, htmx
-fragments), urls.py (every URL), deps.py, routes/ (one router per resource); the Jinja2 templates and CSS/JS
-live in the top-level templates/ and static/.
+SVG histograms for HTML), graph.py (the lineage graph's layout), live.py (the live service: jobs, admission
+control) and live_encoder.py (its worker: models and SAEs loaded once, requests micro-batched; the only
+module that imports torch, only when live encoding is on), steering.py, live_views.py (its pages' data),
+render.py (pages, JSON twins, htmx fragments), urls.py (every URL), deps.py, routes/ (one router per
+resource); the Jinja2 templates and CSS/JS live in the top-level templates/ and static/.
 """
 
 from featurescope.app.main import create_app

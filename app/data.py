@@ -29,6 +29,8 @@ import sqlalchemy as sa
 
 from featurescope.app.databases import DataDir, DataFile, FileProblem
 from featurescope.app.errors import InvalidParameter, NotFound, nearest_names
+from featurescope.app.twin_models import (DensityHistogram, FeatureLinks, FeatureView, HomeView, LineageView, ModelView,
+                                          SAEView)
 from featurescope.db import head_revision
 from featurescope.labels import LABEL_KIND_AUTO, auto_label
 from featurescope.flow import flow_key
@@ -140,9 +142,10 @@ class CatalogSource:
     def current(self, model_id: str | None = None, sae_id: str | None = None) -> Catalog:
         """The catalog. When it lacks the model (or SAE) a request names, the folder is re-listed first, so
         a file published since the last scan, or being attached right now, is found rather than answered
-        404. Ids may carry a `.json` suffix."""
+        404."""
         catalog = self._catalog_of(self.data_dir.files())
-        if model_id is not None and not _names(catalog, model_id, sae_id):
+        known = catalog.has_model(model_id) if sae_id is None else catalog.has_sae(model_id, sae_id)
+        if model_id is not None and not known:
             catalog = self._catalog_of(self.data_dir.refresh())
         return catalog
 
@@ -155,13 +158,6 @@ class CatalogSource:
                     catalog = _build_catalog(files, list(problems), self._head)
                     self._catalog, self._key = catalog, key
         return self._catalog
-
-
-def _names(catalog: Catalog, model_id: str, sae_id: str | None) -> bool:
-    models = [model_id, model_id.removesuffix(".json")] if sae_id is None else [model_id]
-    if sae_id is None:
-        return any(catalog.has_model(m) for m in models)
-    return catalog.has_sae(model_id, sae_id) or catalog.has_sae(model_id, sae_id.removesuffix(".json"))
 
 
 def _build_catalog(files: tuple[DataFile, ...], problems: list[FileProblem], head: str) -> Catalog:
@@ -338,12 +334,12 @@ def feature_labels(sae: SAEInfo) -> dict[int, tuple[str | None, str | None, floa
 
 
 # -------------------------------------------------------------------------------------------------- home
-def home(catalog: Catalog) -> dict[str, Any]:
+def home(catalog: Catalog) -> HomeView:
     return {"models": [m.as_dict() for m in catalog.models.values()], "databases": catalog.n_files,
             "problems": [asdict(p) for p in catalog.problems]}
 
 
-def model_view(catalog: Catalog, model_id: str) -> dict[str, Any]:
+def model_view(catalog: Catalog, model_id: str) -> ModelView:
     return {"model": catalog.model(model_id).as_dict()}
 
 
@@ -375,7 +371,7 @@ class FeatureQuery:
             raise InvalidParameter("min_density", f"min_density ({self.min_density:g}) is above max_density ({self.max_density:g}).")
 
 
-def sae_view(catalog: Catalog, model_id: str, sae_id: str, query: FeatureQuery) -> dict[str, Any]:
+def sae_view(catalog: Catalog, model_id: str, sae_id: str, query: FeatureQuery) -> SAEView:
     query.check()
     sae = catalog.sae(model_id, sae_id)
     vocab = token_texts(catalog.model(model_id))
@@ -443,7 +439,7 @@ def _label(stored: str | None, kind: str | None, peak_ids: list[int], promoted_i
     return auto_label([vocab[t] for t in peak_ids], [vocab[t] for t in (promoted_ids or [])]), LABEL_KIND_AUTO
 
 
-def density_histogram(sae: SAEInfo) -> dict[str, Any]:
+def density_histogram(sae: SAEInfo) -> DensityHistogram:
     """Features per log10-density bin (DENSITY_BINS_PER_DECADE per decade), plus the dead count."""
     cache_key = ("density_histogram", sae.model_id, sae.id)
     cached = sae.file.cache.get(cache_key)
@@ -488,7 +484,7 @@ def check_index(sae: SAEInfo, index: int) -> None:
 _FEATURE_ROW = sa.select(Feature.__table__).where(Feature.feature_key == sa.bindparam("key"))
 
 
-def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text: str = "") -> dict[str, Any]:
+def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text: str = "") -> FeatureView:
     """The feature page. What the feature's own file holds is read once and kept in a small per-file LRU
     (a published file never changes), its links with the catalog: the values of the returned dict are
     shared between requests, never modify them."""
@@ -655,7 +651,7 @@ def _linked(catalog: Catalog, model_id: str, row: dict[str, Any]) -> list[dict[s
     return out
 
 
-def feature_links(catalog: Catalog, model_id: str, sae_id: str, index: int) -> dict[str, Any]:
+def feature_links(catalog: Catalog, model_id: str, sae_id: str, index: int) -> FeatureLinks:
     """A feature's cross-layer links: {"computed": whether its run computed links at all, "upstream",
     "downstream", "alongside": [{sae_id, layer, site, feature, label, label_kind, density, coact, coact_rel,
     cosine}]}. coact is the linked feature's mean activation where this one peaks, coact_rel that minus its
@@ -685,7 +681,7 @@ class LineageQuery:
         return {k: v for k, v in asdict(changed).items() if v != getattr(default, k) and v is not None}
 
 
-def lineage_view(catalog: Catalog, model_id: str, sae_id: str, index: int, query: LineageQuery) -> dict[str, Any]:
+def lineage_view(catalog: Catalog, model_id: str, sae_id: str, index: int, query: LineageQuery) -> LineageView:
     """From one feature, its strongest links through every SAE of the model, one site at a time, each way:
     a graph of nodes (features with label and top tokens) in columns (sites in model order) and edges
     (from the upstream to the downstream node, with both scores; `via` says whose links found it). Each

@@ -40,9 +40,3 @@ RendererDep = Annotated[Renderer, Depends(get_renderer)]
 UrlsDep = Annotated[Urls, Depends(get_urls)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
-
-def split_format(segment: str, exists: bool) -> tuple[str, str | None]:
-    """'x.json' -> ('x', 'json') unless 'x.json' itself names something (ids may contain dots)."""
-    if segment.endswith(".json") and not exists:
-        return segment[: -len(".json")], "json"
-    return segment, None

@@ -1,5 +1,8 @@
 """Live encoding inside the server: each model and its SAEs loaded once, concurrent requests micro-batched.
 
+The worker (LiveModel) lives in app/live_encoder.py, the only server module that imports torch; it is
+imported when live encoding is on, so `featurescope serve --no-live` never loads torch.
+
 One LiveModel per model owns a worker thread and a bounded queue. The worker takes the oldest job and,
 when it is an encode job, every other encode job already waiting (up to `max_batch`); pads them into
 one batch; runs the one FeatureEncoder (featurescope/encoder.py, the precompute job's code) stopped at
@@ -22,22 +25,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from featurescope.app.data import ModelInfo, SAEInfo
 
-from featurescope.app.data import ModelInfo, SAEInfo, run_config
-from featurescope.encoder import FeatureEncoder
-from featurescope.models import LoadedModel, load_model
-from featurescope.sae import JumpReLUSAE
-from featurescope.sae_loading import load_sae
-from featurescope.sites import parse_site
-from featurescope.steering import Continuation, GenerationCancelled, SteeringVector, generate_pair
+if TYPE_CHECKING:  # the worker and its torch load only when live encoding is on
+    from featurescope.app.live_encoder import LiveModel
+    from featurescope.app.steering import Continuation
+    from featurescope.models import LoadedModel
 
 TOKEN_TOP_K = 32  # features kept per token and SAE (pages show the first 10; search filters the rest)
 PROMPT_TOP_K = 64  # features kept per SAE for the whole prompt (max over its tokens)
@@ -181,254 +180,6 @@ class AdmissionControl:
                 self.service_seconds[kind] += self.EWMA * (per_job - self.service_seconds[kind])
 
 
-# ----------------------------------------------------------------------------------------------- model
-class LiveModel:
-    """A model, the SAEs requests have asked for, and the worker thread that runs them."""
-
-    def __init__(self, info: ModelInfo, settings: Any, loaded: LoadedModel | None = None) -> None:
-        self.info, self.settings = info, settings
-        self.lm: LoadedModel | None = loaded
-        self.error: str | None = None
-        self.saes: dict[tuple[str, str], JumpReLUSAE] = {}  # (id, source) -> SAE
-        self.queue: queue.Queue = queue.Queue(maxsize=settings.max_queue)
-        self.ready = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-        self.admission = AdmissionControl(settings.max_wait_seconds, settings.max_steer_jobs)
-        self.served = 0
-
-    # -- lifecycle
-    def start(self, preload: list[SAEInfo] = ()) -> None:
-        with self._start_lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, args=(list(preload),), daemon=True,
-                                                name=f"live-{self.info.id}")
-                self._thread.start()
-
-    def close(self) -> None:
-        if self._thread is not None:
-            try:
-                self.queue.put_nowait(None)
-            except queue.Full:
-                pass
-
-    def submit(self, job: EncodeJob | SteerJob) -> concurrent.futures.Future:
-        self.start()
-        if self.error is not None:
-            raise LiveUnavailable(self.error)
-        job.submitted = time.perf_counter()
-        kind = _kind(job)
-        self.admission.admit(kind, self.info.id)
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            self.admission.withdraw(kind)
-            raise ServiceBusy(f"The live encoder of {self.info.id} has {self.queue.qsize()} requests waiting "
-                              f"(its limit is {self.settings.max_queue}: featurescope serve --max-queue); try again "
-                              "shortly.", max(1, math.ceil(self.admission.expected_wait())))
-        return job.future
-
-    # -- the worker
-    def _run(self, preload: list[SAEInfo]) -> None:
-        try:
-            self._load_model()
-        except Exception as exc:  # noqa: BLE001 - a model that cannot load is the reason every request gets
-            self.error = f"Live encoding is unavailable for model {self.info.id!r}: {exc}"
-        if self.error is None:
-            for sae in preload:
-                try:
-                    self._sae(sae)
-                except LiveUnavailable:
-                    pass  # only the requests for this SAE fail, each with the reason
-        self.ready.set()
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            if self.error is not None:
-                self.admission.started(_kind(job), 1)
-                self.admission.finished(_kind(job), 0.0, 0)
-                if job.future.set_running_or_notify_cancel():
-                    job.future.set_exception(LiveUnavailable(self.error))
-                continue
-            if isinstance(job, SteerJob):
-                self._steer(job)
-                continue
-            batch, later = [job], []
-            while len(batch) < self.settings.max_batch:
-                try:
-                    more = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                (batch if isinstance(more, EncodeJob) else later).append(more)
-            self._encode(batch)
-            for job in later:
-                if job is None:
-                    return
-                self._steer(job)
-
-    def _load_model(self) -> None:
-        if self.lm is not None:
-            return
-        config = self._run_config()
-        dtype = self.settings.dtype or config.get("dtype") or "float32"
-        self.lm = load_model(resolve_source(self.info.source, self.settings.data_dir), device=self.settings.device,
-                             dtype=dtype, name=self.info.id)
-
-    def _run_config(self) -> dict[str, Any]:
-        first = next(iter(self.info.saes.values()), None)
-        return run_config(first) if first is not None else {}
-
-    def _sae(self, info: SAEInfo) -> JumpReLUSAE:
-        key = (info.id, info.source)
-        if key not in self.saes:
-            try:
-                sae = load_sae(resolve_source(info.source, self.settings.data_dir))
-            except Exception as exc:  # noqa: BLE001 - missing file, no network, bad format: say which SAE and why
-                raise LiveUnavailable(f"SAE {info.id!r} could not be loaded from {info.source!r} for live encoding: {exc}")
-            if (sae.d_in, sae.d_sae) != (info.d_in, info.d_sae):
-                raise LiveUnavailable(f"SAE {info.id!r}: {info.source} has shape {sae.d_in} x {sae.d_sae}, but the "
-                                      f"published data was computed with {info.d_in} x {info.d_sae}.")
-            self.saes[key] = sae.to(self.lm.device)
-        return self.saes[key]
-
-    def _encode(self, jobs: list[EncodeJob]) -> None:
-        started = time.perf_counter()
-        self.admission.started("encode", len(jobs))
-        try:
-            served = self._encode_jobs(jobs, started)
-        finally:
-            self.admission.finished("encode", time.perf_counter() - started, served)
-
-    def _encode_jobs(self, jobs: list[EncodeJob], started: float) -> int:
-        """Runs the batch; returns how many requests it served (0: nothing worth timing)."""
-        live = []
-        for job in jobs:
-            if not job.future.set_running_or_notify_cancel():
-                continue  # the client went away while it waited
-            try:
-                ids = self._prompt_ids(job.text, job.token_ids)
-                saes = {s.id: self._sae(s) for s in job.saes}
-            except Exception as exc:  # noqa: BLE001 - delivered to the one request it concerns
-                job.future.set_exception(exc)
-                continue
-            live.append((job, ids, saes))
-        if not live:
-            return 0
-        try:
-            results = self._encode_batch(live)
-        except Exception as exc:  # noqa: BLE001
-            for job, _, _ in live:
-                job.future.set_exception(exc)
-            return 0
-        elapsed = time.perf_counter() - started
-        for (job, _, _), result in zip(live, results):
-            result.queue_ms = (started - job.submitted) * 1000
-            result.model_ms = elapsed * 1000
-            self.served += 1
-            job.future.set_result(result)
-        return len(live)
-
-    @torch.no_grad()
-    def _encode_batch(self, live: list[tuple[EncodeJob, list[int], dict[str, JumpReLUSAE]]]) -> list[EncodeResult]:
-        lm = self.lm
-        union: dict[str, JumpReLUSAE] = {}
-        for _, _, saes in live:
-            union.update(saes)
-        lengths = [len(ids) for _, ids, _ in live]
-        width = max(lengths)
-        input_ids = torch.full((len(live), width), self._pad_id(), dtype=torch.long)
-        for row, (_, ids, _) in enumerate(live):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-        # Right padding leaves every real token's position and causal context as if it ran alone.
-        attention_mask = None
-        if min(lengths) != width:
-            attention_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
-        acts, masks = FeatureEncoder(lm, union).encode_with_masks(input_ids, attention_mask)
-        results = []
-        for row, (job, ids, saes) in enumerate(live):
-            n = len(ids)
-            per_sae = {name: _reduce(acts[name][row, :n], masks[name][row, :n], job.columns.get(name, []),
-                                     job.include_special) for name in saes}
-            results.append(EncodeResult(ids, per_sae, len(live), 0.0, 0.0))
-        return results
-
-    def _pad_id(self) -> int:
-        pad = self.lm.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.lm.bos_token_id)
-
-    def _prompt_ids(self, text: str, token_ids: list[int] | None) -> list[int]:
-        limit = self.settings.max_prompt_tokens
-        if token_ids is not None:
-            ids = list(token_ids)
-            bad = [t for t in ids if not 0 <= t < self.lm.vocab_size]
-            if bad:
-                raise PromptRejected("ids", f"Token id {bad[0]} is outside the vocabulary (0 to {self.lm.vocab_size - 1}).")
-            param = "ids"
-        else:
-            ids, param = self.lm.tokenize(text), "text"
-        if token_ids is None and not text.strip():
-            raise PromptRejected(param, "The prompt is empty: type some text to encode.")
-        if len(ids) > limit:
-            raise PromptRejected(param, f"The prompt is {len(ids)} tokens long (BOS included); this server encodes at "
-                                        f"most {limit} tokens per prompt (featurescope serve --max-prompt-tokens).")
-        return ids
-
-    def _steer(self, job: SteerJob) -> None:
-        started = time.perf_counter()
-        self.admission.started("steer", 1)
-        served = 0
-        try:
-            served = self._steer_job(job, started)
-        finally:
-            self.admission.finished("steer", time.perf_counter() - started, served)
-
-    def _steer_job(self, job: SteerJob, started: float) -> int:
-        if not job.future.set_running_or_notify_cancel():
-            return 0
-        try:
-            ids = self._prompt_ids(job.text, None)
-            steering = []
-            for info, index, strength in job.features:
-                sae = self._sae(info)
-                steering.append(SteeringVector(parse_site(info.hook_name), strength * sae.W_dec[index]))
-            default, steered = generate_pair(self.lm, ids, steering, job.n_tokens, job.temperature, job.seed,
-                                             should_stop=job.cancelled.is_set)
-        except GenerationCancelled:
-            job.future.cancel()
-            return 0
-        except Exception as exc:  # noqa: BLE001
-            job.future.set_exception(exc)
-            return 0
-        self.served += 1
-        job.future.set_result(SteerResult(ids, default, steered, (time.perf_counter() - started) * 1000))
-        return 1
-
-
-def _kind(job: EncodeJob | SteerJob) -> str:
-    return "steer" if isinstance(job, SteerJob) else "encode"
-
-
-def _reduce(acts: torch.Tensor, counted: torch.Tensor, columns: list[int], include_special: bool = False) -> SAEEncoding:
-    """[seq, d_sae] activations of one prompt -> the small summary pages need, computed on the device."""
-    k = min(TOKEN_TOP_K, acts.shape[-1])
-    values, indices = acts.topk(k, dim=-1)
-    active = acts > 0
-    l0 = active.sum(-1)
-    total = acts.sum(-1)
-    masked = acts if include_special else acts * counted[:, None].to(acts.dtype)
-    best, where = masked.max(dim=0)
-    k_prompt = min(PROMPT_TOP_K, acts.shape[-1])
-    prompt_values, prompt_indices = best.topk(k_prompt)
-    values, indices = values.cpu().tolist(), indices.cpu().tolist()
-    token_top = [[(i, v) for i, v in zip(idx_row, val_row) if v > 0] for idx_row, val_row in zip(indices, values)]
-    where = where.cpu()
-    prompt_top = [(int(i), float(v), int(where[i])) for i, v in zip(prompt_indices.cpu().tolist(),
-                                                                       prompt_values.cpu().tolist()) if v > 0]
-    cols = {int(f): acts[:, f].cpu().tolist() for f in columns if 0 <= f < acts.shape[-1]}
-    return SAEEncoding(counted.cpu().tolist(), l0.cpu().tolist(), total.cpu().tolist(), token_top, prompt_top, cols)
-
-
 def resolve_source(source: str, data_dir: Path) -> str:
     """A model or SAE source as the precompute job recorded it. Relative local paths were relative to the
     job's working directory, usually the data dir's parent: look there, in the data dir, then here."""
@@ -461,6 +212,8 @@ class LiveService:
         with self._lock:
             live = self.models.get(info.id)
             if live is None or live.info.source != info.source:
+                from featurescope.app.live_encoder import LiveModel
+
                 live = LiveModel(info, self.settings, self.preloaded.get(info.id))
                 self.models[info.id] = live
             elif live.info is not info:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from featurescope.app.data import DENSE_THRESHOLD, Catalog, ModelInfo, SAEInfo, feature_briefs, token_texts
 from featurescope.app.errors import InvalidParameter, NotFound
 from featurescope.app.live import EncodeResult, SteerResult
+from featurescope.app.twin_models import EncodeView, FeatureTestView, SteerView
 
 SearchScope = Literal["text", "token"]
 SearchSort = Literal["activation", "relative", "density", "layer"]
@@ -92,7 +93,7 @@ def _feature_row(sae: SAEInfo, index: int, activation: float) -> dict[str, Any]:
 
 
 def encode_view(model: ModelInfo, saes: list[SAEInfo], result: EncodeResult, query: EncodeQuery,
-                max_prompt_tokens: int, links: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+                max_prompt_tokens: int, links: dict[str, list[dict[str, Any]]] | None = None) -> EncodeView:
     """`links`: the highlighted feature's stored cross-layer links (app.data.feature_links), shown with their
     live activations on this prompt."""
     vocab = token_texts(model)
@@ -179,7 +180,7 @@ def search_results(saes: list[SAEInfo], result: EncodeResult, query: EncodeQuery
             "total": len(rows), "results": rows[:SEARCH_ROWS]}
 
 
-def feature_test_view(model: ModelInfo, sae: SAEInfo, index: int, text: str, result: EncodeResult) -> dict[str, Any]:
+def feature_test_view(model: ModelInfo, sae: SAEInfo, index: int, text: str, result: EncodeResult) -> FeatureTestView:
     """One feature's activation on every token of the test box's text."""
     vocab = token_texts(model)
     enc = result.saes[sae.id]
@@ -193,7 +194,7 @@ def feature_test_view(model: ModelInfo, sae: SAEInfo, index: int, text: str, res
 
 
 def steer_view(model: ModelInfo, features: list[tuple[SAEInfo, int, float]], text: str, n_tokens: int,
-               temperature: float, seed: int, result: SteerResult | None, limits: dict[str, Any]) -> dict[str, Any]:
+               temperature: float, seed: int, result: SteerResult | None, limits: dict[str, Any]) -> SteerView:
     vocab = token_texts(model)
 
     def continuation(c) -> dict[str, Any]:

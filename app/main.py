@@ -4,7 +4,7 @@
     app = create_app(Settings(data_dir=Path("data")))    # uvicorn.run(app, host="127.0.0.1", port=8000)
 
 `featurescope serve` does exactly this. Errors: unknown ids give 404 pages (and JSON errors for .json
-URLs) that link to the nearest valid choices; malformed query parameters give 422 with a readable message.
+twins) that link to the nearest valid choices; malformed query parameters give 422 with a readable message.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from featurescope.app.data import CatalogSource
 from featurescope.app.databases import DataDir
 from featurescope.app.errors import InvalidParameter, NotFound
 from featurescope.app.live import LiveService, LiveUnavailable, ServiceBusy
+from featurescope.app.moved import MovedPages
 from featurescope.app.render import Renderer
 from featurescope.app.routes import features, home, live, meta, models, saes
 from featurescope.app.routes import lineage
 from featurescope.app.routes.live import ClientGone
 from featurescope.app.security import SecurityHeaders
 from featurescope.app.settings import Settings
+from featurescope.app.twins import wants_json
 from featurescope.app.urls import APP_PREFIX, Urls
 from featurescope.assets import asset_dir
 
@@ -69,24 +71,21 @@ def create_app(settings: Settings, live_service: LiveService | None = None,
     app.state.readiness = readiness or (lambda: (1, 1))
     app.include_router(meta.router)  # before the static mount, which would otherwise own /-/static/htmx.min.js
     app.mount(f"{APP_PREFIX}/static", StaticFiles(directory=asset_dir("static")), name="static")
-    # live first: /{model}/encode and /{model}/steer would otherwise be read as SAE ids
+    # live first: /{model}/-/encode and /{model}/{sae}/{index}/-/test would otherwise be read as an SAE or a feature
     for router in (home.router, live.router, features.router, saes.router, models.router):
         app.include_router(router)
     app.include_router(lineage.router)
     _add_error_pages(app)
+    app.add_middleware(MovedPages, catalogs=catalogs)
     app.add_middleware(SecurityHeaders, settings=settings, docs_path=f"{APP_PREFIX}/docs")
     return app
-
-
-def _wants_json(request: Request) -> bool:
-    return request.url.path.endswith(".json")
 
 
 def _add_error_pages(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     def not_found(request: Request, exc: NotFound) -> Response:
         render, urls = request.app.state.renderer, request.app.state.urls
-        fmt = "json" if _wants_json(request) else None
+        fmt = "json" if wants_json(request) else None
         suggestions = [{"id": choice, "url": _choice_url(urls, exc, choice, fmt)} for choice in exc.choices]
         body: dict[str, Any] = {"error": "not_found", "kind": exc.kind, "missing": exc.missing, "message": exc.message,
                                 "suggestions": suggestions}
@@ -127,7 +126,7 @@ def _add_error_pages(app: FastAPI) -> None:
         render = request.app.state.renderer
         message = "There is no page at this address." if exc.status_code == 404 else str(exc.detail)
         body = {"error": "not_found" if exc.status_code == 404 else "http_error", "message": message, "suggestions": []}
-        if _wants_json(request):
+        if wants_json(request):
             return render.json(body, status=exc.status_code)
         return render.html("error.html", status=exc.status_code, status_code=exc.status_code,
                            title="Page not found" if exc.status_code == 404 else f"Error {exc.status_code}",
@@ -163,7 +162,7 @@ def _unavailable(request: Request, message: str, retry_after: int | None) -> Res
     body = {"error": "busy" if retry_after else "live_unavailable", "message": message, "suggestions": []}
     if retry_after:
         body["retry_after"] = retry_after
-    if _wants_json(request):
+    if wants_json(request):
         response = render.json(body, status=503)
     elif _htmx_target(request):
         response = render.html("_error_fragment.html", status=503, target=_htmx_target(request), error=body)
@@ -180,7 +179,7 @@ def _invalid(request: Request, problems: list[str], retry_url: str) -> Response:
     render = request.app.state.renderer
     body = {"error": "invalid_parameter", "message": " ".join(problems), "problems": problems, "retry_url": retry_url,
             "suggestions": []}
-    if _wants_json(request):
+    if wants_json(request):
         return render.json(body, status=422)
     if _htmx_target(request):
         return render.html("_error_fragment.html", status=422, target=_htmx_target(request), error=body)

@@ -1,6 +1,6 @@
 """Responses: Jinja2 pages (autoescaped, compiled once), their JSON twins and htmx fragments.
 
-One view's data goes to `Renderer.respond`, which answers JSON for `.json` URLs, the named partial when
+One view's data goes to `Renderer.respond`, which answers JSON for a JSON twin (app/twins.py), the named partial when
 htmx asks for a fragment (its HX-Target header names the element to replace), and the page otherwise.
 """
 
@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from featurescope.app.data import TokenStrings
 from featurescope.app.present import count, link_groups, number, percent, visible
 from featurescope.app.settings import Settings
+from featurescope.app.twins import wants_json
 from featurescope.app.urls import Urls
 from featurescope.assets import asset_dir
 
@@ -67,9 +68,9 @@ class Renderer:
     def json(self, data: Any, status: int = 200) -> JSONResponse:
         return TwinJSONResponse(data, status_code=status)
 
-    def respond(self, request: Request, fmt: str | None, template: str, data: dict[str, Any],
-                partials: dict[str, str] | None = None, push_url: str | None = None, **context: Any) -> Response:
-        if fmt == "json":
+    def respond(self, request: Request, template: str, data: dict[str, Any], partials: dict[str, str] | None = None,
+                push_url: str | None = None, **context: Any) -> Response:
+        if wants_json(request):
             return self.json(data)
         target = request.headers.get("HX-Target") if request.headers.get("HX-Request") else None
         if target and partials and target in partials:

@@ -3,9 +3,11 @@
     urls.feature("gemma-2-2b", "20-res-16k", 12345)               -> /gemma-2-2b/20-res-16k/12345
     urls.feature("gemma-2-2b", "20-res-16k", 12345, fmt="json")   -> /gemma-2-2b/20-res-16k/12345.json
     urls.sae("gemma-2-2b", "20-res-16k", sort="density", desc=1)  -> /gemma-2-2b/20-res-16k?sort=density&desc=1
-    urls.lineage("gemma-2-2b", "20-res-16k", 12345, breadth=2)    -> /gemma-2-2b/20-res-16k/12345/lineage?breadth=2
+    urls.lineage("gemma-2-2b", "20-res-16k", 12345, breadth=2)    -> /gemma-2-2b/20-res-16k/12345/-/lineage?breadth=2
+    urls.encode("gemma-2-2b", text="Paris")                       -> /gemma-2-2b/-/encode?text=Paris
 
-Model and SAE ids are data, so the app's own pages live under /-/ where no id can collide with them.
+Model and SAE ids are data, so the app's own pages live under /-/ (at the top, or below the model, SAE or
+feature they are about) where no id can collide with them: an SAE may be called "encode".
 """
 
 from __future__ import annotations
@@ -51,24 +53,24 @@ class Urls:
         return _with(f"/{_segment(model_id)}/{_segment(sae_id)}/{int(index)}", fmt, params)
 
     def feature_test(self, model_id: str, sae_id: str, index: int, fmt: str | None = None, **params: Any) -> str:
-        return _with(f"/{_segment(model_id)}/{_segment(sae_id)}/{int(index)}/test", fmt, params)
+        return _with(f"/{_segment(model_id)}/{_segment(sae_id)}/{int(index)}{APP_PREFIX}/test", fmt, params)
 
     def encode(self, model_id: str, fmt: str | None = None, **params: Any) -> str:
-        """/{model}/encode?text=...; list values (saes=[...]) repeat the parameter."""
-        return _with(f"/{_segment(model_id)}/encode", fmt, params)
+        """/{model}/-/encode?text=...; list values (saes=[...]) repeat the parameter."""
+        return _with(f"/{_segment(model_id)}{APP_PREFIX}/encode", fmt, params)
 
     def steer(self, model_id: str, fmt: str | None = None, **params: Any) -> str:
-        return _with(f"/{_segment(model_id)}/steer", fmt, params)
+        return _with(f"/{_segment(model_id)}{APP_PREFIX}/steer", fmt, params)
 
     def lineage(self, model_id: str, sae_id: str, index: int, fmt: str | None = None, **params: Any) -> str:
-        """/{model}/{sae}/{index}/lineage: the feature's strongest links through every layer with an SAE."""
-        return _with(f"/{_segment(model_id)}/{_segment(sae_id)}/{int(index)}/lineage", fmt, params)
+        """/{model}/{sae}/{index}/-/lineage: the feature's strongest links through every layer with an SAE."""
+        return _with(f"/{_segment(model_id)}/{_segment(sae_id)}/{int(index)}{APP_PREFIX}/lineage", fmt, params)
 
     def random_feature(self, model_id: str, sae_id: str) -> str:
-        return f"/{_segment(model_id)}/{_segment(sae_id)}/random"
+        return f"/{_segment(model_id)}/{_segment(sae_id)}{APP_PREFIX}/random"
 
     def jump(self, model_id: str, sae_id: str) -> str:
-        return f"/{_segment(model_id)}/{_segment(sae_id)}/jump"
+        return f"/{_segment(model_id)}/{_segment(sae_id)}{APP_PREFIX}/jump"
 
     def static(self, name: str) -> str:
         return f"{APP_PREFIX}/static/{name}"

@@ -154,7 +154,7 @@ def main() -> None:
         out = []
         for _ in range(n):
             params = [("ids", rng.choice(prompts))] + [("saes", s) for s in (sae_ids or [])]
-            out.append(f"/{model.id}/encode.json?{urlencode(params)}")
+            out.append(f"/{model.id}/-/encode.json?{urlencode(params)}")
         return out
 
     run_client(port, paths(8, None), 1)  # warm-up: loads every SAE, caches labels

@@ -78,12 +78,12 @@ class Targets:
         feature, text = rng.randrange(d_sae), rng.choice(PROMPTS)
         quote = urllib.parse.quote
         if kind == "encode":
-            return f"/{model}/encode?text={quote(text)}", {}
+            return f"/{model}/-/encode?text={quote(text)}", {}
         if kind == "test":
-            return f"/{model}/{sae}/{feature}/test?text={quote(text)}", {"HX-Request": "true", "HX-Target": "test-result"}
+            return f"/{model}/{sae}/{feature}/-/test?text={quote(text)}", {"HX-Request": "true", "HX-Target": "test-result"}
         if kind == "steer":
             spec = quote(f"{sae}:{feature}")
-            return f"/{model}/steer.json?text={quote(text)}&feature={spec}&n_tokens={self.n_tokens}&seed=1", {}
+            return f"/{model}/-/steer.json?text={quote(text)}&feature={spec}&n_tokens={self.n_tokens}&seed=1", {}
         return f"/{model}/{sae}/{feature}", {}
 
 

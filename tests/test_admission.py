@@ -84,7 +84,7 @@ def test_an_overloaded_live_encoder_answers_503_at_once_not_after_a_long_wait(he
     live.submit(EncodeJob(saes=[], text="one"))
     live.submit(EncodeJob(saes=[], text="two"))  # 0.8 s queued: a third would be answered after 1.2 s > 1 s
     started = time.perf_counter()
-    for path in (f"/{model.id}/encode.json", f"/{model.id}/encode"):
+    for path in (f"/{model.id}/-/encode.json", f"/{model.id}/-/encode"):
         response = client.get(path, params={"text": "hello"})
         assert response.status_code == 503
         assert int(response.headers["Retry-After"]) >= 1
@@ -97,7 +97,7 @@ def test_a_second_steering_job_waits_for_no_one_when_the_cap_is_one(held_server)
     sae = next(iter(model.saes.values()))
     live.admission.service_seconds["steer"] = 0.1  # well inside --max-wait: only the cap can refuse
     live.submit(SteerJob(text="hi", features=[(sae, 0, 1.0)], n_tokens=4, temperature=0.0, seed=0))
-    response = client.get(f"/{model.id}/steer.json", params={"text": "hi", "feature": f"{sae.id}:0"})
+    response = client.get(f"/{model.id}/-/steer.json", params={"text": "hi", "feature": f"{sae.id}:0"})
     assert response.status_code == 503 and "--max-steer-jobs" in response.json()["message"]
 
 
@@ -111,7 +111,7 @@ def test_served_requests_measure_the_encoders_service_time(live_data_dir, tiny_g
         (model,) = app.state.catalogs.current().models.values()
         initial = service.model(model).admission.service_seconds["encode"]
         for text in ("a first prompt", "a second prompt", "and a third"):
-            assert client.get(f"/{model.id}/encode.json", params={"text": text}).status_code == 200
+            assert client.get(f"/{model.id}/-/encode.json", params={"text": text}).status_code == 200
         live = service.model(model)
         assert live.admission.service_seconds["encode"] != initial
         assert live.admission.waiting == {"encode": 0, "steer": 0} and live.admission.expected_wait() == 0.0

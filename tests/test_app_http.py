@@ -227,12 +227,37 @@ def test_feature_sharing_meta_and_embed(client):
 
 
 def test_random_and_jump_redirect_to_stable_urls(client):
-    response = client.get(f"/{MODEL}/{SAE}/random", follow_redirects=False)
+    response = client.get(f"/{MODEL}/{SAE}/-/random", follow_redirects=False)
     assert response.status_code == 302
     index = int(response.headers["location"].rsplit("/", 1)[1])
     assert index not in DEAD and 0 <= index < D_SAE
-    jump = client.get(f"/{MODEL}/{SAE}/jump?index=12", follow_redirects=False)
+    jump = client.get(f"/{MODEL}/{SAE}/-/jump?index=12", follow_redirects=False)
     assert jump.status_code == 302 and jump.headers["location"] == f"/{MODEL}/{SAE}/12"
+
+
+
+@pytest.mark.parametrize("old,new", [
+    (f"/{MODEL}/encode?text=Paris&sort=layer", f"/{MODEL}/-/encode?text=Paris&sort=layer"),
+    (f"/{MODEL}/steer.json?text=hi&feature={SAE}%3A3", f"/{MODEL}/-/steer.json?text=hi&feature={SAE}%3A3"),
+    (f"/{MODEL}/{SAE}/random", f"/{MODEL}/{SAE}/-/random"),
+    (f"/{MODEL}/{SAE}/jump?index=12", f"/{MODEL}/{SAE}/-/jump?index=12"),
+    (f"/{MODEL}/{SAE}/3/test?text=a%20b", f"/{MODEL}/{SAE}/3/-/test?text=a%20b"),
+    (f"/{MODEL}/{SAE}/3/lineage.json?breadth=2", f"/{MODEL}/{SAE}/3/-/lineage.json?breadth=2"),
+])
+def test_app_pages_moved_under_dash_answer_their_old_urls_with_a_redirect_keeping_the_query(client, old, new):
+    response = client.get(old, follow_redirects=False)
+    assert response.status_code == 308 and response.headers["location"] == new
+
+
+def test_an_sae_named_like_an_app_page_is_served_and_the_page_still_reachable(tmp_path):
+    from factories import SAESpec, make_db
+
+    make_db(tmp_path / "db" / "run.duckdb", saes=(SAESpec("encode", 2, "res", 16), SAESpec("steer", 3, "res", 16)))
+    with make_app_client(tmp_path, live=False) as named:
+        assert get_json(named, f"/{MODEL}/encode.json")["sae"]["id"] == "encode"
+        assert get_page(named, f"/{MODEL}/steer").find("h1").text().startswith("steer")
+        assert get_json(named, f"/{MODEL}/encode/3.json")["index"] == 3
+        assert get_page(named, f"/{MODEL}/-/encode").find("textarea", id="encode-text")
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -285,7 +310,7 @@ def test_inconsistent_density_range_422(client):
 
 @pytest.mark.parametrize("url", [
     f"/{MODEL}/{SAE}/3?context=wide", f"/{MODEL}/{SAE}/3?embed=perhaps", f"/{MODEL}/{SAE}/3?text=" + "x" * 20001,
-    f"/{MODEL}/{SAE}/jump?index=abc", f"/{MODEL}/{SAE}/jump",
+    f"/{MODEL}/{SAE}/-/jump?index=abc", f"/{MODEL}/{SAE}/-/jump",
 ])
 def test_feature_malformed_query_422(client, url):
     assert client.get(url).status_code == 422
@@ -293,7 +318,7 @@ def test_feature_malformed_query_422(client, url):
 
 
 def test_jump_out_of_range_404(client):
-    assert client.get(f"/{MODEL}/{SAE}/jump?index=64", follow_redirects=False).status_code == 404
+    assert client.get(f"/{MODEL}/{SAE}/-/jump?index=64", follow_redirects=False).status_code == 404
 
 
 def test_unknown_path_404_html_and_json(client):
@@ -307,7 +332,7 @@ def test_health_and_docs(client):
     assert health == {"status": "ok", "pid": os.getpid(), "workers": 1, "workers_ready": 1, "databases": 2, "models": 2, "saes": 4, "problems": []}
     assert client.get("/-/docs").status_code == 200
     paths = client.get("/-/openapi.json").json()["paths"]
-    assert {"/", "/{model_id}/{sae_id}", "/{model_id}/{sae_id}/{index}", "/-/health"} <= set(paths)
+    assert {"/.json", "/{model_id}/{sae_id}.json", "/{model_id}/{sae_id}/{index}.json", "/-/health"} <= set(paths)
 
 
 def test_htmx_from_cdn_by_default_and_local_copy_when_set(tmp_path):

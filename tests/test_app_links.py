@@ -67,13 +67,13 @@ def test_feature_page_links_open_feature_pages_and_the_lineage(client):
     panel = document.find("section", id="links")
     assert [h.text() for h in panel.find_all("h3")] == ["Upstream", "Downstream"]
     hrefs = [a.attrs["href"] for a in panel.find_all("a")]
-    assert f"/{MODEL}/4-mlp-48/3/lineage" in hrefs
+    assert f"/{MODEL}/4-mlp-48/3/-/lineage" in hrefs
     for href in hrefs:
         assert client.get(href).status_code == 200, href
 
 
 def test_lineage_follows_the_strongest_links_through_every_sae(client):
-    view = client.get(f"/{MODEL}/4-mlp-48/3/lineage.json").json()
+    view = client.get(f"/{MODEL}/4-mlp-48/3/-/lineage.json").json()
     assert [c["sae_ids"] for c in view["columns"]] == [["2-res-64"], ["4-mlp-48"], ["6-att-32"]]
     start = [n for n in view["nodes"] if n["start"]]
     assert [(n["sae_id"], n["feature"]) for n in start] == [("4-mlp-48", 3)]
@@ -91,36 +91,36 @@ def test_lineage_follows_the_strongest_links_through_every_sae(client):
 
 
 def test_lineage_depth_breadth_and_score_are_url_parameters(res_client):
-    view = res_client.get("/res-model/1-res-16/2/lineage.json", params={"breadth": 1}).json()
+    view = res_client.get("/res-model/1-res-16/2/-/lineage.json", params={"breadth": 1}).json()
     chain = [(n["sae_id"], n["feature"]) for n in view["nodes"]]
     assert [sae for sae, _ in chain] == ["1-res-16", "2-mlp-12", "2-res-16", "3-res-16", "5-res-16"]
     assert len(view["edges"]) == 4
-    short = res_client.get("/res-model/1-res-16/2/lineage.json", params={"depth": 2, "breadth": 2}).json()
+    short = res_client.get("/res-model/1-res-16/2/-/lineage.json", params={"depth": 2, "breadth": 2}).json()
     assert [c["sae_ids"] for c in short["columns"]] == [["1-res-16"], ["2-mlp-12"], ["2-res-16"]]
-    by_weights = res_client.get("/res-model/2-res-16/2/lineage.json", params={"by": "cosine", "breadth": 2}).json()
+    by_weights = res_client.get("/res-model/2-res-16/2/-/lineage.json", params={"by": "cosine", "breadth": 2}).json()
     assert by_weights["query"] == {"depth": None, "breadth": 2, "by": "cosine"}
     # 2-mlp has no cosine with 2-res (not both residual): the walk upstream goes on to the nearest SAE it links to
     assert [c["sae_ids"] for c in by_weights["columns"]] == [["1-res-16"], ["2-res-16"], ["3-res-16"], ["5-res-16"]]
     assert all(e["cosine"] is not None for e in by_weights["edges"])
-    page = res_client.get("/res-model/2-res-16/2/lineage", params={"depth": "", "breadth": 2})
+    page = res_client.get("/res-model/2-res-16/2/-/lineage", params={"depth": "", "breadth": 2})
     assert page.status_code == 200
 
 
 @pytest.mark.parametrize("params", [{"breadth": 0}, {"breadth": 9}, {"depth": -1}, {"by": "magic"}])
 def test_bad_lineage_parameters_are_422(client, params):
-    assert client.get(f"/{MODEL}/4-mlp-48/3/lineage.json", params=params).status_code == 422
-    assert client.get(f"/{MODEL}/4-mlp-48/3/lineage", params=params).status_code == 422
+    assert client.get(f"/{MODEL}/4-mlp-48/3/-/lineage.json", params=params).status_code == 422
+    assert client.get(f"/{MODEL}/4-mlp-48/3/-/lineage", params=params).status_code == 422
 
 
 def test_unknown_feature_lineage_is_404(client):
-    assert client.get(f"/{MODEL}/4-mlp-48/48/lineage.json").status_code == 404
-    assert client.get(f"/{MODEL}/4-mlp-48/x/lineage").status_code == 404
-    assert client.get(f"/{MODEL}/nope/1/lineage").status_code == 404
+    assert client.get(f"/{MODEL}/4-mlp-48/48/-/lineage.json").status_code == 404
+    assert client.get(f"/{MODEL}/4-mlp-48/x/-/lineage").status_code == 404
+    assert client.get(f"/{MODEL}/nope/1/-/lineage").status_code == 404
 
 
 def test_lineage_page_draws_every_node_with_a_link(client):
-    view = client.get(f"/{MODEL}/2-res-64/0/lineage.json").json()
-    document = parse_html(client.get(f"/{MODEL}/2-res-64/0/lineage").text)
+    view = client.get(f"/{MODEL}/2-res-64/0/-/lineage.json").json()
+    document = parse_html(client.get(f"/{MODEL}/2-res-64/0/-/lineage").text)
     svg = document.find("svg", cls="lineage")
     nodes = svg.find_all("a", cls="node")
     assert {a.attrs["data-node"] for a in nodes} == {n["id"] for n in view["nodes"]}
@@ -181,6 +181,6 @@ def test_a_run_without_links_says_so(tmp_path):
         assert links["computed"] is False
         page = parse_html(client.get("/nolinks/1-res-8/2").text)
         assert "without cross-layer links" in page.find("section", id="links").text()
-        view = client.get("/nolinks/1-res-8/2/lineage.json").json()
+        view = client.get("/nolinks/1-res-8/2/-/lineage.json").json()
         assert view["links_computed"] is False and [n["id"] for n in view["nodes"]] == ["1-res-8/2"]
-        assert client.get("/nolinks/1-res-8/2/lineage").status_code == 200
+        assert client.get("/nolinks/1-res-8/2/-/lineage").status_code == 200

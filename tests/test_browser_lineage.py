@@ -33,7 +33,7 @@ def test_follow_links_down_and_back_then_the_lineage_graph(page, server):  # noq
     page.goto(f"{server}/{MODEL}/{MIDDLE}/3")
     settle(page)
     page.get_by_role("link", name="Lineage graph").click()
-    page.wait_for_url(f"{server}/{MODEL}/{MIDDLE}/3/lineage")
+    page.wait_for_url(f"{server}/{MODEL}/{MIDDLE}/3/-/lineage")
     settle(page)
     nodes = page.locator("svg.lineage a.node")
     assert nodes.count() == 7  # the start, and 3 features of each neighbouring SAE
@@ -53,11 +53,11 @@ def test_follow_links_down_and_back_then_the_lineage_graph(page, server):  # noq
     settle(page)
     assert page.locator("h1").inner_text().startswith("Feature ")
 
-    page.goto(f"{server}/{MODEL}/{MIDDLE}/3/lineage")
+    page.goto(f"{server}/{MODEL}/{MIDDLE}/3/-/lineage")
     settle(page)
     page.fill("input[name=breadth]", "1")
     page.locator(".lineage-form button[type=submit]").click()
-    page.wait_for_url("**/lineage?depth=&breadth=1&by=coact")
+    page.wait_for_url("**/-/lineage?depth=&breadth=1&by=coact")
     settle(page)
     assert page.locator("svg.lineage a.node").count() == 3
     assert page.problems == []

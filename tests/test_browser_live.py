@@ -29,7 +29,7 @@ def server(live_data_dir, tiny_gemma2):
 
 def test_prompt_to_token_to_feature_to_steering_and_a_shared_link(page, browser, server, tiny_gemma2):  # noqa: F811
     model = tiny_gemma2.name
-    page.goto(f"{server}/{model}/encode")
+    page.goto(f"{server}/{model}/-/encode")
     page.fill("#encode-text", PROMPT)
     page.locator("#encode-form button[type=submit]").click()
     page.wait_for_url(lambda url: "text=" in url)
@@ -56,7 +56,7 @@ def test_prompt_to_token_to_feature_to_steering_and_a_shared_link(page, browser,
     assert page.locator("#test-result .ctx").inner_text().replace("·", " ").strip().endswith("Paris.")
 
     page.get_by_role("link", name="Steer", exact=True).click()
-    page.wait_for_url("**/steer?*")
+    page.wait_for_url("**/-/steer?*")
     assert page.locator("input[name=feature]").first.input_value() == feature_url.split("/")[2] + ":" + feature_url.split("/")[3].split("?")[0]
     page.fill("input[name=n_tokens]", "8")
     page.get_by_role("button", name="Generate").click()
@@ -76,7 +76,7 @@ def test_prompt_to_token_to_feature_to_steering_and_a_shared_link(page, browser,
 
 def test_search_via_inference_swaps_its_table_and_keeps_the_url(page, server, tiny_gemma2):  # noqa: F811
     model = tiny_gemma2.name
-    page.goto(f"{server}/{model}/encode?text=def+add(a,+b):+return+a+%2B+b")
+    page.goto(f"{server}/{model}/-/encode?text=def+add(a,+b):+return+a+%2B+b")
     page.evaluate("() => { window.__sameDocument = true; }")
     page.select_option("#search select[name=sort]", "density")
     page.fill("#search input[name=max_density]", "1")

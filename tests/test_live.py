@@ -15,12 +15,13 @@ import pytest
 from featurescope.app import Settings, create_app
 from featurescope.app.data import CatalogSource
 from featurescope.app.databases import DataDir
-from featurescope.app.live import EncodeJob, LiveModel, LiveService, ServiceBusy, resolve_source
+from featurescope.app.live import EncodeJob, LiveService, ServiceBusy, resolve_source
+from featurescope.app.live_encoder import LiveModel
 from featurescope.app.routes.live import DEFAULT_STRENGTH_MULTIPLE, ClientGone, run_job
 from factories import parse_html
 from featurescope.sae_loading import load_sae
 from featurescope.sites import parse_site
-from featurescope.steering import GenerationCancelled, SteeringVector, generate_pair
+from featurescope.app.steering import GenerationCancelled, SteeringVector, generate_pair
 
 SAE_IDS = ("1-res-a", "2-mlp-b", "3-res-c")
 
@@ -72,7 +73,7 @@ def test_live_activations_of_a_stored_context_equal_the_precomputed_ones(client,
     assert rows
     for feature, positions, acts, token_ids in rows:
         ids = ",".join(map(str, token_ids))
-        body = client.get(f"/{model_id}/encode.json", params={"ids": ids, "feature": f"{sae_id}:{feature}"}).json()
+        body = client.get(f"/{model_id}/-/encode.json", params={"ids": ids, "feature": f"{sae_id}:{feature}"}).json()
         assert body["ids"] == list(token_ids)
         counted = [not t["special"] for t in body["tokens"]]  # statistics never count BOS/EOS/pad
         live = np.array(body["highlight"]["acts"])[counted]
@@ -103,7 +104,7 @@ def test_concurrent_requests_share_one_forward_pass_and_keep_their_own_values(se
 
 
 def test_encode_page_json_lists_tokens_layers_and_top_features(client, model_id):
-    body = client.get(f"/{model_id}/encode.json", params={"text": "The capital of France is Paris.", "token": 2}).json()
+    body = client.get(f"/{model_id}/-/encode.json", params={"text": "The capital of France is Paris.", "token": 2}).json()
     assert body["tokens"][0]["special"] and not any(t["special"] for t in body["tokens"][1:])
     assert [layer["sae_id"] for layer in body["layers"]] == list(SAE_IDS)  # ordered by layer
     n = len(body["tokens"])
@@ -122,21 +123,21 @@ def test_encode_page_json_lists_tokens_layers_and_top_features(client, model_id)
 
 def test_search_sorts_and_filters_by_density(client, model_id):
     params = {"text": "def add(a, b): return a + b", "max_density": 1, "sort": "density"}
-    results = client.get(f"/{model_id}/encode.json", params=params).json()["search"]["results"]
+    results = client.get(f"/{model_id}/-/encode.json", params=params).json()["search"]["results"]
     assert [r["density"] for r in results] == sorted(r["density"] for r in results)
-    capped = client.get(f"/{model_id}/encode.json", params={**params, "max_density": 0.02}).json()["search"]
+    capped = client.get(f"/{model_id}/-/encode.json", params={**params, "max_density": 0.02}).json()["search"]
     assert all(r["density"] <= 0.02 for r in capped["results"])
     assert capped["total"] < len(results) or len(results) == 50
 
 
 def test_selecting_a_subset_of_saes_stops_the_forward_early_and_lists_only_them(client, model_id):
-    body = client.get(f"/{model_id}/encode.json", params={"text": "Hello world", "saes": ["1-res-a"]}).json()
+    body = client.get(f"/{model_id}/-/encode.json", params={"text": "Hello world", "saes": ["1-res-a"]}).json()
     assert [layer["sae_id"] for layer in body["layers"]] == ["1-res-a"]
 
 
 def test_encode_page_html_escapes_the_prompt(client, model_id):
     hostile = "<script>alert(1)</script> &amp; <b>x</b>"
-    response = client.get(f"/{model_id}/encode", params={"text": hostile})
+    response = client.get(f"/{model_id}/-/encode", params={"text": hostile})
     assert response.status_code == 200
     assert "<script>alert(1)</script>" not in response.text and "<b>x</b>" not in response.text
     doc = parse_html(response.text)
@@ -145,32 +146,32 @@ def test_encode_page_html_escapes_the_prompt(client, model_id):
 
 
 def test_encode_page_without_text_shows_the_form(client, model_id):
-    response = client.get(f"/{model_id}/encode")
+    response = client.get(f"/{model_id}/-/encode")
     assert response.status_code == 200 and 'id="encode-form"' in response.text
 
 
 # ------------------------------------------------------------------------------------------ bad input
 def test_empty_prompt_and_prompt_over_the_limit_get_422_naming_the_limit(client, model_id):
-    empty = client.get(f"/{model_id}/encode.json", params={"text": "   "})
+    empty = client.get(f"/{model_id}/-/encode.json", params={"text": "   "})
     assert empty.status_code == 422 and "empty" in empty.json()["message"]
-    long = client.get(f"/{model_id}/encode.json", params={"text": "word " * 200})
+    long = client.get(f"/{model_id}/-/encode.json", params={"text": "word " * 200})
     assert long.status_code == 422 and "at most 40 tokens" in long.json()["message"]
-    page = client.get(f"/{model_id}/encode", params={"text": "word " * 200})
+    page = client.get(f"/{model_id}/-/encode", params={"text": "word " * 200})
     assert page.status_code == 422 and "at most 40 tokens" in page.text
 
 
 def test_unknown_model_sae_or_feature_gives_404(client, model_id):
-    assert client.get("/no-such-model/encode.json", params={"text": "x"}).status_code == 404
-    missing = client.get(f"/{model_id}/encode.json", params={"text": "x", "saes": ["nope"]})
+    assert client.get("/no-such-model/-/encode.json", params={"text": "x"}).status_code == 404
+    missing = client.get(f"/{model_id}/-/encode.json", params={"text": "x", "saes": ["nope"]})
     assert missing.status_code == 404 and missing.json()["kind"] == "sae"
-    assert client.get(f"/{model_id}/3-res-c/48/test.json", params={"text": "x"}).status_code == 404
-    assert client.get(f"/{model_id}/steer.json", params={"text": "x", "feature": "nope:1"}).status_code == 404
+    assert client.get(f"/{model_id}/3-res-c/48/-/test.json", params={"text": "x"}).status_code == 404
+    assert client.get(f"/{model_id}/-/steer.json", params={"text": "x", "feature": "nope:1"}).status_code == 404
 
 
 def test_malformed_feature_and_token_position_get_422(client, model_id):
-    assert client.get(f"/{model_id}/encode.json", params={"text": "x y", "feature": "3-res-c"}).status_code == 422
-    assert client.get(f"/{model_id}/encode.json", params={"text": "x y", "token": 99}).status_code == 422
-    assert client.get(f"/{model_id}/encode.json", params={"ids": "2,abc"}).status_code == 422
+    assert client.get(f"/{model_id}/-/encode.json", params={"text": "x y", "feature": "3-res-c"}).status_code == 422
+    assert client.get(f"/{model_id}/-/encode.json", params={"text": "x y", "token": 99}).status_code == 422
+    assert client.get(f"/{model_id}/-/encode.json", params={"ids": "2,abc"}).status_code == 422
 
 
 def test_a_full_queue_answers_503_with_retry_after(settings, live_data_dir):
@@ -184,7 +185,7 @@ def test_a_full_queue_answers_503_with_retry_after(settings, live_data_dir):
         live = service.model(model)
         live.start = lambda *args, **kwargs: None  # no worker: the queue stays full
         live.queue.put_nowait(EncodeJob(saes=[]))
-        response = client.get(f"/{model.id}/encode.json", params={"text": "hello"})
+        response = client.get(f"/{model.id}/-/encode.json", params={"text": "hello"})
         assert response.status_code == 503
         assert int(response.headers["Retry-After"]) >= 1 and "try again" in response.json()["message"]
         with pytest.raises(ServiceBusy):
@@ -217,7 +218,7 @@ def test_live_encoding_switched_off_says_so(live_data_dir, model_id):
     from fastapi.testclient import TestClient
 
     with TestClient(create_app(Settings(data_dir=live_data_dir, live=False))) as client:
-        response = client.get(f"/{model_id}/encode.json", params={"text": "hello"})
+        response = client.get(f"/{model_id}/-/encode.json", params={"text": "hello"})
         assert response.status_code == 503 and "switched off" in response.json()["message"]
         page = client.get(f"/{model_id}/3-res-c/0", params={"text": "hello"})
         assert page.status_code == 200 and "switched off" in page.text
@@ -233,7 +234,7 @@ def test_server_loads_the_model_and_saes_itself_at_startup(live_data_dir, model_
         live = service.models[model_id]
         assert live.ready.wait(60) and live.error is None
         assert {key[0] for key in live.saes} == set(SAE_IDS)
-        assert client.get(f"/{model_id}/encode.json", params={"text": "hello"}).status_code == 200
+        assert client.get(f"/{model_id}/-/encode.json", params={"text": "hello"}).status_code == 200
 
 
 def test_relative_sources_resolve_against_the_data_dir(tmp_path):
@@ -246,19 +247,19 @@ def test_relative_sources_resolve_against_the_data_dir(tmp_path):
 # ---------------------------------------------------------------------------------- feature test box
 def test_feature_test_box_encodes_text_with_the_same_values_as_the_encode_page(client, model_id):
     text = "The capital of France is Paris."
-    test = client.get(f"/{model_id}/3-res-c/5/test.json", params={"text": text}).json()
-    enc = client.get(f"/{model_id}/encode.json", params={"text": text, "feature": "3-res-c:5"}).json()
+    test = client.get(f"/{model_id}/3-res-c/5/-/test.json", params={"text": text}).json()
+    enc = client.get(f"/{model_id}/-/encode.json", params={"text": text, "feature": "3-res-c:5"}).json()
     assert [t["activation"] for t in test["tokens"]] == enc["highlight"]["acts"]
-    fragment = client.get(f"/{model_id}/3-res-c/5/test", params={"text": "<i>hi</i>"},
+    fragment = client.get(f"/{model_id}/3-res-c/5/-/test", params={"text": "<i>hi</i>"},
                           headers={"HX-Request": "true", "HX-Target": "test-result"})
     assert fragment.text.lstrip().startswith('<div id="test-result"') and "<i>hi</i>" not in fragment.text
     assert fragment.headers["HX-Push-Url"].endswith("/3-res-c/5?text=%3Ci%3Ehi%3C%2Fi%3E")
     page = client.get(f"/{model_id}/3-res-c/5", params={"text": text})
-    assert "/3-res-c/5/test?text=" in page.text and "/steer?feature=3-res-c%3A5" in page.text
+    assert "/3-res-c/5/-/test?text=" in page.text and "/-/steer?feature=3-res-c%3A5" in page.text
 
 
 def test_errors_answered_to_htmx_replace_the_target_with_the_message(client, model_id):
-    response = client.get(f"/{model_id}/3-res-c/5/test", params={"text": "word " * 200},
+    response = client.get(f"/{model_id}/3-res-c/5/-/test", params={"text": "word " * 200},
                           headers={"HX-Request": "true", "HX-Target": "test-result"})
     assert response.status_code == 422
     assert response.text.startswith('<div id="test-result"') and "at most 40 tokens" in response.text
@@ -267,9 +268,9 @@ def test_errors_answered_to_htmx_replace_the_target_with_the_message(client, mod
 # ---------------------------------------------------------------------------------------- steering
 def test_steering_with_strength_zero_reproduces_the_default_exactly(client, model_id):
     params = {"text": "The capital of", "feature": "3-res-c:3", "strength": "0", "n_tokens": 10, "temperature": 0.9, "seed": 7}
-    body = client.get(f"/{model_id}/steer.json", params=params).json()
+    body = client.get(f"/{model_id}/-/steer.json", params=params).json()
     assert body["default"]["tokens"] == body["steered"]["tokens"]
-    again = client.get(f"/{model_id}/steer.json", params=params).json()
+    again = client.get(f"/{model_id}/-/steer.json", params=params).json()
     assert again["default"] == body["default"]  # same seed, same text: the shared link reproduces it
 
 
@@ -279,7 +280,7 @@ def test_steering_moves_the_output_towards_the_features_promoted_tokens(client, 
                                     "ORDER BY logit_pos_values[1] - logit_pos_values[2] DESC LIMIT 1").fetchone()
     con.close()
     params = {"text": "The capital of", "feature": f"3-res-c:{feature}", "strength": "300", "n_tokens": 8, "temperature": 0}
-    body = client.get(f"/{model_id}/steer.json", params=params).json()
+    body = client.get(f"/{model_id}/-/steer.json", params=params).json()
     steered = [t["token_id"] for t in body["steered"]["tokens"]]
     default = [t["token_id"] for t in body["default"]["tokens"]]
     top = set(promoted[:5])
@@ -289,18 +290,18 @@ def test_steering_moves_the_output_towards_the_features_promoted_tokens(client, 
 
 def test_steering_rejects_out_of_range_input_with_reasons(client, model_id):
     base = {"text": "Hi", "feature": "3-res-c:1"}
-    too_strong = client.get(f"/{model_id}/steer.json", params={**base, "strength": "5000"})
+    too_strong = client.get(f"/{model_id}/-/steer.json", params={**base, "strength": "5000"})
     assert too_strong.status_code == 422 and "out of range" in too_strong.json()["message"]
-    too_long = client.get(f"/{model_id}/steer.json", params={**base, "n_tokens": 500})
+    too_long = client.get(f"/{model_id}/-/steer.json", params={**base, "n_tokens": 500})
     assert too_long.status_code == 422 and "at most 12" in too_long.json()["message"]
-    assert client.get(f"/{model_id}/steer.json", params={**base, "strength": "abc"}).status_code == 422
-    assert client.get(f"/{model_id}/steer.json", params={"text": "Hi"}).status_code == 422
-    hostile = client.get(f"/{model_id}/steer", params={**base, "text": "<script>x()</script>", "n_tokens": 2})
+    assert client.get(f"/{model_id}/-/steer.json", params={**base, "strength": "abc"}).status_code == 422
+    assert client.get(f"/{model_id}/-/steer.json", params={"text": "Hi"}).status_code == 422
+    hostile = client.get(f"/{model_id}/-/steer", params={**base, "text": "<script>x()</script>", "n_tokens": 2})
     assert hostile.status_code == 200 and "<script>x()</script>" not in hostile.text
 
 
 def test_steering_defaults_the_strength_from_the_features_largest_activation(client, model_id):
-    page = client.get(f"/{model_id}/steer.json", params={"text": "Hi", "feature": "3-res-c:1", "n_tokens": 2}).json()
+    page = client.get(f"/{model_id}/-/steer.json", params={"text": "Hi", "feature": "3-res-c:1", "n_tokens": 2}).json()
     (f,) = page["features"]
     assert f["strength"] == pytest.approx(round(DEFAULT_STRENGTH_MULTIPLE * f["max_act"], 1) if f["max_act"] > 0 else 10.0)
 
@@ -319,27 +320,27 @@ def test_highlighting_a_feature_brings_its_cross_layer_links_with_their_live_act
                              "ORDER BY max_act DESC LIMIT 1").fetchone()
     con.close()
     text = "The capital of France is Paris. def add(a, b): return a + b"
-    body = client.get(f"/{model_id}/encode.json", params={"text": text, "feature": f"2-mlp-b:{feature}"}).json()
+    body = client.get(f"/{model_id}/-/encode.json", params={"text": text, "feature": f"2-mlp-b:{feature}"}).json()
     links = body["highlight"]["links"]
     assert links["upstream"] and links["downstream"]
     assert {link["sae_id"] for link in links["upstream"]} == {"1-res-a"}
     assert {link["sae_id"] for link in links["downstream"]} == {"3-res-c"}
     for link in links["upstream"][:2] + links["downstream"][:2]:
-        alone = client.get(f"/{model_id}/encode.json", params={"text": text, "feature": f"{link['sae_id']}:{link['feature']}"}).json()
+        alone = client.get(f"/{model_id}/-/encode.json", params={"text": text, "feature": f"{link['sae_id']}:{link['feature']}"}).json()
         assert link["live_max"] == pytest.approx(alone["highlight"]["activation"], rel=1e-5, abs=1e-6)
-    page = client.get(f"/{model_id}/encode", params={"text": text, "feature": f"2-mlp-b:{feature}"})
+    page = client.get(f"/{model_id}/-/encode", params={"text": text, "feature": f"2-mlp-b:{feature}"})
     assert 'class="live-links"' in page.text
 
 
 def test_bos_is_shown_but_only_counted_when_asked(client, model_id):
     text = "The capital of France is Paris."
-    default = client.get(f"/{model_id}/encode.json", params={"text": text}).json()
-    included = client.get(f"/{model_id}/encode.json", params={"text": text, "include_special": 1}).json()
+    default = client.get(f"/{model_id}/-/encode.json", params={"text": text}).json()
+    included = client.get(f"/{model_id}/-/encode.json", params={"text": text, "include_special": 1}).json()
     assert all(layer["l0"][0] == 0 for layer in default["layers"])
     assert any(layer["l0"][0] > 0 for layer in included["layers"])
     assert any(f["pos"] == 0 for col in included["prompt_features"] for f in col["features"])
     home = client.get("/")
-    assert f'href="/{model_id}/encode"' in home.text and f'href="/{model_id}/steer"' in home.text
+    assert f'href="/{model_id}/-/encode"' in home.text and f'href="/{model_id}/-/steer"' in home.text
 
 
 def test_an_sae_that_cannot_be_loaded_fails_only_its_own_requests_with_the_reason(settings, tiny_gemma2):

@@ -46,7 +46,7 @@ def test_live_encoding_equals_precompute_for_every_demo_sae(smollm2, tmp_path):
             mine = [r for r in rows if r[0] == sae_id][:4]
             assert mine, f"{sae_id} stored no examples"
             for _, feature, positions, acts, token_ids in mine:
-                body = client.get("/smollm2-135m/encode.json", params={
+                body = client.get("/smollm2-135m/-/encode.json", params={
                     "ids": ",".join(map(str, token_ids)), "saes": [sae_id], "feature": f"{sae_id}:{feature}"}).json()
                 (layer,) = body["layers"]
                 counted = np.array(layer["counted"])  # BOS, EOS and attention-sink outliers never count

@@ -25,7 +25,7 @@ def client():
 
 @pytest.mark.parametrize("path", ["/", f"/{MODEL}", f"/{MODEL}/{SAE}", f"/{MODEL}/{SAE}/3", f"/{MODEL}/{SAE}/3.json",
                                   "/-/health", "/-/static/app.css", "/no-such-model", "/no-such-model.json",
-                                  f"/{MODEL}/{SAE}?size=0", f"/{MODEL}/encode?text=hi"])
+                                  f"/{MODEL}/{SAE}?size=0", f"/{MODEL}/-/encode?text=hi"])
 def test_every_answer_has_nosniff_a_referrer_policy_and_a_csp_that_refuses_framing(client, path):
     response = client.get(path)
     assert response.headers["X-Content-Type-Options"] == "nosniff"

@@ -122,3 +122,26 @@ def test_health_is_not_green_while_a_worker_is_starting(tmp_path):
         workers_ready[0] = 2
         ready = client.get("/-/health")
         assert ready.status_code == 200 and ready.json()["status"] == "ok"
+
+
+def test_a_server_without_live_encoding_never_imports_torch(tmp_path):
+    """`serve --no-live` serves stored pages only: building the app, starting it and answering every kind of
+    page (live ones with 503) load no torch, which is most of a worker's memory and start-up time."""
+    make_data_dir(tmp_path)
+    script = f"""
+import sys
+from pathlib import Path
+from fastapi.testclient import TestClient
+from featurescope.app import Settings, create_app
+from featurescope.app import serving  # what a worker process imports
+
+with TestClient(create_app(Settings(data_dir=Path({str(tmp_path)!r}), live=False))) as client:
+    for path in ("/", "/tiny-gemma-2", "/tiny-gemma-2/2-res-64", "/tiny-gemma-2/2-res-64/3",
+                 "/tiny-gemma-2/2-res-64/3.json", "/tiny-gemma-2/2-res-64/3/-/lineage"):
+        assert client.get(path).status_code == 200, path
+    assert client.get("/tiny-gemma-2/-/encode.json", params={{"text": "hi"}}).status_code == 503
+print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"

@@ -1,6 +1,6 @@
 """The feature page (/{model}/{sae}/{index}): statistics, charts, highlighted examples, neighbours,
-the test box and sharing; plus /random and /jump, which redirect to a feature's stable URL.
-`?context=full` shows whole contexts (htmx swaps #examples), `?embed=1` just the dashboard."""
+the test box and sharing; plus /-/random and /-/jump below the SAE, which redirect to a feature's stable
+URL. `?context=full` shows whole contexts (htmx swaps #examples), `?embed=1` just the dashboard."""
 
 from __future__ import annotations
 
@@ -11,27 +11,40 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
 from featurescope.app import charts, data, present
-from featurescope.app.deps import CatalogDep, UrlsDep, split_format
+from featurescope.app.deps import CatalogDep, UrlsDep
 from featurescope.app.errors import NotFound
 from featurescope.app.security import embed_policy
+from featurescope.app.twin_models import FeatureView
+from featurescope.app.twins import page, wants_json
+from featurescope.app.urls import APP_PREFIX
 
 router = APIRouter(tags=["features"])
 INDEX = re.compile(r"-?[0-9]{1,12}")
 
 
-@router.get("/{model_id}/{sae_id}/random", summary="Redirect to a random feature that fired")
+@router.get("/{model_id}/{sae_id}" + APP_PREFIX + "/random", include_in_schema=False)
 def random_feature(model_id: str, sae_id: str, catalog: CatalogDep, urls: UrlsDep) -> Response:
+    """Redirect to a random feature that fired."""
     return RedirectResponse(urls.feature(model_id, sae_id, data.random_feature(catalog, model_id, sae_id)), status_code=302)
 
 
-@router.get("/{model_id}/{sae_id}/jump", summary="Redirect to feature `index` (the jump-to box)")
+@router.get("/{model_id}/{sae_id}" + APP_PREFIX + "/jump", include_in_schema=False)
 def jump(model_id: str, sae_id: str, catalog: CatalogDep, urls: UrlsDep,
          index: Annotated[int, Query(description="Feature index.")]) -> Response:
+    """Redirect to feature `index` (the jump-to box)."""
     data.check_index(catalog.sae(model_id, sae_id), index)
     return RedirectResponse(urls.feature(model_id, sae_id, index), status_code=302)
 
 
-@router.get("/{model_id}/{sae_id}/{index}", summary="A feature's dashboard (append .json for JSON)")
+def feature_index(sae: data.SAEInfo, index: str) -> int:
+    """A feature index from the URL; anything but a number is a 404 naming the valid range."""
+    if not INDEX.fullmatch(index):
+        raise NotFound("feature", index, f"{index!r} is not a feature index: SAE {sae.id!r} has features 0 to {sae.d_sae - 1}.",
+                       model_id=sae.model_id, sae_id=sae.id, choices=[0], valid_range=(0, sae.d_sae - 1))
+    return int(index)
+
+
+@page(router, "/{model_id}/{sae_id}/{index}", twin=FeatureView, summary="A feature's dashboard")
 def feature(
     request: Request, model_id: str, sae_id: str, index: str,
     text: Annotated[str, Query(max_length=20000, description="Text typed into the test box, kept in the URL.")] = "",
@@ -42,14 +55,10 @@ def feature(
     # cost ~0.3 ms a request, about as much as drawing its two charts.
     state = request.app.state
     catalog, render, urls, settings = state.catalogs.current(model_id, sae_id), state.renderer, state.urls, state.settings
-    index_text, fmt = split_format(index, False)
     sae = catalog.sae(model_id, sae_id)
-    if not INDEX.fullmatch(index_text):
-        raise NotFound("feature", index_text, f"{index_text!r} is not a feature index: SAE {sae_id!r} has features 0 to {sae.d_sae - 1}.",
-                       model_id=model_id, sae_id=sae_id, choices=[0], valid_range=(0, sae.d_sae - 1))
-    view = data.feature_view(catalog, model_id, sae_id, int(index_text), text)
+    view = data.feature_view(catalog, model_id, sae_id, feature_index(sae, index), text)
     view = {**view, "test": {**view["test"], "live_encoding": settings.live}}
-    if fmt == "json":
+    if wants_json(request):
         return render.json(view)
     model = catalog.model(model_id)
     forms = present.display_forms(data.token_texts(model), model.special_token_ids)
@@ -57,7 +66,7 @@ def feature(
     share_params = {"text": text or None, "context": context if context != "snippet" else None}
     base = str(request.base_url).rstrip("/")
     response = render.respond(
-        request, None, "embed.html" if embed else "feature.html", view, partials={"examples": "_examples.html"},
+        request, "embed.html" if embed else "feature.html", view, partials={"examples": "_examples.html"},
         examples=present.show_examples(view, context, forms), context=context, embed=embed,
         activation_chart=charts.activation_histogram(view["activation_histogram"]),
         logit_chart=charts.logit_histogram(view["logits"]["histogram"]),

@@ -7,15 +7,12 @@ from fastapi.responses import Response
 
 from featurescope.app import data
 from featurescope.app.deps import CatalogDep, RendererDep
+from featurescope.app.twin_models import HomeView
+from featurescope.app.twins import page
 
 router = APIRouter(tags=["home"])
 
 
-@router.get("/", summary="Models and their SAEs (HTML; /.json for JSON)")
+@page(router, "/", twin=HomeView, summary="Models and their SAEs")
 def home(request: Request, catalog: CatalogDep, render: RendererDep) -> Response:
-    return render.respond(request, None, "home.html", data.home(catalog))
-
-
-@router.get("/.json", summary="Models and their SAEs")
-def home_json(request: Request, catalog: CatalogDep, render: RendererDep) -> Response:
-    return render.respond(request, "json", "home.html", data.home(catalog))
+    return render.respond(request, "home.html", data.home(catalog))

@@ -1,8 +1,8 @@
 """The live pages, answered by the server's live encoder (app/live.py):
 
-    /{model}/encode?text=...             every selected SAE's features on every token; search via inference
-    /{model}/steer?text=...&feature=SAE:INDEX&strength=...   default and steered continuations side by side
-    /{model}/{sae}/{index}/test?text=... one feature on the feature page's test box text (an htmx fragment)
+    /{model}/-/encode?text=...           every selected SAE's features on every token; search via inference
+    /{model}/-/steer?text=...&feature=SAE:INDEX&strength=...   default and steered continuations side by side
+    /{model}/{sae}/{index}/-/test?text=... one feature on the feature page's test box text (an htmx fragment)
 
 Each has a .json twin. Handlers are async: a request waits for the encoder without holding a thread,
 and a client that disconnects cancels its job (a queued job is dropped, a generation stops).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
@@ -22,9 +22,18 @@ from featurescope.app import live_views, present
 from featurescope.app.data import DENSE_THRESHOLD, SAEInfo, check_index, feature_briefs, feature_links
 from featurescope.app.deps import CatalogDep, RendererDep, SettingsDep, UrlsDep
 from featurescope.app.errors import InvalidParameter
-from featurescope.app.live import TOKEN_TOP_K, EncodeJob, LiveModel, LiveUnavailable, PromptRejected, SteerJob
+from featurescope.app.live import TOKEN_TOP_K, EncodeJob, LiveUnavailable, PromptRejected, SteerJob
 from featurescope.app.live_views import EncodeQuery, Metric, SearchScope, SearchSort
 from featurescope.app.routes.saes import OptionalDensity
+from featurescope.app.twin_models import LIVE_ERROR_RESPONSES, EncodeView, FeatureTestView, SteerView
+from featurescope.app.twins import page, wants_json
+from featurescope.app.urls import APP_PREFIX
+
+if TYPE_CHECKING:
+    from featurescope.app.live_encoder import LiveModel
+
+if TYPE_CHECKING:
+    from featurescope.app.live_encoder import LiveModel
 
 router = APIRouter(tags=["live"])
 
@@ -78,8 +87,8 @@ def _check_text_size(text: str, settings: Any, param: str = "text") -> None:
 
 
 # ----------------------------------------------------------------------------------------------- encode
-@router.get("/{model_id}/encode", summary="Encode a prompt with every SAE of a model (append .json for JSON)")
-@router.get("/{model_id}/encode.json", summary="Encode a prompt with every SAE of a model", include_in_schema=False)
+@page(router, "/{model_id}" + APP_PREFIX + "/encode", twin=EncodeView, responses=LIVE_ERROR_RESPONSES,
+      summary="Encode a prompt with every SAE of a model")
 async def encode(
     request: Request, model_id: str, catalog: CatalogDep, render: RendererDep, urls: UrlsDep, settings: SettingsDep,
     text: Annotated[str | None, Query(description="The prompt. BOS is added in front.")] = None,
@@ -95,7 +104,7 @@ async def encode(
     max_density: Annotated[OptionalDensity, Query(description="Search: hide features denser than this (blank: show all).")] = DENSE_THRESHOLD,
 ) -> Response:
     started = time.perf_counter()
-    fmt = "json" if request.url.path.endswith(".json") else None
+    as_json = wants_json(request)
     model = catalog.model(model_id)
     query = EncodeQuery(text or "", ids, tuple(saes), token, top, metric, include_special, feature, scope, sort, max_density)
     chosen = live_views.selected_saes(catalog, model_id, query.saes)
@@ -108,7 +117,7 @@ async def encode(
             "all_saes": list(model.saes.values()), "chosen": {s.id for s in chosen}, "token_form": present.display_form,
             "hidden_params": [(k, v) for k, vs in kept.items() for v in (vs if isinstance(vs, list) else [vs])]}
     if text is None and token_ids is None:
-        if fmt == "json":
+        if as_json:
             raise InvalidParameter("text", "Give a prompt to encode: ?text=... (or ?ids=... token ids).")
         return render.html("encode.html", data=None, request=request, **page)
     _check_text_size(query.text, settings)
@@ -130,9 +139,9 @@ async def encode(
     job = EncodeJob(saes=chosen, text=query.text, token_ids=token_ids, columns=columns, include_special=include_special)
     result = await run_job(request, live, job, settings.live_timeout_seconds)
     view = live_views.encode_view(model, chosen, result, query, settings.max_prompt_tokens, links)
-    if fmt == "json":
+    if as_json:
         return _server_timing(render.json(view), started, result)
-    response = render.respond(request, None, "encode.html", view, partials={"encode-result": "_encode_result.html",
+    response = render.respond(request, "encode.html", view, partials={"encode-result": "_encode_result.html",
                                                                               "search": "_search.html"},
                               push_url=urls.encode(model_id, **query.params()), **page)
     return _server_timing(response, started, result)
@@ -146,15 +155,15 @@ def _encode_urls(urls: Any, model_id: str, query: EncodeQuery):
 
 
 # ------------------------------------------------------------------------------------------ feature test
-@router.get("/{model_id}/{sae_id}/{index}/test", summary="One feature's activations on a text (append .json for JSON)")
-@router.get("/{model_id}/{sae_id}/{index}/test.json", include_in_schema=False)
+@page(router, "/{model_id}/{sae_id}/{index}" + APP_PREFIX + "/test", twin=FeatureTestView, responses=LIVE_ERROR_RESPONSES,
+      summary="One feature's activations on a text")
 async def feature_test(
     request: Request, model_id: str, sae_id: str, index: int, catalog: CatalogDep, render: RendererDep, urls: UrlsDep,
     settings: SettingsDep,
     text: Annotated[str, Query(description="Text to encode.")] = "",
 ) -> Response:
     started = time.perf_counter()
-    fmt = "json" if request.url.path.endswith(".json") else None
+    as_json = wants_json(request)
     model, sae = catalog.model(model_id), catalog.sae(model_id, sae_id)
     check_index(sae, index)
     _check_text_size(text, settings)
@@ -162,17 +171,17 @@ async def feature_test(
     result = await run_job(request, live, EncodeJob(saes=[sae], text=text, columns={sae.id: [index]}),
                            settings.live_timeout_seconds)
     view = live_views.feature_test_view(model, sae, index, text, result)
-    if fmt == "json":
+    if as_json:
         return _server_timing(render.json(view), started, result)
-    response = render.respond(request, None, "feature_test.html", view, partials={"test-result": "_feature_test.html"},
+    response = render.respond(request, "feature_test.html", view, partials={"test-result": "_feature_test.html"},
                               push_url=urls.feature(model_id, sae_id, index, text=text or None),
                               token_form=present.display_form, special_ids=set(model.special_token_ids))
     return _server_timing(response, started, result)
 
 
 # ------------------------------------------------------------------------------------------------ steer
-@router.get("/{model_id}/steer", summary="Generate with features steered, beside the default (append .json for JSON)")
-@router.get("/{model_id}/steer.json", include_in_schema=False)
+@page(router, "/{model_id}" + APP_PREFIX + "/steer", twin=SteerView, responses=LIVE_ERROR_RESPONSES,
+      summary="Generate with features steered, beside the default")
 async def steer(
     request: Request, model_id: str, catalog: CatalogDep, render: RendererDep, urls: UrlsDep, settings: SettingsDep,
     text: Annotated[str, Query(description="The prompt to continue.")] = "",
@@ -184,7 +193,7 @@ async def steer(
     seed: Annotated[int, Query(ge=0, le=2**31 - 1, description="Sampling seed: the same seed gives the same text.")] = 1,
 ) -> Response:
     started = time.perf_counter()
-    fmt = "json" if request.url.path.endswith(".json") else None
+    as_json = wants_json(request)
     model = catalog.model(model_id)
     n_tokens = n_tokens if n_tokens is not None else min(DEFAULT_NEW_TOKENS, settings.max_new_tokens)
     if n_tokens > settings.max_new_tokens:
@@ -198,7 +207,7 @@ async def steer(
     page = {"model": model.as_dict(), "all_saes": list(model.saes.values()), "token_form": present.display_form,
             "steer_params": steer_params}
     if not text.strip() or not features:
-        if fmt == "json":
+        if as_json:
             missing = "text" if not text.strip() else "feature"
             raise InvalidParameter(missing, "Give a prompt (?text=...) and at least one feature (?feature=SAE:INDEX) to steer."
                                    if missing == "text" else "Give at least one feature to steer: ?feature=SAE:INDEX.")
@@ -208,7 +217,7 @@ async def steer(
     job = SteerJob(text=text, features=features, n_tokens=n_tokens, temperature=temperature, seed=seed)
     result = await run_job(request, request.app.state.live.model(model), job, settings.live_timeout_seconds)
     view = live_views.steer_view(model, features, text, n_tokens, temperature, seed, result, limits)
-    if fmt == "json":
+    if as_json:
         return _server_timing(render.json(view), started, result)
     return _server_timing(render.html("steer.html", data=view, request=request, **page), started, result)
 

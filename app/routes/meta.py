@@ -9,12 +9,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 
 from featurescope.app.deps import CatalogDep, RendererDep, SettingsDep
+from featurescope.app.twin_models import Health
 from featurescope.app.urls import APP_PREFIX, LOCAL_HTMX_PATH
 
 router = APIRouter(prefix=APP_PREFIX, tags=["app"])
 
 
-@router.get("/health", summary="Readiness and what the server is serving")
+@router.get("/health", summary="Readiness and what the server is serving", response_model=Health,
+            responses={503: {"model": Health, "description": "A worker process is still reading its data dir"}})
 def health(request: Request, catalog: CatalogDep, render: RendererDep) -> Response:
     """200 once every worker process has read the data dir; 503 with Retry-After while any is starting."""
     ready, workers = request.app.state.readiness()

@@ -6,12 +6,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from featurescope.app import data
-from featurescope.app.deps import CatalogDep, RendererDep, split_format
+from featurescope.app.deps import CatalogDep, RendererDep
+from featurescope.app.twin_models import ModelView
+from featurescope.app.twins import page
 
 router = APIRouter(tags=["models"])
 
 
-@router.get("/{model_id}", summary="One model and its SAEs (append .json for JSON)")
+@page(router, "/{model_id}", twin=ModelView, summary="One model and its SAEs")
 def model(request: Request, model_id: str, catalog: CatalogDep, render: RendererDep) -> Response:
-    model_id, fmt = split_format(model_id, catalog.has_model(model_id))
-    return render.respond(request, fmt, "model.html", data.model_view(catalog, model_id))
+    return render.respond(request, "model.html", data.model_view(catalog, model_id))

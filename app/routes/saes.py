@@ -12,7 +12,9 @@ from pydantic import BeforeValidator, Field
 
 from featurescope.app import charts, data
 from featurescope.app.data import FeatureQuery, Show, SortKey
-from featurescope.app.deps import CatalogDep, RendererDep, UrlsDep, split_format
+from featurescope.app.deps import CatalogDep, RendererDep, UrlsDep
+from featurescope.app.twin_models import SAEView
+from featurescope.app.twins import page
 
 router = APIRouter(tags=["saes"])
 
@@ -26,7 +28,7 @@ Density = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 OptionalDensity = Annotated[Density | None, BeforeValidator(_blank_is_none)]
 
 
-@router.get("/{model_id}/{sae_id}", summary="An SAE's features (append .json for JSON)")
+@page(router, "/{model_id}/{sae_id}", twin=SAEView, summary="An SAE's features: sortable, filterable, paginated")
 def sae(
     request: Request, model_id: str, sae_id: str, catalog: CatalogDep, render: RendererDep, urls: UrlsDep,
     sort: Annotated[SortKey, Query(description="Column to sort by.")] = "index",
@@ -40,10 +42,9 @@ def sae(
     q: Annotated[str, Query(max_length=200, description="Text the label contains (case-insensitive).")] = "",
     token: Annotated[str, Query(max_length=200, description="Token the top examples peak on, e.g. ' Paris'.")] = "",
 ) -> Response:
-    sae_id, fmt = split_format(sae_id, catalog.has_sae(model_id, sae_id))
     query = FeatureQuery(sort, desc, page, size, show, min_density, max_density, q, token)
     view = data.sae_view(catalog, model_id, sae_id, query)
     # htmx pushes this canonical URL (defaults and blank fields dropped) rather than the raw form query.
     canonical = urls.sae(model_id, sae_id, **query.params())
-    return render.respond(request, fmt, "sae.html", view, partials={"features": "_features.html"}, push_url=canonical,
+    return render.respond(request, "sae.html", view, partials={"features": "_features.html"}, push_url=canonical,
                           query=query, density_chart=charts.density_histogram(view["density_histogram"]))
