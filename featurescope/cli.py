@@ -166,17 +166,15 @@ def _evaluate_demo_saes(lm, sae_dirs: dict, held_out, tokens: int = EVAL_TOKENS)
     """Quality of the demo SAEs on `held_out()` contexts, measured once and kept in their cards, then printed."""
     from featurescope.evaluation import SAEMetrics, evaluate_saes, format_table, store_metrics
     from featurescope.sae_loading import load_sae
-    from featurescope.training import DEMO_CONFIG
 
     saes = {site.short_name: load_sae(str(folder)) for site, folder in sae_dirs.items()}
     missing = {name: sae for name, sae in saes.items() if "eval" not in sae.cfg.metadata}
     if missing:
         typer.echo(f"      evaluating {', '.join(missing)} on {tokens:,} held-out tokens (L0, FVU, delta LM loss) ...")
-        measured = evaluate_saes(lm, missing, held_out(), max_tokens=tokens, max_norm_ratio=DEMO_CONFIG.max_norm_ratio,
-                                 progress=True)
+        measured = evaluate_saes(lm, missing, held_out(), max_tokens=tokens, progress=True)  # each SAE's own max_norm
         for name, m in measured.items():
             store_metrics(sae_dirs[parse_site(name)], m, {"corpus": "built-in python docs, held-out contexts",
-                                                          "model": lm.source, "max_norm_ratio": DEMO_CONFIG.max_norm_ratio})
+                                                          "model": lm.source})
         saes = {site.short_name: load_sae(str(folder)) for site, folder in sae_dirs.items()}
     fields = set(SAEMetrics.__dataclass_fields__)
     typer.echo(format_table({name: SAEMetrics(**{k: v for k, v in sae.cfg.metadata["eval"].items() if k in fields})
@@ -256,7 +254,7 @@ def eval_(
     context_len: Annotated[Optional[int], typer.Option(help="Tokens per context, BOS included (default: the SAE card's, else 128).")] = None,
     held_out_contexts: Annotated[Optional[int], typer.Option(help="Built-in corpus: evaluate on the contexts held out from training (default: the SAE card's, else 200).")] = None,
     batch_size: Annotated[int, typer.Option(help="Contexts per forward pass.")] = 8,
-    max_norm_ratio: Annotated[Optional[float], typer.Option(help="Leave out tokens whose norm exceeds this x the median, like BOS (default: the SAE card's training value, else keep all; 0 keeps all).")] = None,
+    max_norm_ratio: Annotated[Optional[float], typer.Option(help="Leave out tokens whose norm exceeds this x the first batch's median, like BOS (default: the SAE card's max_norm, else keep all; 0 keeps all).")] = None,
     store: Annotated[bool, typer.Option(help="Write the metrics into featurescope.json of local SAE folders.")] = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -279,14 +277,13 @@ def eval_(
         held = held_out_contexts or train_cfg.get("held_out_contexts") or 200
         cfg = TrainConfig(context_len=context_len, held_out_contexts=held, corpus_tokens=train_cfg.get("corpus_tokens"))
         contexts, corpus = default_contexts(lm, cfg)[1], f"built-in python docs, {held} held-out contexts"
-    ratio = train_cfg.get("max_norm_ratio") if max_norm_ratio is None else (max_norm_ratio or None)
-    metrics = evaluate_saes(lm, saes, contexts, max_tokens=tokens, batch_size=batch_size, max_norm_ratio=ratio,
+    metrics = evaluate_saes(lm, saes, contexts, max_tokens=tokens, batch_size=batch_size, max_norm_ratio=max_norm_ratio,
                             progress=True)
     typer.echo(format_table(metrics))
     for src, m in metrics.items():
         folder = Path(src).parent if src.endswith(".npz") else Path(src)
         if store and folder.is_dir():
-            store_metrics(folder, m, {"corpus": corpus, "model": lm.source, "max_norm_ratio": ratio}, hook_name=saes[src].cfg.hook_name)
+            store_metrics(folder, m, {"corpus": corpus, "model": lm.source, "max_norm_ratio": max_norm_ratio}, hook_name=saes[src].cfg.hook_name)
             typer.echo(f"metrics stored in {folder / 'featurescope.json'}")
 
 
