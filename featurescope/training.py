@@ -22,7 +22,7 @@ import signal
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,76 +34,9 @@ from featurescope.positions import counted_positions, norm_limit
 from featurescope.sae import JumpReLUSAE, SAEConfig
 from featurescope.sae_loading import CARD_FILE, save_sae
 from featurescope.sites import Site, SiteActivations, capture_sites, check_site, parse_site, site_width
+from featurescope.train_config import TrainConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
-ARCHITECTURES = ("jumprelu", "relu")
-
-
-@dataclass
-class TrainConfig:
-    # what to train
-    sites: tuple[str, ...] = ("15-res",)  # one SAE per site, all from the same forward pass
-    architecture: str = "jumprelu"  # "jumprelu" (L0 penalty) or "relu" (L1 penalty; saved with threshold 0)
-    d_sae: int = 2048  # latents per SAE
-    # data
-    context_len: int = 128  # tokens per context, BOS included (BOS/EOS/pad are never trained on)
-    corpus_tokens: int | None = None  # training tokens taken from the corpus, spread over it (None: all)
-    held_out_contexts: int = 0  # contexts kept out of training (every k-th one) for evaluation
-    train_tokens: int = 1_000_000  # activations trained on, repeats over epochs counted
-    buffer_tokens: int = 262_144  # shuffling buffer, in tokens; if the data set fits, later epochs reuse it
-    model_batch: int = 16  # contexts per forward pass
-    # skip tokens whose norm exceeds this x the median of their site over the first chunk (None: keep all);
-    # that norm is the SAE's max_norm, kept in its card (featurescope/positions.py)
-    max_norm_ratio: float | None = 10.0
-    # optimisation (Gemma Scope: Adam betas (0, 0.999), eps 1e-8, lr warm-up; lr 7e-5 for billions of tokens)
-    batch_size: int = 4096  # tokens per step
-    lr: float = 7e-4
-    lr_warmup_steps: int = 50  # cosine warm-up from 0.1 * lr
-    lr_decay_frac: float = 0.2  # linear decay to 0 over this last share of the steps (0: constant)
-    adam_beta1: float = 0.0
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    # sparsity
-    sparsity_coeff: float = 1e-3  # lambda: on L0 (jumprelu) or on the L1 norm of the activations (relu)
-    sparsity_warmup_steps: int = 100  # lambda grows linearly from 0 over these steps
-    target_l0: float | None = None  # if set, lambda is adapted towards this L0 after the warm-up
-    target_l0_gain: float = 0.03  # log(lambda) += gain * log(L0 / target_l0) per step
-    # JumpReLU threshold (trained as log-threshold, with its own learning rate)
-    bandwidth: float = 1e-3  # epsilon of the rectangle-kernel straight-through estimator
-    threshold_init: float = 1e-3  # Gemma Scope: 0.001; larger reaches a low L0 faster on short budgets
-    threshold_lr: float | None = None  # learning rate of log(threshold); None: same as lr
-    # dead latents: re-initialise latents that did not fire for `dead_window_tokens` tokens
-    resample_every: int = 0  # steps between checks (0: never resample)
-    dead_window_tokens: int = 200_000
-    resample_stop_frac: float = 0.7  # no resampling after this share of the steps (let them settle)
-    resample_fire_rate: float = 0.01  # a resampled latent starts firing on this share of tokens
-    # bookkeeping
-    seed: int = 0
-    checkpoint_every: int = 100  # steps between checkpoints (0: only on Ctrl-C)
-    progress: bool = True
-
-    def __post_init__(self):
-        self.sites = tuple(parse_site(s).short_name for s in self.sites)
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"Unknown architecture {self.architecture!r}: use one of {', '.join(ARCHITECTURES)}.")
-        if not self.sites:
-            raise ValueError("TrainConfig needs at least one site.")
-        if self.buffer_tokens < self.batch_size or self.train_tokens < self.batch_size:
-            raise ValueError("buffer_tokens and train_tokens must each hold at least one batch (batch_size tokens).")
-        if self.target_l0 is not None and self.target_l0 <= 0:
-            raise ValueError(f"target_l0 must be positive, got {self.target_l0}.")
-
-    @property
-    def n_steps(self) -> int:
-        return self.train_tokens // self.batch_size
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "sites": list(self.sites)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "sites" else v) for k, v in d.items() if k in known})
 
 
 # ---------------------------------------------------------------------------------------------------

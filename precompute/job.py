@@ -11,11 +11,9 @@ command again: it resumes from the last checkpoint and gives the same result as 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -29,60 +27,14 @@ from featurescope.sae import JumpReLUSAE
 from featurescope.sae_loading import load_sae
 from featurescope.schema import DENSE_THRESHOLD
 from featurescope.sites import SiteActivations, parse_site
-from featurescope.precompute.corpus_sources import CorpusError, CorpusSpec, iter_texts
+from featurescope.precompute.config import SAMPLES, PrecomputeConfig
+from featurescope.precompute.corpus_sources import CorpusError, iter_texts
 from featurescope.precompute.feature_stats import FeatureStats, example_context_ids, expected_memory_bytes, fill_example_acts
-from featurescope.precompute.links import PEAK_WIDTH, TOP_N, LinkPlan, cross_layer_links
+from featurescope.precompute.links import LinkPlan, cross_layer_links
 from featurescope.precompute.static_stats import decoder_neighbours, logit_effect, unembedding
 from featurescope.precompute.writer import SAEResult, write_run_db
 
 CHECKPOINT_FILE = "checkpoint.pt"
-# Part of every run id: bump it when a code change alters what a run stores, so old runs are not reused.
-RESULTS_VERSION = 5  # 3: cross-layer links; 4: one row per feature (schema 0004); 5: id of every result field
-# Metadata of a PrecomputeConfig field that cannot change what a run stores: it stays out of the run's id.
-SAME_RESULT = {"result": False}
-SAMPLES = ("first", "spread")
-
-
-@dataclass
-class PrecomputeConfig:
-    model: str = "smollm2-135m"  # hub id, folder, .gguf, or embedded short name
-    saes: list[str] = field(default_factory=list)  # SAE sources (anything load_sae reads)
-    sae_ids: list[str] | None = None  # URL ids, one per SAE; default e.g. "6-res-2k"
-    site: str | None = None  # site of bare params.npz SAEs
-    corpus: CorpusSpec = field(default_factory=CorpusSpec)
-    max_tokens: int = 200_000  # corpus tokens read (BOS not counted)
-    # "first": the corpus's first max_tokens tokens; "spread": max_tokens' worth of contexts spread evenly
-    # over the whole corpus (read in full), the contexts `featurescope train --corpus-tokens` trains on
-    sample: str = "first"
-    context_len: int = 128  # tokens per context, BOS first
-    batch_size: int = field(default=16, metadata=SAME_RESULT)  # contexts per forward pass
-    top_k: int = 20  # top examples kept per feature
-    n_intervals: int = 5  # equal-width activation intervals from 0 to the max ...
-    examples_per_interval: int = 5  # ... and examples sampled from each
-    # Per-token acts of interval samples: "keep" them while streaming (memory), "reencode" their contexts
-    # at the end (a second, partial pass), or "auto": keep when that fits in a quarter of the device's memory.
-    interval_acts: str = field(default="auto", metadata=SAME_RESULT)
-    links: bool = True  # cross-layer links between the SAEs of neighbouring layers (precompute/links.py)
-    links_per_neighbour: int = TOP_N  # by co-activation and by weights, each
-    links_peak_width: int = PEAK_WIDTH  # a neighbour's strongest features kept at each top example's peak
-    device: str = field(default="auto", metadata=SAME_RESULT)
-    dtype: str = "float32"
-    data_dir: str = field(default="data", metadata=SAME_RESULT)
-    checkpoint_every: int = field(default=200, metadata=SAME_RESULT)  # batches between checkpoints
-    force: bool = field(default=False, metadata=SAME_RESULT)  # redo a run that is already published
-    shard: tuple[int, int] | None = field(default=None, metadata=SAME_RESULT)  # (i, n): process only the i-th of n slices, save its statistics
-    merge_shards: int = field(default=0, metadata=SAME_RESULT)  # n: merge the n saved shards of this run and publish
-    progress: bool = field(default=True, metadata=SAME_RESULT)
-
-    def result_config(self) -> dict:
-        """The fields that can change what the run stores (all but the SAME_RESULT ones), as JSON values."""
-        values = asdict(self)
-        return {f.name: values[f.name] for f in fields(self) if f.metadata.get("result", True)}
-
-    def run_id(self) -> str:
-        """Same inputs -> same id, so the same command finds its checkpoint and its published file."""
-        keys = {"results_version": RESULTS_VERSION, **self.result_config()}
-        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class PrecomputeError(FeatureScopeError, ValueError):
