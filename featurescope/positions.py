@@ -52,7 +52,9 @@ def counted_positions(lm: LoadedModel, input_ids: torch.Tensor, site_acts: torch
                       max_norm: float | None) -> torch.Tensor:
     """Bool [batch, seq]: positions that count (not BOS/EOS/pad, and an activation norm of at most max_norm).
 
-    input_ids [batch, seq]; site_acts [batch, seq, d_in], the activations at the SAE's site."""
+    input_ids [batch, seq]; site_acts [batch, seq, d_in], the activations at the SAE's site. max_norm is the
+    SAE's fixed limit (sae_max_norm), never one derived from this batch: a position's fate then depends on
+    that position alone, which is what lets live encoding reproduce the precomputed activations exactly."""
     mask = content_mask(lm, input_ids)
     if max_norm is not None:
         mask &= site_acts.float().norm(dim=-1).to(mask.device) <= max_norm
