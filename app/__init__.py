@@ -12,7 +12,17 @@ render.py (pages, JSON twins, htmx fragments), urls.py (every URL), deps.py, rou
 resource); the Jinja2 templates and CSS/JS live in the top-level templates/ and static/.
 """
 
-from featurescope.app.main import create_app
-from featurescope.app.settings import Settings
-
 __all__ = ["Settings", "create_app"]
+
+
+def __getattr__(name: str):
+    """Import on first use, so the command line reads Settings (its `serve` options) without the server."""
+    if name == "create_app":
+        from featurescope.app.main import create_app
+
+        return create_app
+    if name == "Settings":
+        from featurescope.app.settings import Settings
+
+        return Settings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,9 +34,8 @@ from featurescope.app.twin_models import (DensityHistogram, FeatureLinks, Featur
 from featurescope.db import head_revision
 from featurescope.labels import LABEL_KIND_AUTO, auto_label
 from featurescope.flow import flow_key
-from featurescope.schema import SAE, Context, Feature, IntList, Model, Run, Vocab, feature_key
+from featurescope.schema import DENSE_THRESHOLD, SAE, Context, Feature, IntList, Model, Run, Vocab, feature_key
 
-DENSE_THRESHOLD = 0.1  # the Gemma Scope report's "dense": fires on more than 10% of tokens
 DENSITY_BINS_PER_DECADE = 4
 PEAK_TOKENS_SHOWN = 3
 FEATURES_CACHED = 128  # per file; a feature's stored data is tens of KB of Python objects

@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from featurescope.cli_options import setting
+
 HTMX_VERSION = "2.0.11"
 HTMX_CDN_URL = f"https://unpkg.com/htmx.org@{HTMX_VERSION}/dist/htmx.min.js"
 # Subresource integrity of that exact file (npm's htmx.org 2.0.11 dist/htmx.min.js, which unpkg serves as is).
@@ -18,27 +20,35 @@ DEFAULT_LOCAL_HTMX = Path("node_modules") / "htmx.org" / "dist" / "htmx.min.js"
 
 @dataclass(frozen=True)
 class Settings:
-    data_dir: Path = Path("data")  # published databases are data_dir/db/*.duckdb
-    host: str = "127.0.0.1"
-    port: int = 8000
-    htmx_url: str = HTMX_CDN_URL
+    data_dir: Path = setting(Path("data"), "Data dir whose db/*.duckdb files (published precompute runs) are served.")
+    host: str = setting("127.0.0.1", "Interface to bind; the default keeps the explorer on this machine.")
+    port: int = setting(8000, "TCP port.")
+    htmx_url: str = setting(HTMX_CDN_URL, "Where pages load htmx 2 from (default: its CDN).")
     # When set, this file is served at /-/static/htmx.min.js and pages load htmx from there instead of htmx_url.
-    local_htmx: Path | None = None
-    rescan_seconds: float = 1.0  # how often, at most, a request re-lists data_dir/db for new publications
-    page_size: int = 50  # rows of the SAE page's feature table
-    workers: int = 1  # server processes; each opens the databases read-only on its own
+    local_htmx: Path | None = setting(None, cli=False)  # `serve --local-htmx` or `--htmx-file`
+    rescan_seconds: float = setting(1.0, cli=False)  # how often, at most, a request re-lists data_dir/db for new publications
+    page_size: int = setting(50, cli=False)  # rows of the SAE page's feature table
+    # each opens the databases read-only on its own; `serve` decides the default (app/serving.py: default_workers)
+    workers: int = setting(1, "Server processes; each loads its own copy of the models for live encoding [default: 1, "
+                           "or one per CPU core (at most 8) with --no-live].", cli_default=None, min=1)
     # Live encoding (app/live.py): the models and SAEs of the published runs, loaded by the server itself.
-    live: bool = True
-    load_models: str = "first-use"  # "startup": load every model and SAE in the background when serving starts
-    device: str = "auto"
-    dtype: str | None = None  # None: the dtype the precompute run used, so live values equal stored ones
-    max_prompt_tokens: int = 512  # BOS included
-    max_batch: int = 16  # requests that share one forward pass
-    max_queue: int = 64  # requests waiting per model before the server answers 503
-    max_wait_seconds: float = 10.0  # admit a request only when the work ahead plus its own should be done within this
-    max_steer_jobs: int = 4  # steering jobs waiting per model (they hold the model longest)
-    max_new_tokens: int = 64  # steering: tokens generated per continuation
-    live_timeout_seconds: float = 300.0  # a request gives up waiting (model load included) after this
+    live: bool = setting(True, "Live encoding, search and steering (loads each model and its SAEs into the server).")
+    load_models: str = setting("first-use", "When the server loads models for live encoding: 'startup' (in the "
+                               "background) or 'first-use'.", flags=("--load",), cli_default="startup")
+    device: str = setting("auto", "auto, cpu, cuda or mps.")
+    dtype: str | None = setting(None, "Model dtype for live encoding (default: the one the precompute run used, so "
+                                "live values equal stored ones).")
+    max_prompt_tokens: int = setting(512, "Longest prompt live encoding accepts, in tokens (BOS included).", min=2)
+    max_batch: int = setting(16, "Concurrent requests that share one forward pass.", min=1)
+    max_queue: int = setting(64, "Requests waiting per model before the server answers 503 + Retry-After.", min=1)
+    max_wait_seconds: float = setting(10.0, "Admit a live request only when the work queued ahead of it plus its own "
+                                      "is expected to be done within this many seconds; otherwise 503 + "
+                                      "Retry-After at once.",
+                                      flags=("--max-wait",), min=0.0)
+    max_steer_jobs: int = setting(4, "Steering jobs (which hold the model longest) waiting per model before the "
+                                  "server answers 503 + Retry-After.", min=1)
+    max_new_tokens: int = setting(64, "Longest continuation steering generates.", min=1)
+    live_timeout_seconds: float = setting(300.0, cli=False)  # a request gives up waiting (model load included) after this
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))

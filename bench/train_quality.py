@@ -33,8 +33,8 @@ EVAL_TOKENS = 20_000
 
 def evaluate_folders(lm, folders: dict, held_out: torch.Tensor, label: str) -> dict:
     saes = {name: load_sae(str(folder)) for name, folder in folders.items()}
-    # the same attention-sink filter as training; the table's "outliers" column says how many were left out
-    metrics = evaluate_saes(lm, saes, held_out, max_tokens=EVAL_TOKENS, max_norm_ratio=DEMO_CONFIG.max_norm_ratio)
+    # each SAE's own attention-sink limit (max_norm); the table's "outliers" column says how many were left out
+    metrics = evaluate_saes(lm, saes, held_out, max_tokens=EVAL_TOKENS)
     for name, folder in folders.items():
         store_metrics(folder, metrics[name], {"corpus": "built-in python docs, held-out contexts"})
     print(f"\n{label}\n{format_table(metrics)}", flush=True)

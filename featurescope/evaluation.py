@@ -2,8 +2,8 @@
 
 Special tokens (BOS, EOS, pad) are excluded everywhere: from L0/FVU/firing statistics, from the
 cross-entropy targets, and from splicing (the SAE replaces the activation at non-special positions
-only; BOS keeps its true activation, as the SAEs never trained on it). Optionally, norm outliers
-(attention-sink tokens) are treated like BOS, see `evaluate_saes(max_norm_ratio=...)`.
+only; BOS keeps its true activation, as the SAEs never trained on it). Norm outliers (attention-sink
+tokens above an SAE's max_norm) are treated like BOS: the rule of featurescope/positions.py.
 
     metrics = evaluate_saes(lm, {"6-res": load_sae("saes/6-res")}, contexts, max_tokens=20_000)
     print(format_table(metrics))
@@ -25,12 +25,11 @@ import torch.nn.functional as F
 from featurescope.corpus import content_mask
 from featurescope.encoder import check_sae_fits
 from featurescope.models import LoadedModel
+from featurescope.positions import counted_positions, norm_limit, sae_max_norm
 from featurescope.sae import JumpReLUSAE
 from featurescope.sae_loading import CARD_FILE
+from featurescope.schema import DENSE_THRESHOLD
 from featurescope.sites import Site, site_hooks
-from featurescope.training import norm_outliers
-
-DENSE_FRACTION = 0.1  # a latent firing on more than this share of tokens counts as dense
 
 
 @dataclass
@@ -41,11 +40,12 @@ class SAEMetrics:
     spliced_loss: float  # the same with the SAE reconstruction spliced in at its site
     delta_loss: float  # spliced_loss - clean_loss
     dead_share: float  # latents that never fire on the eval tokens
-    dense_share: float  # latents that fire on more than DENSE_FRACTION of the eval tokens
+    dense_share: float  # latents that fire on more than DENSE_THRESHOLD of the eval tokens
     n_tokens: int  # non-special tokens the statistics are over
-    excluded_share: float  # non-special tokens left out as norm outliers (max_norm_ratio)
+    excluded_share: float  # non-special tokens left out as norm outliers (above max_norm)
     n_contexts: int
     context_len: int
+    max_norm: float | None = None  # the activation norm above which tokens were left out (None: no limit)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,7 +75,8 @@ class _Accumulator:
         self.fires += active.sum(0).cpu()
         self.n += x.shape[0]
 
-    def result(self, clean_nll: float, n_targets: int, n_contexts: int, context_len: int) -> SAEMetrics:
+    def result(self, clean_nll: float, n_targets: int, n_contexts: int, context_len: int,
+               max_norm: float | None) -> SAEMetrics:
         mean = self.sum_x / self.n
         variance = self.sum_sq_norm / self.n - float(mean.pow(2).sum())  # E||x - mean||^2
         clean, spliced = clean_nll / n_targets, self.spliced_nll / n_targets
@@ -83,8 +84,9 @@ class _Accumulator:
             l0=self.sum_l0 / self.n, fvu=(self.sum_sq_err / self.n) / variance,
             clean_loss=clean, spliced_loss=spliced, delta_loss=spliced - clean,
             dead_share=float((self.fires == 0).float().mean()),
-            dense_share=float((self.fires > DENSE_FRACTION * self.n).float().mean()),
+            dense_share=float((self.fires > DENSE_THRESHOLD * self.n).float().mean()),
             n_tokens=self.n, excluded_share=self.excluded / (self.n + self.excluded), n_contexts=n_contexts, context_len=context_len,
+            max_norm=max_norm,
         )
 
 
@@ -110,8 +112,9 @@ def evaluate_saes(lm: LoadedModel, saes: dict[str, JumpReLUSAE], contexts: torch
                   progress: bool = False) -> dict[str, SAEMetrics]:
     """Metrics per SAE on `contexts` [n, T] (each row starting with BOS): one clean pass, one spliced pass per SAE.
 
-    With max_norm_ratio, tokens whose activation norm at the SAE's site exceeds that multiple of the batch
-    median (attention sinks, see training.norm_outliers) are left out of the statistics and not spliced, like BOS.
+    Tokens whose activation norm at the SAE's site is above the SAE's max_norm (attention sinks, see
+    featurescope/positions.py) are left out of the statistics and not spliced, like BOS. max_norm_ratio
+    replaces each SAE's own limit by that multiple of the median norm over the first batch (0: no limit).
     """
     if not saes:
         raise ValueError("evaluate_saes needs at least one SAE.")
@@ -119,10 +122,11 @@ def evaluate_saes(lm: LoadedModel, saes: dict[str, JumpReLUSAE], contexts: torch
     saes = {name: sae.to(lm.device) for name, sae in saes.items()}
     contexts = limit_contexts(lm, contexts, max_tokens)
     accs = {name: _Accumulator(sae) for name, sae in saes.items()}
+    limits = {name: sae_max_norm(sae) for name, sae in saes.items()}
     clean_nll, n_targets = 0.0, 0
     from tqdm.auto import tqdm
 
-    for ids in tqdm(contexts.split(batch_size), desc="eval", disable=not progress):  # ids (B, T)
+    for i, ids in enumerate(tqdm(contexts.split(batch_size), desc="eval", disable=not progress)):  # ids (B, T)
         ids = ids.to(lm.device)
         mask = content_mask(lm, ids)  # (B, T)
         captured: dict[Site, torch.Tensor] = {}
@@ -134,16 +138,17 @@ def evaluate_saes(lm: LoadedModel, saes: dict[str, JumpReLUSAE], contexts: torch
             nll, n = next_token_nll(lm.model(input_ids=ids, use_cache=False).logits, ids, mask)
         clean_nll, n_targets = clean_nll + nll, n_targets + n
         for name, sae in saes.items():
-            site_mask = mask.clone()
-            if max_norm_ratio is not None:
-                site_mask[mask] = ~norm_outliers(captured[sites[name]][mask], max_norm_ratio)
+            if i == 0 and max_norm_ratio is not None:
+                limits[name] = norm_limit(captured[sites[name]], mask, max_norm_ratio)
+            site_mask = counted_positions(lm, ids, captured[sites[name]], limits[name])
             accs[name].excluded += int(mask.sum() - site_mask.sum())
             x = captured[sites[name]][site_mask]  # (n, d_in)
             acts = sae.encode(x)
             accs[name].add(x, acts, sae.decode(acts))
             with site_hooks(lm, {sites[name]: _splicer(sae, site_mask)}):
                 accs[name].spliced_nll += next_token_nll(lm.model(input_ids=ids, use_cache=False).logits, ids, mask)[0]
-    return {name: acc.result(clean_nll, n_targets, contexts.shape[0], contexts.shape[1]) for name, acc in accs.items()}
+    return {name: acc.result(clean_nll, n_targets, contexts.shape[0], contexts.shape[1], limits[name])
+            for name, acc in accs.items()}
 
 
 def _splicer(sae: JumpReLUSAE, mask: torch.Tensor):

@@ -14,6 +14,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# The Gemma Scope report's "dense": a feature firing on more than this share of the tokens counted.
+# Evaluation, the precompute job (saes.dense_share) and the explorer's filters and help all use it.
+DENSE_THRESHOLD = 0.1
+
 IntList = sa.ARRAY(sa.Integer)
 FloatList = sa.ARRAY(sa.Float)  # DuckDB FLOAT is float32: stored activations equal the fp32 computation
 
@@ -105,7 +109,7 @@ class SAE(Base):
     fvu = mapped_column(sa.Float)
     delta_loss = mapped_column(sa.Float)
     dead_share = mapped_column(sa.Float)  # of this run: features that never fired
-    dense_share = mapped_column(sa.Float)  # of this run: features firing on > 10% of tokens
+    dense_share = mapped_column(sa.Float)  # of this run: features denser than DENSE_THRESHOLD
     card = mapped_column(sa.JSON)
     number: Mapped[int] = mapped_column(sa.Integer)  # 0, 1, ... within the file: the high half of feature_key
 

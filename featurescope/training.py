@@ -22,7 +22,7 @@ import signal
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,77 +30,13 @@ from torch import nn
 
 from featurescope.corpus import content_mask, pack_contexts, pick_spread, python_docs_corpus, split_contexts
 from featurescope.models import LoadedModel
+from featurescope.positions import counted_positions, norm_limit
 from featurescope.sae import JumpReLUSAE, SAEConfig
 from featurescope.sae_loading import CARD_FILE, save_sae
 from featurescope.sites import Site, SiteActivations, capture_sites, check_site, parse_site, site_width
+from featurescope.train_config import TrainConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
-ARCHITECTURES = ("jumprelu", "relu")
-
-
-@dataclass
-class TrainConfig:
-    # what to train
-    sites: tuple[str, ...] = ("15-res",)  # one SAE per site, all from the same forward pass
-    architecture: str = "jumprelu"  # "jumprelu" (L0 penalty) or "relu" (L1 penalty; saved with threshold 0)
-    d_sae: int = 2048  # latents per SAE
-    # data
-    context_len: int = 128  # tokens per context, BOS included (BOS/EOS/pad are never trained on)
-    corpus_tokens: int | None = None  # training tokens taken from the corpus, spread over it (None: all)
-    held_out_contexts: int = 0  # contexts kept out of training (every k-th one) for evaluation
-    train_tokens: int = 1_000_000  # activations trained on, repeats over epochs counted
-    buffer_tokens: int = 262_144  # shuffling buffer, in tokens; if the data set fits, later epochs reuse it
-    model_batch: int = 16  # contexts per forward pass
-    max_norm_ratio: float | None = 10.0  # skip tokens whose norm exceeds this x the median (None: keep all)
-    # optimisation (Gemma Scope: Adam betas (0, 0.999), eps 1e-8, lr warm-up; lr 7e-5 for billions of tokens)
-    batch_size: int = 4096  # tokens per step
-    lr: float = 7e-4
-    lr_warmup_steps: int = 50  # cosine warm-up from 0.1 * lr
-    lr_decay_frac: float = 0.2  # linear decay to 0 over this last share of the steps (0: constant)
-    adam_beta1: float = 0.0
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    # sparsity
-    sparsity_coeff: float = 1e-3  # lambda: on L0 (jumprelu) or on the L1 norm of the activations (relu)
-    sparsity_warmup_steps: int = 100  # lambda grows linearly from 0 over these steps
-    target_l0: float | None = None  # if set, lambda is adapted towards this L0 after the warm-up
-    target_l0_gain: float = 0.03  # log(lambda) += gain * log(L0 / target_l0) per step
-    # JumpReLU threshold (trained as log-threshold, with its own learning rate)
-    bandwidth: float = 1e-3  # epsilon of the rectangle-kernel straight-through estimator
-    threshold_init: float = 1e-3  # Gemma Scope: 0.001; larger reaches a low L0 faster on short budgets
-    threshold_lr: float | None = None  # learning rate of log(threshold); None: same as lr
-    # dead latents: re-initialise latents that did not fire for `dead_window_tokens` tokens
-    resample_every: int = 0  # steps between checks (0: never resample)
-    dead_window_tokens: int = 200_000
-    resample_stop_frac: float = 0.7  # no resampling after this share of the steps (let them settle)
-    resample_fire_rate: float = 0.01  # a resampled latent starts firing on this share of tokens
-    # bookkeeping
-    seed: int = 0
-    checkpoint_every: int = 100  # steps between checkpoints (0: only on Ctrl-C)
-    progress: bool = True
-
-    def __post_init__(self):
-        self.sites = tuple(parse_site(s).short_name for s in self.sites)
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"Unknown architecture {self.architecture!r}: use one of {', '.join(ARCHITECTURES)}.")
-        if not self.sites:
-            raise ValueError("TrainConfig needs at least one site.")
-        if self.buffer_tokens < self.batch_size or self.train_tokens < self.batch_size:
-            raise ValueError("buffer_tokens and train_tokens must each hold at least one batch (batch_size tokens).")
-        if self.target_l0 is not None and self.target_l0 <= 0:
-            raise ValueError(f"target_l0 must be positive, got {self.target_l0}.")
-
-    @property
-    def n_steps(self) -> int:
-        return self.train_tokens // self.batch_size
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "sites": list(self.sites)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "sites" else v) for k, v in d.items() if k in known})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,36 +177,26 @@ def capture_contexts(lm: LoadedModel, contexts: torch.Tensor, sites: list[Site],
     return SiteActivations(contexts, acts)
 
 
-def trained_positions(lm: LoadedModel, captured: SiteActivations, max_norm_ratio: float | None = None) -> torch.Tensor:
-    """Indices into the flattened [n * T] positions of `captured` that training uses: not special tokens,
-    and with max_norm_ratio not a norm outlier at any site (dropped at every site)."""
-    kept = content_mask(lm, captured.contexts).flatten().nonzero().squeeze(1)
-    if max_norm_ratio is not None:
-        keep = torch.ones(kept.shape[0], dtype=torch.bool)
-        for a in captured.acts.values():
-            keep &= ~norm_outliers(a.flatten(0, 1)[kept], max_norm_ratio)
-        kept = kept[keep]
-    return kept
+def site_max_norms(lm: LoadedModel, captured: SiteActivations, max_norm_ratio: float | None) -> dict[Site, float | None]:
+    """Each site's max_norm (featurescope/positions.py), set from these activations: training takes them
+    from its first chunk and keeps them in the SAEs' cards."""
+    mask = content_mask(lm, captured.contexts)
+    return {s: norm_limit(a, mask, max_norm_ratio) for s, a in captured.acts.items()}
+
+
+def trained_positions(lm: LoadedModel, captured: SiteActivations, limits: dict[Site, float | None]) -> dict[Site, torch.Tensor]:
+    """{site: indices into the flattened [n * T] positions of `captured` that count at that site}."""
+    return {s: counted_positions(lm, captured.contexts, a, limits[s]).flatten().nonzero().squeeze(1)
+            for s, a in captured.acts.items()}
 
 
 def chunk_activations(lm: LoadedModel, contexts: torch.Tensor, sites: list[Site], model_batch: int,
                       max_norm_ratio: float | None = None) -> dict[Site, torch.Tensor]:
-    """{site: (n_tokens, d_in) float32} over the non-special tokens of `contexts`, one truncated pass per batch.
-
-    With max_norm_ratio, tokens that are norm outliers at any site are dropped at every site."""
+    """{site: (n_tokens, d_in) float32} over the positions of `contexts` that count at that site (no special
+    tokens; with max_norm_ratio, no norm outliers), one truncated pass per batch."""
     captured = capture_contexts(lm, contexts, sites, model_batch)
-    kept = trained_positions(lm, captured, max_norm_ratio)
-    return {s: a.flatten(0, 1)[kept] for s, a in captured.acts.items()}
-
-
-def norm_outliers(acts: torch.Tensor, max_norm_ratio: float) -> torch.Tensor:
-    """Bool (n,): rows whose norm exceeds max_norm_ratio x the median row norm.
-
-    Besides BOS, SmolLM2 puts a few attention-sink tokens at ~100x the typical residual norm; one of
-    them weighs as much as ~10^4 ordinary tokens in the squared error and in the E||x||^2 scale.
-    """
-    norms = acts.norm(dim=-1)
-    return norms > max_norm_ratio * norms.median()
+    kept = trained_positions(lm, captured, site_max_norms(lm, captured, max_norm_ratio))
+    return {s: a.flatten(0, 1)[kept[s]] for s, a in captured.acts.items()}
 
 
 class ActivationStream:
@@ -283,24 +209,35 @@ class ActivationStream:
         self.lm, self.contexts, self.cfg = lm, contexts, cfg
         self.sites = [parse_site(s) for s in cfg.sites]
         self.schedule = chunk_schedule(content_mask(lm, contexts), cfg)
-        self._cached: tuple[torch.Tensor, SiteActivations, torch.Tensor] | None = None  # chunk, captured, kept
+        self._cached: tuple[torch.Tensor, SiteActivations, dict[Site, torch.Tensor]] | None = None  # chunk, captured, kept
+        self._max_norms: dict[Site, float | None] | None = None  # set by the first chunk, see max_norm()
         self.model_seconds = 0.0  # time spent in the model's forward pass
 
-    def _captured(self, chunk: Chunk) -> tuple[SiteActivations, torch.Tensor]:
+    def _captured(self, chunk: Chunk) -> tuple[SiteActivations, dict[Site, torch.Tensor]]:
         if self._cached is None or not torch.equal(self._cached[0], chunk.contexts):
+            if self._max_norms is None and chunk is not self.schedule[0]:
+                self._captured(self.schedule[0])  # every chunk uses the limits of the first one
             self._cached = None  # free the previous chunk before computing the next one
             t0 = time.perf_counter()
             captured = capture_contexts(self.lm, self.contexts[chunk.contexts], self.sites, self.cfg.model_batch,
                                         progress=self.cfg.progress)
-            kept = trained_positions(self.lm, captured, self.cfg.max_norm_ratio)
+            if self._max_norms is None:
+                self._max_norms = site_max_norms(self.lm, captured, self.cfg.max_norm_ratio)
+            kept = trained_positions(self.lm, captured, self._max_norms)
             self.model_seconds += time.perf_counter() - t0
             self._cached = (chunk.contexts, captured, kept)
         return self._cached[1], self._cached[2]
 
+    def max_norm(self, site: Site) -> float | None:
+        """The site's SAE's max_norm: cfg.max_norm_ratio x the median norm at the site over the first chunk."""
+        if self._max_norms is None:
+            self._captured(self.schedule[0])
+        return self._max_norms[site]
+
     def tokens(self, chunk: Chunk, site: Site) -> torch.Tensor:
         """(n_tokens, d_in): the chunk's activations at `site` that training uses."""
         captured, kept = self._captured(chunk)
-        return captured.acts[site].flatten(0, 1)[kept]
+        return captured.acts[site].flatten(0, 1)[kept[site]]
 
     def site_activations(self) -> SiteActivations | None:
         """Every position's activations over all the contexts, in order, if one chunk holds them all and
@@ -318,13 +255,13 @@ class ActivationStream:
                 continue
             captured, kept = self._captured(chunk)
             flat = {s: a.flatten(0, 1) for s, a in captured.acts.items()}  # views, (n * T, d_in)
-            n_tokens = kept.shape[0]
             seed = self.cfg.seed * 1_000_003 + chunk.epoch * 1009 + chunk.index + 1
-            order = kept[torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))]
+            # one order per site: a norm outlier at one site is still trained on at the others
+            orders = {s: k[torch.randperm(len(k), generator=torch.Generator().manual_seed(seed))] for s, k in kept.items()}
             for b in range(max(0, start_step - chunk.first_step), chunk.n_batches):
                 # the schedule counted tokens before norm outliers were dropped: wrap in the rare short chunk
-                rows = order[torch.arange(b * B, (b + 1) * B) % n_tokens]
-                yield chunk.first_step + b, {s: a[rows] for s, a in flat.items()}
+                span = torch.arange(b * B, (b + 1) * B)
+                yield chunk.first_step + b, {s: flat[s][order[span % len(order)]] for s, order in orders.items()}
 
 
 def input_scale(acts: torch.Tensor) -> float:
@@ -592,7 +529,7 @@ def save_trained(lm: LoadedModel, st: SiteState, cfg: TrainConfig, folder: Path,
         "trained_architecture": cfg.architecture,  # a ReLU SAE is stored as JumpReLU with threshold 0
         "tokens_seen": cfg.n_steps * cfg.batch_size, "steps": cfg.n_steps,
         "unique_contexts": int(stream.contexts.shape[0]), "context_len": cfg.context_len,
-        "input_scale": st.scale, "final_lambda": float(math.exp(st.log_lambda)),
+        "input_scale": st.scale, "max_norm": stream.max_norm(st.site), "final_lambda": float(math.exp(st.log_lambda)),
         "elapsed_s": round(elapsed, 1), "model_forward_s": round(stream.model_seconds, 1),
         "train_config": cfg.to_dict(),
         "training_metrics": {"loss": st.metrics.get("loss"), "l0": st.metrics.get("l0"), "fvu": st.metrics.get("fvu"),

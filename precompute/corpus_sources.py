@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from featurescope.corpus import python_docs_corpus
+from featurescope.cli_options import setting
 from featurescope.errors import FeatureScopeError
 
 BUILTIN = "python-docs"
@@ -28,11 +28,12 @@ class CorpusError(FeatureScopeError, ValueError):
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    source: str = BUILTIN
-    text_column: str = "text"  # for .jsonl, .parquet and datasets
-    dataset_config: str | None = None  # hf: only
-    split: str = "train"  # hf: only
-    data_files: str | None = None  # hf: only, e.g. for the generic "json"/"parquet" builders
+    source: str = setting(BUILTIN, f"'{BUILTIN}' (built in), a .txt/.jsonl/.parquet file or folder, or hf:DATASET.",
+                          flags=("--corpus",))
+    text_column: str = setting("text", "Text column of .jsonl/.parquet/hf: corpora.")
+    dataset_config: str | None = setting(None, "hf: dataset config name.")
+    split: str = setting("train", "hf: dataset split.")
+    data_files: str | None = setting(None, "hf: data_files (for the json/parquet/text builders).")
 
     def describe(self) -> str:
         if self.source.startswith("hf:"):
@@ -44,6 +45,8 @@ class CorpusSpec:
 def iter_texts(spec: CorpusSpec) -> Iterator[str]:
     """The corpus's documents, in a fixed order. Raises CorpusError before yielding on a bad spec."""
     if spec.source == BUILTIN:
+        from featurescope.corpus import python_docs_corpus  # imports torch; a spec is built without it
+
         return python_docs_corpus()
     if spec.source.startswith("hf:"):
         return _hf_texts(spec)

@@ -11,11 +11,9 @@ command again: it resumes from the last checkpoint and gives the same result as 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,60 +25,16 @@ from featurescope.errors import FeatureScopeError
 from featurescope.models import LoadedModel, load_model
 from featurescope.sae import JumpReLUSAE
 from featurescope.sae_loading import load_sae
+from featurescope.schema import DENSE_THRESHOLD
 from featurescope.sites import SiteActivations, parse_site
-from featurescope.precompute.corpus_sources import CorpusError, CorpusSpec, iter_texts
+from featurescope.precompute.config import SAMPLES, PrecomputeConfig
+from featurescope.precompute.corpus_sources import CorpusError, iter_texts
 from featurescope.precompute.feature_stats import FeatureStats, example_context_ids, expected_memory_bytes, fill_example_acts
-from featurescope.precompute.links import PEAK_WIDTH, TOP_N, LinkPlan, cross_layer_links
+from featurescope.precompute.links import LinkPlan, cross_layer_links
 from featurescope.precompute.static_stats import decoder_neighbours, logit_effect, unembedding
 from featurescope.precompute.writer import SAEResult, write_run_db
 
 CHECKPOINT_FILE = "checkpoint.pt"
-# Part of every run id: bump it when a code change alters what a run stores, so old runs are not reused.
-RESULTS_VERSION = 4  # 3: cross-layer links; 4: one row per feature (schema 0004)
-SAMPLES = ("first", "spread")
-
-
-@dataclass
-class PrecomputeConfig:
-    model: str = "smollm2-135m"  # hub id, folder, .gguf, or embedded short name
-    saes: list[str] = field(default_factory=list)  # SAE sources (anything load_sae reads)
-    sae_ids: list[str] | None = None  # URL ids, one per SAE; default e.g. "6-res-2k"
-    site: str | None = None  # site of bare params.npz SAEs
-    corpus: CorpusSpec = field(default_factory=CorpusSpec)
-    max_tokens: int = 200_000  # corpus tokens read (BOS not counted)
-    # "first": the corpus's first max_tokens tokens; "spread": max_tokens' worth of contexts spread evenly
-    # over the whole corpus (read in full), the contexts `featurescope train --corpus-tokens` trains on
-    sample: str = "first"
-    context_len: int = 128  # tokens per context, BOS first
-    batch_size: int = 16  # contexts per forward pass
-    top_k: int = 20  # top examples kept per feature
-    n_intervals: int = 5  # equal-width activation intervals from 0 to the max ...
-    examples_per_interval: int = 5  # ... and examples sampled from each
-    # Per-token acts of interval samples: "keep" them while streaming (memory), "reencode" their contexts
-    # at the end (a second, partial pass), or "auto": keep when that fits in a quarter of the device's memory.
-    interval_acts: str = "auto"
-    links: bool = True  # cross-layer links between the SAEs of neighbouring layers (precompute/links.py)
-    links_per_neighbour: int = TOP_N  # by co-activation and by weights, each
-    links_peak_width: int = PEAK_WIDTH  # a neighbour's strongest features kept at each top example's peak
-    device: str = "auto"
-    dtype: str = "float32"
-    data_dir: str = "data"
-    checkpoint_every: int = 200  # batches between checkpoints
-    force: bool = False  # redo a run that is already published
-    shard: tuple[int, int] | None = None  # (i, n): process only the i-th of n slices, save its statistics
-    merge_shards: int = 0  # n: merge the n saved shards of this run and publish
-    progress: bool = True
-
-    def run_id(self) -> str:
-        """Same inputs -> same id, so the same command finds its checkpoint and its published file.
-        Batch size, device, progress and sharding do not change the result, so they are not part of it."""
-        keys = dict(results_version=RESULTS_VERSION, model=self.model, saes=self.saes, sae_ids=self.sae_ids, site=self.site, corpus=asdict(self.corpus),
-                    max_tokens=self.max_tokens, context_len=self.context_len, top_k=self.top_k,
-                    n_intervals=self.n_intervals, examples_per_interval=self.examples_per_interval, dtype=self.dtype,
-                    links=[self.links, self.links_per_neighbour, self.links_peak_width])
-        if self.sample != "first":  # runs from before `sample` existed keep their ids
-            keys["sample"] = self.sample
-        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class PrecomputeError(FeatureScopeError, ValueError):
@@ -372,7 +326,7 @@ def _sae_row(lm, name: str, sae: JumpReLUSAE, encoder: FeatureEncoder, final: di
                 site_kind=site.kind, d_in=sae.d_in, d_sae=sae.d_sae, source=sae.cfg.source,
                 architecture=sae.cfg.architecture, l0=metrics.get("l0"), fvu=metrics.get("fvu"),
                 delta_loss=metrics.get("delta_loss"), dead_share=float((final["n_firing"] == 0).float().mean()),
-                dense_share=float((density > 0.1).float().mean()), card=json.dumps(sae.cfg.metadata or {}))
+                dense_share=float((density > DENSE_THRESHOLD).float().mean()), card=json.dumps(sae.cfg.metadata or {}))
 
 
 def _model_row(lm: LoadedModel) -> dict:
@@ -383,9 +337,8 @@ def _model_row(lm: LoadedModel) -> dict:
 def _run_row(cfg, lm, contexts: torch.Tensor, stats: dict, seconds: float) -> dict:
     n_tokens = int(content_mask(lm, contexts).sum())  # each SAE's density counts its own positions (features.n_firing)
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    config = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "force")}
     return dict(id=cfg.run_id(), model_id=lm.name, corpus=cfg.corpus.describe(), n_contexts=len(contexts),
-                context_len=cfg.context_len, n_tokens=n_tokens, config=json.dumps(config), status="complete",
+                context_len=cfg.context_len, n_tokens=n_tokens, config=json.dumps(cfg.result_config()), status="complete",
                 started_at=now - dt.timedelta(seconds=seconds), finished_at=now, seconds=seconds)
 
 

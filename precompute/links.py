@@ -33,11 +33,10 @@ from dataclasses import dataclass
 import torch
 
 from featurescope.flow import DOWN, SAME, direction, flow_key, neighbour_layers
+from featurescope.precompute.config import PEAK_WIDTH, TOP_N
 from featurescope.sae import JumpReLUSAE
 from featurescope.sites import Site
 
-TOP_N = 5  # links of each kind per feature and neighbour SAE
-PEAK_WIDTH = 64  # strongest (feature, act) pairs of a neighbour kept at each top example's max position
 
 
 @dataclass(frozen=True)

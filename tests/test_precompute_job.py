@@ -1,6 +1,7 @@
 """The precompute job end to end on a tiny Gemma 2: what it stores equals what the live encoder computes,
 it resumes after kill -9 with the same result, re-runs are no-ops, and bad input writes nothing."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -240,12 +241,12 @@ def test_keeping_interval_acts_or_reencoding_them_store_the_same_rows(one_run, t
 
 def test_norm_outliers_named_by_an_sae_card_count_like_bos(tiny_gemma2, sae_dirs, tmp_path):
     """SAEs trained here skip attention-sink tokens; their card's scale and ratio make precompute skip them too."""
-    from featurescope.encoder import outlier_norm
+    from featurescope.positions import sae_max_norm
 
     sae = load_sae(sae_dirs[0])
     folder = save_sae(sae, tmp_path / "sae", card={"input_scale": 1 / 16, "train_config": {"max_norm_ratio": 1.1}})
     sae = load_sae(str(folder))
-    assert outlier_norm(sae) == pytest.approx(17.6)
+    assert sae_max_norm(sae) == pytest.approx(17.6)
     cfg = _config(tmp_path, [str(folder)], model="tiny", sae_ids=["1-res-x"])
     path = run_precompute(cfg, lm=tiny_gemma2, log=lambda *_: None)
     con = duckdb.connect(str(path), read_only=True)
@@ -308,3 +309,30 @@ def test_spread_sample_reads_the_contexts_training_takes_from_the_corpus(tiny_ge
     first = _contexts(_config(tmp_path, sae_dirs, max_tokens=31 * 20), tiny_gemma2)
     assert torch.equal(first[0], contexts[0]) and not torch.equal(first, contexts)  # spread over the whole corpus
     assert spread.run_id() != _config(tmp_path, sae_dirs, max_tokens=31 * 20).run_id()
+
+
+def _another(value):
+    """A different value of the same kind, for any PrecomputeConfig field."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, list):
+        return [*value, "other"]
+    if isinstance(value, CorpusSpec):
+        return dataclasses.replace(value, source=value.source + "-other")
+    return (0, 2) if value is None else None
+
+
+def test_every_field_that_can_change_the_result_changes_the_run_id_and_no_other_does(tmp_path, sae_dirs):
+    base = _config(tmp_path, sae_dirs)
+    for f in dataclasses.fields(PrecomputeConfig):
+        other = dataclasses.replace(base, **{f.name: _another(getattr(base, f.name))})
+        changes_result = f.metadata.get("result", True)
+        assert (other.run_id() != base.run_id()) == changes_result, f.name
+        assert (f.name in other.result_config()) == changes_result, f.name
+    # a field added later is part of the id unless it says it cannot change the result
+    Extended = dataclasses.make_dataclass("Extended", [("new_knob", int, 1)], bases=(PrecomputeConfig,))
+    assert Extended(**base.__dict__).run_id() != base.run_id()

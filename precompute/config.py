@@ -1,0 +1,69 @@
+"""What a precompute run computes: `PrecomputeConfig`, whose fields are also `featurescope precompute`'s
+options, and the run id made of every field that can change the result.
+
+Apart from precompute/job.py (which needs torch), so the command line builds its options without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+
+from featurescope.cli_options import setting
+from featurescope.precompute.corpus_sources import CorpusSpec
+
+# Part of every run id: bump it when a code change alters what a run stores, so old runs are not reused.
+RESULTS_VERSION = 5  # 3: cross-layer links; 4: one row per feature (schema 0004); 5: id of every result field
+# Metadata of a field that cannot change what a run stores: it stays out of the run's id.
+SAME_RESULT = {"result": False}
+SAMPLES = ("first", "spread")
+TOP_N = 5  # links of each kind per feature and neighbour SAE
+PEAK_WIDTH = 64  # strongest (feature, act) pairs of a neighbour kept at each top example's max position
+
+
+@dataclass
+class PrecomputeConfig:
+    model: str = setting("smollm2-135m", "Hub id, local folder, .gguf file, or 'smollm2-135m' (embedded).",
+                         flags=("--model", "-m"))
+    saes: list[str] = setting(default_factory=list, help="SAE source (anything load_sae reads); repeat for several "
+                              "SAEs (one model pass for all).", flags=("--sae",), required=True)
+    sae_ids: list[str] | None = setting(None, "URL id per SAE, in --sae order (default e.g. 6-res-2k).", flags=("--sae-id",))
+    site: str | None = setting(None, "Site of bare params.npz SAEs, e.g. 15-res.")
+    corpus: CorpusSpec = setting(default_factory=CorpusSpec)
+    max_tokens: int = setting(200_000, "Corpus tokens to read (BOS not counted).", flags=("--tokens",))
+    sample: str = setting("first", "'first': the corpus's first --tokens tokens; 'spread': --tokens worth of contexts "
+                          "spread evenly over the whole corpus (what `train --corpus-tokens` trains on).")
+    context_len: int = setting(128, "Tokens per context, BOS first.")
+    batch_size: int = setting(16, "Contexts per forward pass.", metadata=SAME_RESULT)
+    top_k: int = setting(20, "Top examples kept per feature.")
+    n_intervals: int = setting(5, "Equal-width activation intervals from 0 to the max.")
+    examples_per_interval: int = setting(5, "Examples sampled per interval.")
+    # "auto": keep when that fits in a quarter of the device's memory
+    interval_acts: str = setting("auto", "Interval samples' per-token acts: keep (memory), reencode (a partial second "
+                                 "pass) or auto.", metadata=SAME_RESULT)
+    links: bool = setting(True, "Cross-layer links between the SAEs of neighbouring layers/sites (precompute/links.py).")
+    links_per_neighbour: int = setting(TOP_N, "Links kept per feature and neighbouring SAE, by co-activation and by "
+                                       "weights each.", min=1)
+    links_peak_width: int = setting(PEAK_WIDTH, "A neighbour's strongest features kept at each top example's peak "
+                                    "token; memory: top_k x this x neighbours x 8 bytes per feature.", min=1)
+    device: str = setting("auto", "auto, cpu, cuda or mps.", metadata=SAME_RESULT)
+    dtype: str = setting("float32", "Model dtype: float32, bfloat16 or float16 (SAEs always run in float32).")
+    data_dir: str = setting("data", "Where runs, checkpoints and published DuckDB files go.", metadata=SAME_RESULT)
+    checkpoint_every: int = setting(200, "Batches between checkpoints (a killed run resumes from the last).",
+                                    metadata=SAME_RESULT)
+    force: bool = setting(False, "Recompute a run that is already published.", flags=("--force",), metadata=SAME_RESULT)
+    shard: tuple[int, int] | None = setting(None, "I/N: process only slice I of N of the contexts (e.g. 0/4) and save "
+                                            "its statistics.", metadata=SAME_RESULT)
+    merge_shards: int = setting(0, "N: merge the N saved shards of this run and publish it.", metadata=SAME_RESULT)
+    progress: bool = setting(True, cli=False, metadata=SAME_RESULT)
+
+    def result_config(self) -> dict:
+        """The fields that can change what the run stores (all but the SAME_RESULT ones), as JSON values."""
+        values = asdict(self)
+        return {f.name: values[f.name] for f in fields(self) if f.metadata.get("result", True)}
+
+    def run_id(self) -> str:
+        """Same inputs -> same id, so the same command finds its checkpoint and its published file."""
+        keys = {"results_version": RESULTS_VERSION, **self.result_config()}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
