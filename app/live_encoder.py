@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from featurescope.app.data import ModelInfo, SAEInfo, run_config
+from featurescope.app.catalog import ModelInfo, SAEInfo
+from featurescope.app.stored import run_config
 from featurescope.app.live import (PROMPT_TOP_K, TOKEN_TOP_K, AdmissionControl, EncodeJob, EncodeResult, LiveUnavailable,
                                    PromptRejected, SAEEncoding, ServiceBusy, SteerJob, SteerResult, resolve_source)
 from featurescope.app.steering import GenerationCancelled, SteeringVector, generate_pair
