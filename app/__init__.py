@@ -3,13 +3,22 @@
     from featurescope.app import Settings, create_app
     app = create_app(Settings(data_dir="data"))
 
-Layout: settings.py (the one config object), databases.py (published files, read-only, reopened on
-publication), data.py (every query; one data function per view), present.py and charts.py (tokens and
-SVG histograms for HTML), graph.py (the lineage graph's layout), live.py (the live service: jobs, admission
-control) and live_encoder.py (its worker: models and SAEs loaded once, requests micro-batched; the only
-module that imports torch, only when live encoding is on), steering.py, live_views.py (its pages' data),
-render.py (pages, JSON twins, htmx fragments), urls.py (every URL), deps.py, routes/ (one router per
-resource); the Jinja2 templates and CSS/JS live in the top-level templates/ and static/.
+Layout (a request goes routes -> views -> catalog/stored -> databases):
+    settings.py      the one config object
+    databases.py     published files, read-only, reopened on publication; DataFile.cached, the one per-file cache
+    catalog.py       every model and SAE of those files (Catalog, CatalogSource)
+    stored.py        what pages read from a file besides a feature's row: vocab, contexts, labels, run config
+    views/           one module per page's view (home, sae, feature, links, lineage, encode, feature_test, steer)
+    twin_models.py   the typed shape of every view, i.e. of every JSON twin (documented in /-/openapi.json)
+    twins.py         the one `.json` mechanism: page(router, path, twin=...) registers a page and its twin
+    moved.py         308s from the app pages' old addresses to their /-/ ones
+    responses.py     Jinja pages, JSON twins, htmx fragments; filters.py (Jinja filters), token_html.py
+                     (tokens as HTML, the one highlighting rule), charts.py and graph.py (SVG)
+    live.py          the live service: jobs, admission control; live_encoder.py its worker (models and SAEs
+                     loaded once, requests micro-batched; the only module importing torch, only when live
+                     encoding is on); steering.py
+    urls.py (every URL), deps.py (shared dependencies), routes/ (one router per resource), security.py,
+    serving.py (uvicorn workers); the Jinja2 templates and CSS/JS live in the top-level templates/ and static/.
 """
 
 __all__ = ["Settings", "create_app"]

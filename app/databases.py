@@ -16,15 +16,17 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import sqlalchemy as sa
 from duckdb_engine import ConnectionWrapper
 
 ATTACHED_NAME = "data"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,13 +42,13 @@ class FileSignature:
 
 class DataFile:
     """One published database, read-only, with a SQLAlchemy engine whose pooled connections are cursors of
-    one DuckDB instance. `cache` memoises per-file results (vocab, histograms): the file never changes
-    under a DataFile, a new publication gets a new DataFile."""
+    one DuckDB instance. `cached` keeps what is computed from it (catalog, vocab, contexts, histograms): the
+    file never changes under a DataFile, a new publication gets a new DataFile."""
 
     def __init__(self, path: Path, signature: FileSignature, pool_size: int = 8) -> None:
         self.path, self.signature, self.name = path, signature, path.stem
-        self.cache: dict[Any, Any] = {}
-        self.cache_lock = threading.Lock()
+        self._cache: dict[Hashable, Any] = {}
+        self._cache_lock = threading.RLock()  # a build may read another cached result of the same file
         root = duckdb.connect(":memory:", config={"threads": 1})
         root.execute(f"ATTACH ? AS {ATTACHED_NAME} (READ_ONLY)", [str(path)])
         self._root = root
@@ -70,6 +72,17 @@ class DataFile:
 
     def connect(self) -> sa.Connection:
         return self.engine.connect()
+
+    def cached(self, key: Hashable, build: Callable[[], T]) -> T:
+        """build() once per file and key, however many threads ask at once; later calls read it without a lock."""
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        with self._cache_lock:
+            if key not in self._cache:
+                self._cache[key] = build()
+        return self._cache[key]
 
     def __repr__(self) -> str:
         return f"DataFile({str(self.path)!r})"

@@ -11,8 +11,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from featurescope.app.data import Catalog
-from featurescope.app.render import Renderer
+from featurescope.app.catalog import Catalog
+from featurescope.app.responses import Renderer
 from featurescope.app.settings import Settings
 from featurescope.app.urls import Urls
 

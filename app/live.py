@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featurescope.app.data import ModelInfo, SAEInfo
+from featurescope.app.catalog import ModelInfo, SAEInfo
 
 if TYPE_CHECKING:  # the worker and its torch load only when live encoding is on
     from featurescope.app.live_encoder import LiveModel

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from featurescope.app.data import ModelInfo, SAEInfo, run_config
+from featurescope.app.catalog import ModelInfo, SAEInfo
+from featurescope.app.stored import run_config
 from featurescope.app.live import (PROMPT_TOP_K, TOKEN_TOP_K, AdmissionControl, EncodeJob, EncodeResult, LiveUnavailable,
                                    PromptRejected, SAEEncoding, ServiceBusy, SteerJob, SteerResult, resolve_source)
 from featurescope.app.steering import GenerationCancelled, SteeringVector, generate_pair
@@ -140,13 +141,17 @@ class LiveModel:
     def _encode(self, jobs: list[EncodeJob]) -> None:
         started = time.perf_counter()
         self.admission.started("encode", len(jobs))
+        answers: list[tuple[EncodeJob, EncodeResult]] = []
         try:
-            served = self._encode_jobs(jobs, started)
+            answers = self._encode_jobs(jobs, started)
         finally:
-            self.admission.finished("encode", time.perf_counter() - started, served)
+            # Booked before anyone is answered: a client holding its answer finds the encoder idle again.
+            self.admission.finished("encode", time.perf_counter() - started, len(answers))
+        for job, result in answers:
+            job.future.set_result(result)
 
-    def _encode_jobs(self, jobs: list[EncodeJob], started: float) -> int:
-        """Runs the batch; returns how many requests it served (0: nothing worth timing)."""
+    def _encode_jobs(self, jobs: list[EncodeJob], started: float) -> list[tuple[EncodeJob, EncodeResult]]:
+        """Runs the batch; returns each served request's result ([]: nothing worth timing), failures delivered."""
         live = []
         for job in jobs:
             if not job.future.set_running_or_notify_cancel():
@@ -159,20 +164,19 @@ class LiveModel:
                 continue
             live.append((job, ids, saes))
         if not live:
-            return 0
+            return []
         try:
             results = self._encode_batch(live)
         except Exception as exc:  # noqa: BLE001
             for job, _, _ in live:
                 job.future.set_exception(exc)
-            return 0
+            return []
         elapsed = time.perf_counter() - started
         for (job, _, _), result in zip(live, results):
             result.queue_ms = (started - job.submitted) * 1000
             result.model_ms = elapsed * 1000
             self.served += 1
-            job.future.set_result(result)
-        return len(live)
+        return [(job, result) for (job, _, _), result in zip(live, results)]
 
     @torch.no_grad()
     def _encode_batch(self, live: list[tuple[EncodeJob, list[int], dict[str, JumpReLUSAE]]]) -> list[EncodeResult]:
@@ -222,15 +226,18 @@ class LiveModel:
     def _steer(self, job: SteerJob) -> None:
         started = time.perf_counter()
         self.admission.started("steer", 1)
-        served = 0
+        result = None
         try:
-            served = self._steer_job(job, started)
+            result = self._steer_job(job, started)
         finally:
-            self.admission.finished("steer", time.perf_counter() - started, served)
+            self.admission.finished("steer", time.perf_counter() - started, int(result is not None))
+        if result is not None:
+            job.future.set_result(result)
 
-    def _steer_job(self, job: SteerJob, started: float) -> int:
+    def _steer_job(self, job: SteerJob, started: float) -> SteerResult | None:
+        """Runs the generation; None when there is nothing to answer with (cancelled, or the failure delivered)."""
         if not job.future.set_running_or_notify_cancel():
-            return 0
+            return None
         try:
             ids = self._prompt_ids(job.text, None)
             steering = []
@@ -241,13 +248,12 @@ class LiveModel:
                                              should_stop=job.cancelled.is_set)
         except GenerationCancelled:
             job.future.cancel()
-            return 0
+            return None
         except Exception as exc:  # noqa: BLE001
             job.future.set_exception(exc)
-            return 0
+            return None
         self.served += 1
-        job.future.set_result(SteerResult(ids, default, steered, (time.perf_counter() - started) * 1000))
-        return 1
+        return SteerResult(ids, default, steered, (time.perf_counter() - started) * 1000)
 
 
 def _kind(job: EncodeJob | SteerJob) -> str:

@@ -20,12 +20,12 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from featurescope.app.data import CatalogSource
+from featurescope.app.catalog import CatalogSource
 from featurescope.app.databases import DataDir
 from featurescope.app.errors import InvalidParameter, NotFound
 from featurescope.app.live import LiveService, LiveUnavailable, ServiceBusy
 from featurescope.app.moved import MovedPages
-from featurescope.app.render import Renderer
+from featurescope.app.responses import Renderer
 from featurescope.app.routes import features, home, live, meta, models, saes
 from featurescope.app.routes import lineage
 from featurescope.app.routes.live import ClientGone

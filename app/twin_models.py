@@ -11,38 +11,20 @@ document list every key a twin may answer, so a key added to a view and not here
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_type_hints
 
 from pydantic import ConfigDict, with_config
 from typing_extensions import NotRequired, TypedDict
+
+from featurescope.app.catalog import SAEInfo
 
 closed = with_config(ConfigDict(extra="forbid"))
 
 
 # ------------------------------------------------------------------------------------------ catalog
-@closed
-class SAEOut(TypedDict):
-    model_id: str
-    id: str
-    site: str
-    hook_name: str
-    layer: int
-    site_kind: str
-    d_in: int
-    d_sae: int
-    source: str
-    architecture: str
-    l0: float | None
-    fvu: float | None
-    delta_loss: float | None
-    dead_share: float | None
-    dense_share: float | None
-    run_id: str
-    corpus: str | None
-    n_tokens: int | None
-    n_contexts: int | None
-    context_len: int | None
-    database: str
+# An SAE as the catalog holds it (app/catalog.py: SAEInfo), less its file handle and its number in the file.
+SAEOut = closed(TypedDict("SAEOut", {name: hint for name, hint in get_type_hints(SAEInfo).items()
+                                     if name not in SAEInfo.PRIVATE}))
 
 
 @closed
@@ -442,12 +424,14 @@ class GeneratedToken(TypedDict):
     token_id: int
     text: str
     logprob: float
+    probability: float  # exp(logprob)
 
 
 @closed
 class Continuation(TypedDict):
     text: str
     tokens: list[GeneratedToken]
+    mean_logprob: float
 
 
 @closed

@@ -121,7 +121,7 @@ def main() -> None:
     import torch
 
     from featurescope.app import Settings, create_app
-    from featurescope.app.data import CatalogSource
+    from featurescope.app.catalog import CatalogSource
     from featurescope.app.databases import DataDir
     from featurescope.app.live import LiveService, resolve_source
     from featurescope.corpus import pack_contexts, python_docs_corpus

@@ -154,3 +154,30 @@ def test_docker_compose_file_is_valid():
     config = result.stdout
     assert "capabilities:\n            - gpu" in config or "- gpu" in config
     assert "HF_TOKEN: hf_test" in config and "/-/health" in config and "/data:ro" in config
+
+
+def test_a_files_cached_result_is_built_once_however_many_threads_ask_at_once(tmp_path):
+    """DataFile.cached, the one per-file cache (vocab, contexts, histograms, the catalog...): concurrent first
+    requests wait for one build instead of each running the query."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from featurescope.app.databases import DataDir
+
+    make_db(tmp_path / "db" / "run.duckdb")
+    (data_file,), _ = DataDir(tmp_path / "db").files()
+    builds, start = [], threading.Barrier(8)
+
+    def build() -> list[int]:
+        builds.append(1)
+        time.sleep(0.2)
+        return [1, 2, 3]
+
+    def ask(_: int) -> list[int]:
+        start.wait()
+        return data_file.cached(("histogram", "x"), build)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert len(builds) == 1 and all(a is answers[0] for a in answers)

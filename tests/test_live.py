@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from featurescope.app import Settings, create_app
-from featurescope.app.data import CatalogSource
+from featurescope.app.catalog import CatalogSource
 from featurescope.app.databases import DataDir
 from featurescope.app.live import EncodeJob, LiveService, ServiceBusy, resolve_source
 from featurescope.app.live_encoder import LiveModel
@@ -257,6 +257,23 @@ def test_feature_test_box_encodes_text_with_the_same_values_as_the_encode_page(c
     page = client.get(f"/{model_id}/3-res-c/5", params={"text": text})
     assert "/3-res-c/5/-/test?text=" in page.text and "/-/steer?feature=3-res-c%3A5" in page.text
 
+
+
+def test_the_test_box_and_the_encode_page_shade_each_token_by_one_rule(client, model_id):
+    """A token's highlight is its activation over the feature's largest in the corpus, capped at 1, on the
+    test box and on the encode page alike; tokens left out of statistics are never shaded."""
+    text = "The capital of France is Paris."
+    enc = client.get(f"/{model_id}/-/encode.json", params={"text": text, "feature": "3-res-c:5"}).json()
+    h = enc["highlight"]
+    expected = ["" if not counted or act <= 0 else f"--a:{min(act / h['max_act'], 1.0):.2f}"
+                for act, counted in zip(h["acts"], h["counted"])]
+    box = parse_html(client.get(f"/{model_id}/3-res-c/5/-/test", params={"text": text}).text)
+    page = parse_html(client.get(f"/{model_id}/-/encode", params={"text": text, "feature": "3-res-c:5"}).text)
+    box_tokens = box.find("div", id="test-result").find("div", cls="ctx").find_all(cls="t")
+    page_tokens = page.find("div", cls="prompt-tokens").find_all("a", cls="t")
+    assert [t.attrs.get("style", "") for t in box_tokens] == expected
+    assert [t.attrs.get("style", "") for t in page_tokens] == expected
+    assert "excluded" in page_tokens[0].attrs["class"].split() and "excluded" in box_tokens[0].attrs["class"].split()
 
 def test_errors_answered_to_htmx_replace_the_target_with_the_message(client, model_id):
     response = client.get(f"/{model_id}/3-res-c/5/-/test", params={"text": "word " * 200},

@@ -73,7 +73,7 @@ def test_no_request_right_after_start_meets_a_worker_that_has_not_read_its_files
 def test_concurrent_first_requests_wait_for_the_first_scan(tmp_path, monkeypatch):
     """In one process: requests arriving while the first scan is still opening files wait for it."""
     import featurescope.app.databases as databases
-    from featurescope.app.data import CatalogSource
+    from featurescope.app.catalog import CatalogSource
 
     make_data_dir(tmp_path)
     slow_open = databases.DataFile.__init__

@@ -10,7 +10,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
-from featurescope.app import charts, data, present
+from featurescope.app import charts
+from featurescope.app.catalog import SAEInfo, check_index
+from featurescope.app.stored import token_texts
+from featurescope.app.token_html import display_forms, show_examples
+from featurescope.app.views.feature import feature_view
+from featurescope.app.views.sae import random_feature as random_alive_feature
 from featurescope.app.deps import CatalogDep, UrlsDep
 from featurescope.app.errors import NotFound
 from featurescope.app.security import embed_policy
@@ -25,18 +30,18 @@ INDEX = re.compile(r"-?[0-9]{1,12}")
 @router.get("/{model_id}/{sae_id}" + APP_PREFIX + "/random", include_in_schema=False)
 def random_feature(model_id: str, sae_id: str, catalog: CatalogDep, urls: UrlsDep) -> Response:
     """Redirect to a random feature that fired."""
-    return RedirectResponse(urls.feature(model_id, sae_id, data.random_feature(catalog, model_id, sae_id)), status_code=302)
+    return RedirectResponse(urls.feature(model_id, sae_id, random_alive_feature(catalog, model_id, sae_id)), status_code=302)
 
 
 @router.get("/{model_id}/{sae_id}" + APP_PREFIX + "/jump", include_in_schema=False)
 def jump(model_id: str, sae_id: str, catalog: CatalogDep, urls: UrlsDep,
          index: Annotated[int, Query(description="Feature index.")]) -> Response:
     """Redirect to feature `index` (the jump-to box)."""
-    data.check_index(catalog.sae(model_id, sae_id), index)
+    check_index(catalog.sae(model_id, sae_id), index)
     return RedirectResponse(urls.feature(model_id, sae_id, index), status_code=302)
 
 
-def feature_index(sae: data.SAEInfo, index: str) -> int:
+def feature_index(sae: SAEInfo, index: str) -> int:
     """A feature index from the URL; anything but a number is a 404 naming the valid range."""
     if not INDEX.fullmatch(index):
         raise NotFound("feature", index, f"{index!r} is not a feature index: SAE {sae.id!r} has features 0 to {sae.d_sae - 1}.",
@@ -56,18 +61,18 @@ def feature(
     state = request.app.state
     catalog, render, urls, settings = state.catalogs.current(model_id, sae_id), state.renderer, state.urls, state.settings
     sae = catalog.sae(model_id, sae_id)
-    view = data.feature_view(catalog, model_id, sae_id, feature_index(sae, index), text)
+    view = feature_view(catalog, model_id, sae_id, feature_index(sae, index), text)
     view = {**view, "test": {**view["test"], "live_encoding": settings.live}}
     if wants_json(request):
         return render.json(view)
     model = catalog.model(model_id)
-    forms = present.display_forms(data.token_texts(model), model.special_token_ids)
+    forms = display_forms(token_texts(model), model.special_token_ids)
     page_url = urls.feature(model_id, sae_id, view["index"])
     share_params = {"text": text or None, "context": context if context != "snippet" else None}
     base = str(request.base_url).rstrip("/")
     response = render.respond(
         request, "embed.html" if embed else "feature.html", view, partials={"examples": "_examples.html"},
-        examples=present.show_examples(view, context, forms), context=context, embed=embed,
+        examples=show_examples(view, context, forms), context=context, embed=embed,
         activation_chart=charts.activation_histogram(view["activation_histogram"]),
         logit_chart=charts.logit_histogram(view["logits"]["histogram"]),
         share_url=base + urls.feature(model_id, sae_id, view["index"], **share_params),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from featurescope.app import data
+from featurescope.app.views.home import home as home_view
 from featurescope.app.deps import CatalogDep, RendererDep
 from featurescope.app.twin_models import HomeView
 from featurescope.app.twins import page
@@ -15,4 +15,4 @@ router = APIRouter(tags=["home"])
 
 @page(router, "/", twin=HomeView, summary="Models and their SAEs")
 def home(request: Request, catalog: CatalogDep, render: RendererDep) -> Response:
-    return render.respond(request, "home.html", data.home(catalog))
+    return render.respond(request, "home.html", home_view(catalog))

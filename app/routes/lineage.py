@@ -10,7 +10,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BeforeValidator, Field
 
-from featurescope.app import data, graph
+from featurescope.app import graph
+from featurescope.app.views.lineage import LineageQuery, lineage_view
 from featurescope.app.deps import CatalogDep, RendererDep
 from featurescope.app.routes.features import feature_index
 from featurescope.app.twin_models import LineageView
@@ -38,6 +39,6 @@ def lineage(
                                                                 "or decoder/encoder cosine.")] = "coact",
 ) -> Response:
     sae = catalog.sae(model_id, sae_id)
-    query = data.LineageQuery(depth, breadth, by)
-    view = data.lineage_view(catalog, model_id, sae_id, feature_index(sae, index), query)
+    query = LineageQuery(depth, breadth, by)
+    view = lineage_view(catalog, model_id, sae_id, feature_index(sae, index), query)
     return render.respond(request, "lineage.html", view, query=query, layout=graph.lineage_layout(view))

@@ -18,12 +18,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from featurescope.app import live_views, present
-from featurescope.app.data import DENSE_THRESHOLD, SAEInfo, check_index, feature_briefs, feature_links
+from featurescope.app.catalog import SAEInfo, check_index
+from featurescope.app.stored import feature_briefs, token_texts
+from featurescope.app.token_html import display_form, display_forms
+from featurescope.app.views.encode import EncodeQuery, Metric, SearchScope, SearchSort, encode_view, linked_keys, selected_saes
+from featurescope.app.views.feature import feature_links
+from featurescope.app.views.feature_test import feature_test_view
+from featurescope.app.views.sae import DENSE_THRESHOLD
+from featurescope.app.views.steer import steer_view
 from featurescope.app.deps import CatalogDep, RendererDep, SettingsDep, UrlsDep
 from featurescope.app.errors import InvalidParameter
 from featurescope.app.live import TOKEN_TOP_K, EncodeJob, LiveUnavailable, PromptRejected, SteerJob
-from featurescope.app.live_views import EncodeQuery, Metric, SearchScope, SearchSort
 from featurescope.app.routes.saes import OptionalDensity
 from featurescope.app.twin_models import LIVE_ERROR_RESPONSES, EncodeView, FeatureTestView, SteerView
 from featurescope.app.twins import page, wants_json
@@ -107,14 +112,15 @@ async def encode(
     as_json = wants_json(request)
     model = catalog.model(model_id)
     query = EncodeQuery(text or "", ids, tuple(saes), token, top, metric, include_special, feature, scope, sort, max_density)
-    chosen = live_views.selected_saes(catalog, model_id, query.saes)
+    chosen = selected_saes(catalog, model_id, query.saes)
     token_ids = query.token_ids()
     highlighted = query.highlighted(model)
     if set(query.saes) == set(model.saes):
         query = replace(query, saes=())  # all of them: the default, kept out of the URL
     kept = query.params(scope="text", sort="activation", max_density=DENSE_THRESHOLD)
     page = {"model": model.as_dict(), "query": query, "urls_for": _encode_urls(urls, model_id, query),
-            "all_saes": list(model.saes.values()), "chosen": {s.id for s in chosen}, "token_form": present.display_form,
+            "all_saes": list(model.saes.values()), "chosen": {s.id for s in chosen},
+            "forms": display_forms(token_texts(model), model.special_token_ids),
             "hidden_params": [(k, v) for k, vs in kept.items() for v in (vs if isinstance(vs, list) else [vs])]}
     if text is None and token_ids is None:
         if as_json:
@@ -138,12 +144,12 @@ async def encode(
     live = request.app.state.live.model(model)
     job = EncodeJob(saes=chosen, text=query.text, token_ids=token_ids, columns=columns, include_special=include_special)
     result = await run_job(request, live, job, settings.live_timeout_seconds)
-    view = live_views.encode_view(model, chosen, result, query, settings.max_prompt_tokens, links)
+    view = encode_view(model, chosen, result, query, settings.max_prompt_tokens, links)
     if as_json:
         return _server_timing(render.json(view), started, result)
     response = render.respond(request, "encode.html", view, partials={"encode-result": "_encode_result.html",
                                                                               "search": "_search.html"},
-                              push_url=urls.encode(model_id, **query.params()), **page)
+                              push_url=urls.encode(model_id, **query.params()), linked_keys=linked_keys(view), **page)
     return _server_timing(response, started, result)
 
 
@@ -170,12 +176,12 @@ async def feature_test(
     live = request.app.state.live.model(model)
     result = await run_job(request, live, EncodeJob(saes=[sae], text=text, columns={sae.id: [index]}),
                            settings.live_timeout_seconds)
-    view = live_views.feature_test_view(model, sae, index, text, result)
+    view = feature_test_view(model, sae, index, text, result)
     if as_json:
         return _server_timing(render.json(view), started, result)
     response = render.respond(request, "feature_test.html", view, partials={"test-result": "_feature_test.html"},
                               push_url=urls.feature(model_id, sae_id, index, text=text or None),
-                              token_form=present.display_form, special_ids=set(model.special_token_ids))
+                              forms=display_forms(token_texts(model), model.special_token_ids))
     return _server_timing(response, started, result)
 
 
@@ -204,19 +210,19 @@ async def steer(
               "max_features": MAX_STEERED_FEATURES}
     steer_params = {"text": text or None, "feature": [f"{s.id}:{i}" for s, i, _ in features],
                     "strength": [f"{v:g}" for _, _, v in features], "n_tokens": n_tokens, "temperature": temperature, "seed": seed}
-    page = {"model": model.as_dict(), "all_saes": list(model.saes.values()), "token_form": present.display_form,
+    page = {"model": model.as_dict(), "all_saes": list(model.saes.values()), "token_form": display_form,
             "steer_params": steer_params}
     if not text.strip() or not features:
         if as_json:
             missing = "text" if not text.strip() else "feature"
             raise InvalidParameter(missing, "Give a prompt (?text=...) and at least one feature (?feature=SAE:INDEX) to steer."
                                    if missing == "text" else "Give at least one feature to steer: ?feature=SAE:INDEX.")
-        view = live_views.steer_view(model, features, text, n_tokens, temperature, seed, None, limits)
+        view = steer_view(model, features, text, n_tokens, temperature, seed, None, limits)
         return render.html("steer.html", data=view, request=request, **page)
     _check_text_size(text, settings)
     job = SteerJob(text=text, features=features, n_tokens=n_tokens, temperature=temperature, seed=seed)
     result = await run_job(request, request.app.state.live.model(model), job, settings.live_timeout_seconds)
-    view = live_views.steer_view(model, features, text, n_tokens, temperature, seed, result, limits)
+    view = steer_view(model, features, text, n_tokens, temperature, seed, result, limits)
     if as_json:
         return _server_timing(render.json(view), started, result)
     return _server_timing(render.html("steer.html", data=view, request=request, **page), started, result)

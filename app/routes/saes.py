@@ -10,8 +10,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BeforeValidator, Field
 
-from featurescope.app import charts, data
-from featurescope.app.data import FeatureQuery, Show, SortKey
+from featurescope.app import charts
+from featurescope.app.views.sae import DENSE_THRESHOLD, FeatureQuery, Show, SortKey, sae_view
 from featurescope.app.deps import CatalogDep, RendererDep, UrlsDep
 from featurescope.app.twin_models import SAEView
 from featurescope.app.twins import page
@@ -36,14 +36,14 @@ def sae(
     page: Annotated[int, Query(ge=1, le=10_000_000, description="Page number, from 1.")] = 1,
     size: Annotated[int, Query(ge=1, le=500, description="Rows per page.")] = 50,
     show: Annotated[Show, Query(description="all, alive (fired at least once), dead (never fired), "
-                                            f"dense (fires on more than {data.DENSE_THRESHOLD:.0%} of tokens).")] = "all",
+                                            f"dense (fires on more than {DENSE_THRESHOLD:.0%} of tokens).")] = "all",
     min_density: Annotated[OptionalDensity, Query(description="Lowest density (share of tokens), inclusive.")] = None,
     max_density: Annotated[OptionalDensity, Query(description="Highest density (0 to 1), inclusive.")] = None,
     q: Annotated[str, Query(max_length=200, description="Text the label contains (case-insensitive).")] = "",
     token: Annotated[str, Query(max_length=200, description="Token the top examples peak on, e.g. ' Paris'.")] = "",
 ) -> Response:
     query = FeatureQuery(sort, desc, page, size, show, min_density, max_density, q, token)
-    view = data.sae_view(catalog, model_id, sae_id, query)
+    view = sae_view(catalog, model_id, sae_id, query)
     # htmx pushes this canonical URL (defaults and blank fields dropped) rather than the raw form query.
     canonical = urls.sae(model_id, sae_id, **query.params())
     return render.respond(request, "sae.html", view, partials={"features": "_features.html"}, push_url=canonical,

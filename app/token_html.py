@@ -1,31 +1,30 @@
-"""HTML presentation of token sequences: which tokens of an example to show, how whitespace is made
-visible, and how strongly each token is highlighted.
+"""Tokens as HTML: how whitespace is made visible, which tokens of an example to show, and how strongly each
+token is highlighted. Every highlighted token on every page is built by `token_html` (feature examples, the
+test box, the encode page's prompt), so the rule is one: intensity = activation x scale, capped at 1, with
+scale = 1 / the feature's largest activation in the corpus (`highlight_scale`), so top examples, interval
+samples and live text share one scale; the exact value is the token's hover title.
 
-A token's highlight intensity is its activation divided by the feature's maximum activation, so top
-examples and interval samples share one scale; the exact value is the token's hover title.
-
-Example rows (their token spans included) are the one piece of HTML built outside Jinja (a feature page
-holds ~45 rows and hundreds of spans, and the template loop cost more than the database): each vocabulary
-entry's text goes through markupsafe.escape, the function Jinja's autoescape calls, once when the
-vocabulary is loaded; the only other values in a row are CSS class names from this module, integers and
+Tokens are built here rather than in Jinja (a feature page holds ~45 example rows and hundreds of spans, and
+the template loop cost more than the database): each vocabulary entry's text goes through markupsafe.escape,
+the function Jinja's autoescape calls, once when the vocabulary is loaded; titles and attributes given by a
+template are escaped (or already Markup); the other values are CSS class names from this module, integers and
 formatted floats.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any, Literal
 
 from markupsafe import Markup, escape
 
-from featurescope.app.data import TokenTexts
+from featurescope.app.filters import number
+from featurescope.app.stored import TokenTexts
 
 ContextMode = Literal["snippet", "full"]
 SNIPPET_BEFORE, SNIPPET_AFTER = 12, 4  # tokens shown around an example's maximum in snippet mode
-LINK_GROUPS = (("upstream", "Upstream"), ("downstream", "Downstream"), ("alongside", "Same site"))
+LEFT_OUT = "left out of statistics (BOS, EOS or a norm outlier)"
 _UNKNOWN = '<span class="t special">&lt;unk {}&gt;</span>'  # a token id outside the vocabulary
 _MARKS = str.maketrans({" ": "·", "\n": "↵", "\t": "⇥", "\r": "↵"})
 
@@ -37,30 +36,6 @@ class TokenForms:
     css: list[str]
     text: list[str]  # already escaped
     quiet: list[str]
-
-
-def percent(share: float | None) -> str:
-    """A share of tokens as a percentage with useful precision at every scale (0.0032%, 0.41%, 12.5%)."""
-    if share is None or (isinstance(share, float) and math.isnan(share)):
-        return "–"
-    pct = share * 100
-    if pct == 0:
-        return "0%"
-    if pct >= 1:
-        return f"{pct:.1f}%"
-    if pct >= 0.01:
-        return f"{pct:.2f}%"
-    return f"{pct:.2g}%"
-
-
-def number(value: float | None, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.{digits}g}"
-
-
-def count(value: int | None) -> str:
-    return "–" if value is None else f"{value:,}"
 
 
 def visible(text: str) -> str:
@@ -100,6 +75,44 @@ def display_forms(vocab: TokenTexts, special_ids: tuple[int, ...]) -> TokenForms
     return forms
 
 
+def highlight_scale(feature_max: float | None, acts: Sequence[float] = ()) -> float:
+    """What an activation is multiplied by for its highlight: 1 / the feature's largest activation in the
+    corpus, or, for a feature that never fired there, 1 / the largest one given."""
+    top = feature_max if feature_max and feature_max > 0 else max([*acts, 1e-9])
+    return 1.0 / top
+
+
+def token_html(forms: TokenForms, token_id: int, act: float = 0.0, scale: float = 0.0, *, extra: str = "",
+               title: str | None = None, tag: str = "span", attrs: Markup = Markup()) -> Markup:
+    """One token: its visible text, shaded by act x scale when it fires, its activation (or `title`) as its
+    hover text. `extra` adds CSS classes; `attrs` are finished attributes, Markup from a template's macro
+    (a link), never a plain string."""
+    if attrs and not isinstance(attrs, Markup):
+        raise TypeError("token_html attrs must be Markup, built by a template")
+    if not 0 <= token_id < len(forms.css):
+        return Markup(_UNKNOWN.format(int(token_id)))
+    style = f' style="--a:{min(act * scale, 1.0):.2f}"' if act > 0 else ""
+    if title is None:
+        tip = f' title="{act:.6g}"' if act > 0 else ""
+    else:
+        tip = f' title="{escape(title)}"'
+    css = " ".join(c for c in ("t", forms.css[token_id], extra) if c)
+    more = f" {attrs}" if attrs else ""
+    return Markup(f'<{tag} class="{css}"{style}{tip}{more}>{forms.text[token_id]}</{tag}>')
+
+
+def live_token(forms: TokenForms, token_id: int, act: float | None, counted: bool, scale: float, *, extra: str = "",
+               title: str | None = None, tag: str = "span", attrs: Markup = Markup()) -> Markup:
+    """A token of a live prompt with one feature's activation on it (None: no feature chosen, `title` is its
+    hover text then). A token left out of statistics (BOS, EOS, a norm outlier) is never shaded, and says so."""
+    if act is None:
+        return token_html(forms, token_id, extra=extra, title=title, tag=tag, attrs=attrs)
+    if not counted:
+        left_out = LEFT_OUT + (f": activation {act:.6g}" if act > 0 else "")
+        return token_html(forms, token_id, extra=f"{extra} excluded".strip(), title=left_out, tag=tag, attrs=attrs)
+    return token_html(forms, token_id, act, scale, extra=extra, tag=tag, attrs=attrs)
+
+
 def token_spans(example: dict[str, Any], scale: float, mode: ContextMode, forms: TokenForms) -> str:
     """An example's tokens as spans: snippet mode shows SNIPPET_BEFORE tokens before its maximum and
     SNIPPET_AFTER after it. Most tokens do not fire: their finished span comes from `forms.quiet`, and only
@@ -114,19 +127,12 @@ def token_spans(example: dict[str, Any], scale: float, mode: ContextMode, forms:
     acts = dict(zip(example["positions"], example["acts"]))
     for pos, act in acts.items():
         if act > 0 and start <= pos < stop and pos != max_pos:
-            parts[pos - start] = _firing_span(token_ids[pos], act, scale, "", forms)
+            parts[pos - start] = token_html(forms, token_ids[pos], act, scale)
     if start <= max_pos < stop:
-        parts[max_pos - start] = _firing_span(token_ids[max_pos], acts.get(max_pos, 0.0), scale, " peak", forms)
+        parts[max_pos - start] = token_html(forms, token_ids[max_pos], acts.get(max_pos, 0.0), scale, extra="peak")
     before = '<span class="ctx"><span class="cut">…</span>' if start > 0 else '<span class="ctx">'
     after = '<span class="cut">…</span></span>' if stop < len(token_ids) else "</span>"
     return before + "".join(parts) + after
-
-
-def _firing_span(token_id: int, act: float, scale: float, peak: str, forms: TokenForms) -> str:
-    if not 0 <= token_id < len(forms.css):
-        return _UNKNOWN.format(int(token_id))
-    style = f' style="--a:{min(act * scale, 1.0):.2f}" title="{act:.6g}"' if act > 0 else ""
-    return f'<span class="t {forms.css[token_id]}{peak}"{style}>{forms.text[token_id]}</span>'
 
 
 def example_rows(examples: list[dict[str, Any]], feature_max: float, mode: ContextMode, forms: TokenForms) -> Markup:
@@ -147,10 +153,3 @@ def show_examples(feature: dict[str, Any], mode: ContextMode, forms: TokenForms)
         "intervals": [dict(interval, shown=example_rows(interval["examples"], feature_max, mode, forms))
                       for interval in reversed(feature["intervals"])],
     }
-
-
-def link_groups(links: dict[str, Any]) -> list[tuple[str, str, list[tuple[str, list[dict[str, Any]]]]]]:
-    """A feature's cross-layer links (data.feature_links) as templates/_links.html lists them: per group that
-    has links, (group, title, runs), a run being the consecutive links into one SAE, (sae_id, links)."""
-    return [(group, title, [(sae_id, list(run)) for sae_id, run in itertools.groupby(links[group], itemgetter("sae_id"))])
-            for group, title in LINK_GROUPS if links[group]]

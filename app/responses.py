@@ -1,7 +1,8 @@
 """Responses: Jinja2 pages (autoescaped, compiled once), their JSON twins and htmx fragments.
 
-One view's data goes to `Renderer.respond`, which answers JSON for a JSON twin (app/twins.py), the named partial when
-htmx asks for a fragment (its HX-Target header names the element to replace), and the page otherwise.
+One view's data goes to `Renderer.respond`, which answers JSON for a JSON twin (app/twins.py), the named
+partial when htmx asks for a fragment (its HX-Target header names the element to replace), and the page
+otherwise.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import orjson
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from featurescope.app.data import TokenStrings
-from featurescope.app.present import count, link_groups, number, percent, visible
+from featurescope.app.filters import count, link_groups, number, percent
+from featurescope.app.stored import TokenStrings
 from featurescope.app.settings import Settings
+from featurescope.app.token_html import highlight_scale, live_token, token_html, visible
 from featurescope.app.twins import wants_json
 from featurescope.app.urls import Urls
 from featurescope.assets import asset_dir
-
 
 
 class TwinJSONResponse(JSONResponse):
@@ -57,7 +58,8 @@ class Renderer:
     def __init__(self, settings: Settings, urls: Urls) -> None:
         self.env = Environment(loader=jinja2.FileSystemLoader(asset_dir("templates")), autoescape=True, auto_reload=False,
                                undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-        self.env.globals.update(urls=urls, settings=settings, htmx_integrity=settings.htmx_integrity)
+        self.env.globals.update(urls=urls, settings=settings, htmx_integrity=settings.htmx_integrity, token_html=token_html,
+                                live_token=live_token, highlight_scale=highlight_scale)
         self.env.filters.update(percent=percent, number=number, count=count, visible=visible,
                                 link_groups=link_groups)
 

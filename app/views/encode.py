@@ -1,16 +1,21 @@
-"""The data of the live pages (encode, search, feature test, steer), built from the live encoder's results
-and each feature's stored label, density and maximum. Plain dicts: they feed the HTML pages and their
-JSON twins alike."""
+"""The encode page: every selected SAE's features on every token of a prompt, the prompt's top features,
+the token x layer view, one highlighted feature with its cross-layer links, and search via inference;
+built from the live encoder's result (app/live.py) and each feature's stored label, density and maximum.
+
+    encode_view(model, saes, result, EncodeQuery(text="The capital of France is", token=3), max_prompt_tokens)
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from featurescope.app.data import DENSE_THRESHOLD, Catalog, ModelInfo, SAEInfo, feature_briefs, token_texts
+from featurescope.app.catalog import Catalog, ModelInfo, SAEInfo
 from featurescope.app.errors import InvalidParameter, NotFound
-from featurescope.app.live import EncodeResult, SteerResult
-from featurescope.app.twin_models import EncodeView, FeatureTestView, SteerView
+from featurescope.app.live import EncodeResult
+from featurescope.app.stored import feature_briefs, token_texts
+from featurescope.app.twin_models import EncodeView, LiveFeature
+from featurescope.app.views.sae import DENSE_THRESHOLD
 
 SearchScope = Literal["text", "token"]
 SearchSort = Literal["activation", "relative", "density", "layer"]
@@ -84,7 +89,8 @@ def selected_saes(catalog: Catalog, model_id: str, wanted: tuple[str, ...]) -> l
     return [catalog.sae(model_id, sae_id) for sae_id in dict.fromkeys(wanted)]
 
 
-def _feature_row(sae: SAEInfo, index: int, activation: float) -> dict[str, Any]:
+def live_feature(sae: SAEInfo, index: int, activation: float) -> LiveFeature:
+    """A feature as the live pages list it: its activation here beside its largest in the corpus."""
     brief = feature_briefs(sae)
     peak = float(brief.max_act[index])
     return {"sae_id": sae.id, "layer": sae.layer, "index": index, "activation": activation,
@@ -94,7 +100,7 @@ def _feature_row(sae: SAEInfo, index: int, activation: float) -> dict[str, Any]:
 
 def encode_view(model: ModelInfo, saes: list[SAEInfo], result: EncodeResult, query: EncodeQuery,
                 max_prompt_tokens: int, links: dict[str, list[dict[str, Any]]] | None = None) -> EncodeView:
-    """`links`: the highlighted feature's stored cross-layer links (app.data.feature_links), shown with their
+    """`links`: the highlighted feature's stored cross-layer links (app/views/feature.py: feature_links), shown with their
     live activations on this prompt."""
     vocab = token_texts(model)
     special = set(model.special_token_ids)
@@ -114,9 +120,9 @@ def encode_view(model: ModelInfo, saes: list[SAEInfo], result: EncodeResult, que
                        "total": [v if s else 0.0 for v, s in zip(enc.total, shown)]})
         token_features.append({"sae_id": sae.id, "layer": sae.layer, "site": sae.site, "counted": enc.counted[selected],
                                "l0": enc.l0[selected],
-                               "features": [_feature_row(sae, f, a) for f, a in enc.token_top[selected][: query.top]]})
+                               "features": [live_feature(sae, f, a) for f, a in enc.token_top[selected][: query.top]]})
         prompt_features.append({"sae_id": sae.id, "layer": sae.layer, "site": sae.site,
-                                "features": [dict(_feature_row(sae, f, a), pos=p, token=vocab[ids[p]])
+                                "features": [dict(live_feature(sae, f, a), pos=p, token=vocab[ids[p]])
                                              for f, a, p in enc.prompt_top[: query.top]]})
 
     highlight = None
@@ -125,7 +131,7 @@ def encode_view(model: ModelInfo, saes: list[SAEInfo], result: EncodeResult, que
         sae, index = wanted
         acts = result.saes[sae.id].columns.get(index, [])
         counted = result.saes[sae.id].counted
-        highlight = dict(_feature_row(sae, index, max((a for a, c in zip(acts, counted) if c), default=0.0)), acts=acts,
+        highlight = dict(live_feature(sae, index, max((a for a, c in zip(acts, counted) if c), default=0.0)), acts=acts,
                          counted=counted, links=_live_links(links or {}, result, selected))
 
     return {
@@ -165,9 +171,9 @@ def search_results(saes: list[SAEInfo], result: EncodeResult, query: EncodeQuery
     for sae in saes:
         enc = result.saes[sae.id]
         if query.scope == "token":
-            found = [dict(_feature_row(sae, f, a), pos=selected) for f, a in enc.token_top[selected]]
+            found = [dict(live_feature(sae, f, a), pos=selected) for f, a in enc.token_top[selected]]
         else:
-            found = [dict(_feature_row(sae, f, a), pos=p) for f, a, p in enc.prompt_top]
+            found = [dict(live_feature(sae, f, a), pos=p) for f, a, p in enc.prompt_top]
         rows.extend(r for r in found if query.max_density is None or r["density"] <= query.max_density)
     keys = {
         "activation": lambda r: -r["activation"],
@@ -180,33 +186,8 @@ def search_results(saes: list[SAEInfo], result: EncodeResult, query: EncodeQuery
             "total": len(rows), "results": rows[:SEARCH_ROWS]}
 
 
-def feature_test_view(model: ModelInfo, sae: SAEInfo, index: int, text: str, result: EncodeResult) -> FeatureTestView:
-    """One feature's activation on every token of the test box's text."""
-    vocab = token_texts(model)
-    enc = result.saes[sae.id]
-    acts = enc.columns.get(index, [0.0] * len(result.token_ids))
-    row = _feature_row(sae, index, max((a for a, c in zip(acts, enc.counted) if c), default=0.0))
-    return {"model_id": model.id, "sae_id": sae.id, "index": index, "text": text, "max_act": row["max_act"],
-            "activation": row["activation"], "relative": row["relative"],
-            "tokens": [{"pos": i, "token_id": t, "text": vocab[t], "activation": a, "counted": c}
-                       for i, (t, a, c) in enumerate(zip(result.token_ids, acts, enc.counted))],
-            "timing": {"queue_ms": result.queue_ms, "model_ms": result.model_ms, "batch_size": result.batch_size}}
 
-
-def steer_view(model: ModelInfo, features: list[tuple[SAEInfo, int, float]], text: str, n_tokens: int,
-               temperature: float, seed: int, result: SteerResult | None, limits: dict[str, Any]) -> SteerView:
-    vocab = token_texts(model)
-
-    def continuation(c) -> dict[str, Any]:
-        return {"text": "".join(vocab[t] for t in c.token_ids),
-                "tokens": [{"token_id": t, "text": vocab[t], "logprob": lp} for t, lp in zip(c.token_ids, c.logprobs)]}
-
-    return {
-        "model_id": model.id, "text": text, "n_tokens": n_tokens, "temperature": temperature, "seed": seed,
-        "features": [dict(_feature_row(sae, index, 0.0), strength=strength) for sae, index, strength in features],
-        "prompt_tokens": [vocab[t] for t in result.prompt_ids] if result else [],
-        "default": continuation(result.default) if result else None,
-        "steered": continuation(result.steered) if result else None,
-        "timing": {"model_ms": result.model_ms} if result else None,
-        "limits": limits,
-    }
+def linked_keys(view: EncodeView) -> set[str]:
+    """The "SAE:INDEX" of every feature linked to the highlighted one: the page marks them in its lists."""
+    links = view["highlight"]["links"] if view["highlight"] else {}
+    return {f"{link['sae_id']}:{link['feature']}" for group in links.values() for link in group}
