@@ -24,7 +24,7 @@ from featurescope.app.token_html import display_form, display_forms
 from featurescope.app.views.encode import EncodeQuery, Metric, SearchScope, SearchSort, encode_view, linked_keys, selected_saes
 from featurescope.app.views.feature import feature_links
 from featurescope.app.views.feature_test import feature_test_view
-from featurescope.app.views.sae import DENSE_THRESHOLD
+from featurescope.schema import DENSE_THRESHOLD
 from featurescope.app.views.steer import steer_view
 from featurescope.app.deps import CatalogDep, RendererDep, SettingsDep, UrlsDep
 from featurescope.app.errors import InvalidParameter

@@ -11,7 +11,8 @@ from fastapi.responses import Response
 from pydantic import BeforeValidator, Field
 
 from featurescope.app import charts
-from featurescope.app.views.sae import DENSE_THRESHOLD, FeatureQuery, Show, SortKey, sae_view
+from featurescope.app.views.sae import FeatureQuery, Show, SortKey, sae_view
+from featurescope.schema import DENSE_THRESHOLD
 from featurescope.app.deps import CatalogDep, RendererDep, UrlsDep
 from featurescope.app.twin_models import SAEView
 from featurescope.app.twins import page

@@ -15,7 +15,7 @@ from featurescope.app.errors import InvalidParameter, NotFound
 from featurescope.app.live import EncodeResult
 from featurescope.app.stored import feature_briefs, token_texts
 from featurescope.app.twin_models import EncodeView, LiveFeature
-from featurescope.app.views.sae import DENSE_THRESHOLD
+from featurescope.schema import DENSE_THRESHOLD
 
 SearchScope = Literal["text", "token"]
 SearchSort = Literal["activation", "relative", "density", "layer"]
