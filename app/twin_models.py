@@ -302,6 +302,7 @@ class LayerRow(TypedDict):
     counted: list[bool]
     l0: list[int]
     total: list[float]
+    shade: list[float]  # each cell's value (of the `metric` shown) relative to the row's largest
 
 
 @closed

@@ -275,6 +275,20 @@ def test_the_test_box_and_the_encode_page_shade_each_token_by_one_rule(client, m
     assert [t.attrs.get("style", "") for t in page_tokens] == expected
     assert "excluded" in page_tokens[0].attrs["class"].split() and "excluded" in box_tokens[0].attrs["class"].split()
 
+def test_the_token_by_layer_grid_shades_each_cell_by_its_rows_largest_value_of_the_metric_shown(client, model_id):
+    text = "The capital of France is Paris."
+    for metric, key in (("count", "l0"), ("strength", "total")):
+        params = {"text": text, "metric": metric}
+        layers = client.get(f"/{model_id}/-/encode.json", params=params).json()["layers"]
+        page = parse_html(client.get(f"/{model_id}/-/encode", params=params).text)
+        rows = page.find("table", cls="layer-grid").find("tbody").find_all("tr")
+        assert any(max(layer[key]) > 0 for layer in layers)
+        for layer, row in zip(layers, rows, strict=True):
+            top = max(layer[key])  # a row where nothing fires stays unshaded
+            assert layer["shade"] == pytest.approx([v / top if top else 0.0 for v in layer[key]])
+            assert [td.attrs["style"] for td in row.find_all("td")] == [f"--a:{a:.2f}" for a in layer["shade"]]
+
+
 def test_errors_answered_to_htmx_replace_the_target_with_the_message(client, model_id):
     response = client.get(f"/{model_id}/3-res-c/5/-/test", params={"text": "word " * 200},
                           headers={"HX-Request": "true", "HX-Target": "test-result"})

@@ -115,9 +115,12 @@ def encode_view(model: ModelInfo, saes: list[SAEInfo], result: EncodeResult, que
     for sae in saes:
         enc = result.saes[sae.id]
         shown = [query.include_special or c for c in enc.counted]
+        l0 = [v if s else 0 for v, s in zip(enc.l0, shown)]
+        total = [v if s else 0.0 for v, s in zip(enc.total, shown)]
+        cells = l0 if query.metric == "count" else total
+        top = max(max(cells, default=0), 1e-9)
         layers.append({"sae_id": sae.id, "layer": sae.layer, "site": sae.site, "counted": enc.counted,
-                       "l0": [v if s else 0 for v, s in zip(enc.l0, shown)],
-                       "total": [v if s else 0.0 for v, s in zip(enc.total, shown)]})
+                       "l0": l0, "total": total, "shade": [v / top for v in cells]})
         token_features.append({"sae_id": sae.id, "layer": sae.layer, "site": sae.site, "counted": enc.counted[selected],
                                "l0": enc.l0[selected],
                                "features": [live_feature(sae, f, a) for f, a in enc.token_top[selected][: query.top]]})
