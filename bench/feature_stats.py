@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/feature_stats.py                  # F = 4096 and 16384, B = 16, T = 128
     .venv/bin/python bench/feature_stats.py --widths 4096 --batches 30 --device cuda
-    .venv/bin/python bench/feature_stats.py --threads 1 --keep-interval-acts   # no second pass for interval examples
+    .venv/bin/python bench/feature_stats.py --threads 1
 
 Activations come from a random JumpReLU SAE (d_in 576, SmolLM2's width) whose thresholds give each feature a
 log-normal firing rate with mean L0 ~ 70, like Gemma Scope; BOS (position 0) is masked. The first batches
@@ -44,11 +44,10 @@ def timed(fn, sync) -> float:
     return time.perf_counter() - start
 
 
-def bench(d_sae: int, batch: int, ctx: int, n_batches: int, warmup: int, device: torch.device,
-          keep_interval_acts: bool) -> None:
+def bench(d_sae: int, batch: int, ctx: int, n_batches: int, warmup: int, device: torch.device) -> None:
     sae = random_sae(576, d_sae, l0=70).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    stats = FeatureStats(d_sae, ctx, keep_interval_acts=keep_interval_acts, device=device)
+    stats = FeatureStats(d_sae, ctx, device=device)
     mask = torch.ones(batch, ctx, dtype=torch.bool, device=device)
     mask[:, 0] = False
     g = torch.Generator().manual_seed(1)
@@ -72,8 +71,7 @@ def bench(d_sae: int, batch: int, ctx: int, n_batches: int, warmup: int, device:
     print(f"d_sae={d_sae:6d} B={batch} T={ctx} L0={sum(l0) / len(l0):5.1f} | matmul {mm:7.1f} ms | encode {enc:7.1f} ms"
           f" | update {upd:7.1f} ms steady ({first:6.1f} ms over the first {warmup}) | update/matmul {upd / mm:.2f}"
           f" | update/encode {upd / enc:.2f} | finalize {t_fin:.2f} s"
-          f" | state {expected_memory_bytes(d_sae, ctx, keep_interval_acts=keep_interval_acts) / 2**20:.0f} MiB"
-          f"{' (interval token acts kept)' if keep_interval_acts else ''}")
+          f" | state {expected_memory_bytes(d_sae) / 2**20:.1f} MiB ({expected_memory_bytes(d_sae) / d_sae:.0f} B/feature)")
 
 
 def main() -> None:
@@ -85,7 +83,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--keep-interval-acts", action="store_true", help="FeatureStats(keep_interval_acts=True)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,8 +90,7 @@ def main() -> None:
     print(f"load average {load} |", end=" ")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     for d_sae in args.widths:
-        bench(d_sae, args.batch, args.ctx, args.batches, args.warmup, torch.device(args.device),
-              args.keep_interval_acts)
+        bench(d_sae, args.batch, args.ctx, args.batches, args.warmup, torch.device(args.device))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from featurescope.cli_options import setting
 from featurescope.precompute.corpus_sources import CorpusSpec
 
 # Part of every run id: bump it when a code change alters what a run stores, so old runs are not reused.
-RESULTS_VERSION = 5  # 3: cross-layer links; 4: one row per feature (schema 0004); 5: id of every result field
+RESULTS_VERSION = 6  # 3: cross-layer links; 4: one row per feature (schema 0004); 5: id of every result field;
+# 6: bounded streaming state (128-sub-bin histograms, examples re-encoded)
 # Metadata of a field that cannot change what a run stores: it stays out of the run's id.
 SAME_RESULT = {"result": False}
 SAMPLES = ("first", "spread")
@@ -39,14 +40,11 @@ class PrecomputeConfig:
     top_k: int = setting(20, "Top examples kept per feature.")
     n_intervals: int = setting(5, "Equal-width activation intervals from 0 to the max.")
     examples_per_interval: int = setting(5, "Examples sampled per interval.")
-    # "auto": keep when that fits in a quarter of the device's memory
-    interval_acts: str = setting("auto", "Interval samples' per-token acts: keep (memory), reencode (a partial second "
-                                 "pass) or auto.", metadata=SAME_RESULT)
     links: bool = setting(True, "Cross-layer links between the SAEs of neighbouring layers/sites (precompute/links.py).")
     links_per_neighbour: int = setting(TOP_N, "Links kept per feature and neighbouring SAE, by co-activation and by "
                                        "weights each.", min=1)
     links_peak_width: int = setting(PEAK_WIDTH, "A neighbour's strongest features kept at each top example's peak "
-                                    "token; memory: top_k x this x neighbours x 8 bytes per feature.", min=1)
+                                    "token; memory at the end of the run: distinct peak positions x this x 8 bytes per SAE.", min=1)
     device: str = setting("auto", "auto, cpu, cuda or mps.", metadata=SAME_RESULT)
     dtype: str = setting("float32", "Model dtype: float32, bfloat16 or float16 (SAEs always run in float32).")
     data_dir: str = setting("data", "Where runs, checkpoints and published DuckDB files go.", metadata=SAME_RESULT)

@@ -4,65 +4,54 @@
     for ids, context_ids, content_mask in batches:           # content_mask: False at BOS/EOS/pad
         stats.update(encoder(ids)["20-res-16k"], context_ids, content_mask)
         torch.save(stats.state_dict(), ckpt)                  # resume: FeatureStats.from_state_dict(...)
-    result = stats.finalize()                                 # plain dict of CPU tensors for the DB writer
+    result = stats.finalize()                                 # plain dict of CPU tensors
+    # then precompute/examples.py re-encodes the few contexts `result` names for their per-token acts
 
-What it keeps, per feature f (memory depends on d_sae and the settings, never on the corpus size):
-- the top-k contexts by their max activation, with the max position and the per-token activations;
-- the number of firing content tokens (act > 0), the max, and an exact fixed-point sum (-> mean);
+The state is small and bounded: STATE_BYTES_PER_FEATURE(k, s) = 12 + 4 * FINE_BINS + 10 k + 4 * UNITS * s
+bytes per feature, 2,004 at the defaults (top_k 20, 5 samples per interval), whatever the corpus size,
+context length or number of neighbouring SAEs. Per feature f it keeps:
+- the top-k contexts by their max activation: one int64 key (the max's float bits, then the context id)
+  and the max position (int16). Their per-token activations are not kept: the job re-encodes the contexts
+  they name at the end (precompute/examples.py), which costs one encoder pass over those contexts only;
+- the number of firing content tokens (act > 0, in the histogram), the max, and an exact fixed-point sum;
 - a fine histogram of non-zero activations: FINE_BINS equal sub-bins over [0, R_f), where R_f is the
   smallest power of two strictly above the running max. When the max crosses R_f, R_f doubles and
   sub-bins merge pairwise, which is exact, so the state never depends on batch order or splits;
 - interval candidates: over the same [0, R_f) split into UNITS equal units, the `examples_per_interval`
   contexts with the lowest pseudo-random priority hash(context id, feature) among the contexts whose
-  max falls in that unit. Bottom-s by a fixed priority is a uniform sample without replacement, and
-  the bottom-s of a union is the bottom-s of the bottom-s sets: doubling and `merge` stay exact.
+  max falls in that unit; only the context id is kept (int32), the priority is recomputed from it. Bottom-s
+  by a fixed priority is a uniform sample without replacement, and the bottom-s of a union is the
+  bottom-s of the bottom-s sets: doubling and `merge` stay exact.
 
-`finalize` groups sub-bins into the 50 displayed histogram bins and units into the `n_intervals`
-equal-width intervals over [0, max]; interval edges sit on unit boundaries (within R_f/UNITS <= max/32
+`finalize` groups sub-bins into at most 50 displayed histogram bins and units into the `n_intervals`
+equal-width intervals over [0, max]; interval edges sit on unit boundaries (within R_f/UNITS/2 <= max/64
 of linspace(0, max, n+1)) and are returned as they are, so labels, shares and samples agree exactly.
 
-Per-token activations are always stored for the top-k contexts ([d_sae, k, T] float32, gathered only
-when a context enters). For interval samples there are two options:
-- default (bounded, small memory): not kept. Every unit may end up supplying a sample, so that would be
-  UNITS * examples_per_interval rows per feature (160 KB per feature at T=128, ~8x the rest of the
-  state). The writer re-encodes the contexts in `example_context_ids(result)` with the same encoder and
-  calls `fill_example_acts` on each batch. On a small corpus nearly every context is some feature's
-  sample (measured: all 896 of 896 contexts at 4096 features), so this is a second encoder pass.
-- keep_interval_acts=True: kept on the device and returned as "interval_token_acts", no second pass,
-  for ~30% more update() time and the memory above (see `expected_memory_bytes`).
-
-Peak co-activations (coact_width=P > 0, for the cross-layer links of precompute/links.py): update() then
-takes, per position, P (feature id, activation) pairs of other SAEs (their strongest features at that
-token), and each top-k slot keeps the pairs of its max position, [d_sae, k, P]. They are gathered only
-when a context enters the top-k, like the per-token acts, so the links need no second pass.
-
-finalize() returns (F = d_sae, k = top_k, n = n_intervals, s = examples_per_interval, T = context_len;
-every tensor on the CPU; "empty" rows hold context id -1, position -1, activation 0):
+finalize() returns (F = d_sae, k = top_k, n = n_intervals, s = examples_per_interval; every tensor on the
+CPU; "empty" rows hold context id -1, position -1, activation 0):
     n_tokens, n_contexts      int: content tokens and contexts seen
     n_firing [F] int64        content tokens with act > 0;  density [F] float64 = n_firing / n_tokens
     max_act [F] float32;  mean_act [F] float64 (over firing tokens; exact to 2**-21 per activation)
-    hist_counts [F, hist_bins=50] int64, hist_bin_width [F] float32: bin i holds acts in [i*w, (i+1)*w); the
-        bins cover [0, max] and at most ~10% beyond it (trailing bins may be empty); w = 0 if dead
-    top_ctx [F, k] int64, top_act [F, k] float32, top_pos [F, k] int32, top_token_acts [F, k, T] float32:
-        strongest first (ties: lower context id); token acts are 0 at special positions
+    hist_counts [F, hist_bins] int64, hist_bin_width [F] float32, hist_n_bins [F] int64: bin i holds acts
+        in [i*w, (i+1)*w); the first hist_n_bins bins cover [0, max] (the max lies in the last of them),
+        later ones are empty; w = 0 and hist_n_bins = 0 if dead
+    top_ctx [F, k] int64, top_act [F, k] float32, top_pos [F, k] int32: strongest first (ties: lower
+        context id, then the first position)
     interval_lo / interval_hi [F, n] float32: interval i holds context maxima / activations in [lo, hi)
     interval_count [F, n] int64 firing tokens in it;  interval_share [F, n] float64 = count / n_firing
-    interval_ctx [F, n, s] int64, interval_act [F, n, s] float32, interval_pos [F, n, s] int32: a uniform
-        sample of the contexts whose max lies in the interval, strongest first
-    interval_token_acts [F, n, s, T] float32: only with keep_interval_acts=True
-    top_coact_ids [F, k, P] int32, top_coact_acts [F, k, P] float32: only with coact_width=P > 0, the
-        pairs passed to update() at each top example's max position (0 for empty slots)
+    interval_ctx [F, n, s] int64: a uniform sample of the contexts whose max lies in the interval, in
+        priority order (their max activation and position come from the re-encoding, which also orders them)
 
 Tie-breaks are deterministic (equal max activation: lower context id first; equal values within a
 context: first position), so results are identical for any batch size, order of batches or split.
-Context ids must be unique, in [0, 2**32).
+Context ids must be unique, in [0, 2**31 - 1).
 """
 
 from __future__ import annotations
 
 import torch
 
-FINE_BITS = 10
+FINE_BITS = 7
 FINE_BINS = 1 << FINE_BITS  # histogram sub-bins over [0, R_f); a power of two so v * FINE_BINS / R_f is exact
 UNIT_BITS = 6
 UNITS = 1 << UNIT_BITS  # interval-sampling units over [0, R_f)
@@ -71,11 +60,20 @@ EMPTY_EXP = -(1 << 20)  # range exponent of a feature that never fired
 PRIME = 2_147_483_647  # 2**31 - 1: hash arithmetic stays below 2**63 on every device
 INT64_MAX = torch.iinfo(torch.int64).max
 LOW32 = 0xFFFFFFFF
-MAX_TOKENS = 2**31 - 1  # per FeatureStats: fine_hist counts are int32 (half the memory of int64)
+MAX_CONTEXT_ID = 2**31 - 2  # context ids are kept as int32 (-1 = empty slot)
+MAX_CONTEXT_LEN = 2**15 - 1  # positions are kept as int16
+MAX_TOKENS = 2**31 - 1  # per FeatureStats: fine_hist counts are int32
+STATE_TENSORS = ("n_tokens", "n_contexts", "max", "sum_fixed", "fine_hist", "top_key", "top_pos", "cand_ctx")
 
-OPTION_DEFAULTS = {"keep_interval_acts": False, "coact_width": 0}  # settings added after the first checkpoints
-STATE_TENSORS = ("n_tokens", "n_contexts", "max", "sum_fixed", "fine_hist", "top_key", "top_pos", "top_acts",
-                 "cand_prio", "cand_val", "cand_pos")
+
+def state_bytes_per_feature(top_k: int = 20, examples_per_interval: int = 5) -> int:
+    """Bytes of streaming state per feature: max, sum, histogram, top-k keys + positions, candidates."""
+    return 4 + 8 + 4 * FINE_BINS + top_k * (8 + 2) + UNITS * examples_per_interval * 4
+
+
+def expected_memory_bytes(d_sae: int, top_k: int = 20, examples_per_interval: int = 5) -> int:
+    """State size of one FeatureStats (what the group planner budgets; the scalars are left out)."""
+    return d_sae * state_bytes_per_feature(top_k, examples_per_interval)
 
 
 def priority_hash(context_ids: torch.Tensor, features: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -121,16 +119,18 @@ class FeatureStats:
 
     def __init__(self, d_sae: int, context_len: int, top_k: int = 20, n_intervals: int = 5,
                  examples_per_interval: int = 5, hist_bins: int = 50, seed: int = 0,
-                 keep_interval_acts: bool = False, coact_width: int = 0, device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu"):
         if not 1 <= n_intervals <= UNITS // 2:
             raise ValueError(f"n_intervals must be in [1, {UNITS // 2}], got {n_intervals}.")
         if not 1 <= hist_bins <= FINE_BINS // 2:
             raise ValueError(f"hist_bins must be in [1, {FINE_BINS // 2}], got {hist_bins}.")
         if min(d_sae, context_len, top_k, examples_per_interval) < 1:
             raise ValueError("d_sae, context_len, top_k and examples_per_interval must be positive.")
+        if context_len > MAX_CONTEXT_LEN:
+            raise ValueError(f"context_len must be at most {MAX_CONTEXT_LEN}, got {context_len}.")
         self.d_sae, self.context_len, self.top_k = d_sae, context_len, top_k
         self.n_intervals, self.examples_per_interval, self.hist_bins = n_intervals, examples_per_interval, hist_bins
-        self.seed, self.keep_interval_acts, self.coact_width = seed, keep_interval_acts, coact_width
+        self.seed = seed
         self.device = torch.device(device)
         F, k, s, dev = d_sae, top_k, examples_per_interval, self.device
         self.n_tokens = torch.zeros((), dtype=torch.int64, device=dev)  # content tokens seen
@@ -140,39 +140,26 @@ class FeatureStats:
         self.fine_hist = torch.zeros(F, FINE_BINS, dtype=torch.int32, device=dev)
         # Top-k as unordered slots: key = float bits of the max << 32 | (2**32 - 1 - context id); -1 = empty.
         self.top_key = torch.full((F, k), -1, dtype=torch.int64, device=dev)
-        self.top_pos = torch.zeros(F, k, dtype=torch.int32, device=dev)
-        self.top_acts = torch.zeros(F, k, context_len, device=dev)
-        # Interval candidates per (feature, unit) in unordered slots: priority = hash << 32 | context id,
-        # INT64_MAX = empty.
-        self.cand_prio = torch.full((F, UNITS, s), INT64_MAX, dtype=torch.int64, device=dev)
-        self.cand_val = torch.zeros(F, UNITS, s, device=dev)
-        self.cand_pos = torch.zeros(F, UNITS, s, dtype=torch.int32, device=dev)
-        # Optional per-token acts of every candidate: no second pass, UNITS * s * T floats per feature.
-        self.cand_acts = torch.zeros(F, UNITS, s, context_len, device=dev) if keep_interval_acts else None
-        # Optional other SAEs' (feature, act) pairs at each top slot's max position: [F, k, coact_width].
-        self.top_coact_ids = torch.zeros(F, k, coact_width, dtype=torch.int32, device=dev)
-        self.top_coact_acts = torch.zeros(F, k, coact_width, device=dev)
+        self.top_pos = torch.zeros(F, k, dtype=torch.int16, device=dev)
+        # Interval candidates per (feature, unit) in unordered slots: context ids, -1 = empty.
+        self.cand_ctx = torch.full((F, UNITS, s), -1, dtype=torch.int32, device=dev)
 
     # ---------------------------------------------------------------- streaming
 
     @torch.no_grad()
-    def update(self, acts: torch.Tensor, context_ids: torch.Tensor, content_mask: torch.Tensor,
-               coacts: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def update(self, acts: torch.Tensor, context_ids: torch.Tensor, content_mask: torch.Tensor) -> None:
         """Add one batch: acts [B, T, d_sae], context_ids [B] (unique, never seen before), content_mask [B, T]
-        (False at BOS/EOS/pad: those positions never count). `acts` is only read. With coact_width = P,
-        coacts = (ids [B, T, P] int, acts [B, T, P] float): what a top slot keeps of its max position."""
+        (False at BOS/EOS/pad: those positions never count). `acts` is only read."""
         B, T, F = acts.shape
         if F != self.d_sae or T > self.context_len:
             raise ValueError(f"acts has shape {tuple(acts.shape)}; expected [B, <= {self.context_len}, {self.d_sae}].")
         if tuple(context_ids.shape) != (B,) or tuple(content_mask.shape) != (B, T):
             raise ValueError("context_ids must be [B] and content_mask [B, T] for acts [B, T, d_sae].")
-        if self.coact_width and (coacts is None or any(tuple(c.shape) != (B, T, self.coact_width) for c in coacts)):
-            raise ValueError(f"coacts must be two [B, T, {self.coact_width}] tensors (ids, acts) for coact_width {self.coact_width}.")
         acts = acts.to(self.device, torch.float32)
         context_ids = context_ids.to(self.device, torch.int64)
         content_mask = content_mask.to(self.device, torch.bool)
-        if bool(((context_ids < 0) | (context_ids > LOW32)).any()):
-            raise ValueError("context ids must lie in [0, 2**32).")
+        if bool(((context_ids < 0) | (context_ids > MAX_CONTEXT_ID)).any()):
+            raise ValueError(f"context ids must lie in [0, {MAX_CONTEXT_ID}].")
         self._check_capacity(B * T)
 
         flat = acts.reshape(-1)
@@ -208,15 +195,9 @@ class FeatureStats:
         self.n_tokens += content_mask.sum()
         self.n_contexts += B
 
-        self._merge_top(p_f, p_b, p_val, p_pos, p_ctx, acts, content_mask, coacts)
+        self._merge_top(p_f, p_b, p_val, p_pos, p_ctx, B)
         unit = (p_val * _pow2(UNIT_BITS - exp).index_select(0, p_f)).long()
-        self._insert_candidates(p_f, unit, self._priority(p_ctx, p_f), p_val, p_pos.int(),
-                                lambda sel: self._rows(acts, content_mask, p_b.index_select(0, sel),
-                                                       p_f.index_select(0, sel)))
-
-    def _rows(self, acts, content_mask, b, f) -> torch.Tensor:
-        rows = token_acts(acts, content_mask, b, f)  # [n, T]
-        return torch.nn.functional.pad(rows, (0, self.context_len - rows.shape[1]))  # [n, context_len]
+        self._insert_candidates(p_f, unit, p_ctx)
 
     def _check_capacity(self, more_tokens: int) -> None:
         if int(self.n_tokens) + more_tokens > MAX_TOKENS:  # int32 histogram counts must not wrap
@@ -224,17 +205,19 @@ class FeatureStats:
                                 "the fixed-point sums then stay exact for mean activations below 4096).")
 
     def _priority(self, ctx: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
-        return (priority_hash(ctx, feat, self.seed) << 32) | ctx
+        """Sampling priority of context ctx for feature feat (int64, unique per context); INT64_MAX where ctx < 0."""
+        prio = (priority_hash(ctx, feat, self.seed) << 32) | ctx.clamp(min=0)
+        return torch.where(ctx >= 0, prio, INT64_MAX)
 
-    def _merge_top(self, p_f, p_b, p_val, p_pos, p_ctx, acts, content_mask, coacts=None) -> None:
-        """Merge the batch's firing pairs into the top-k slots; gather per-token acts only for entrants."""
+    def _merge_top(self, p_f, p_b, p_val, p_pos, p_ctx, B: int) -> None:
+        """Merge the batch's firing (context, feature) pairs into the top-k slots."""
         key = (p_val.view(torch.int32).long() << 32) | (LOW32 - p_ctx)
         enters = (key > self.top_key.amin(1).index_select(0, p_f)).nonzero().squeeze(1)
         if enters.numel() == 0:
             return
         p_f, p_b, key, p_pos = (x.index_select(0, enters) for x in (p_f, p_b, key, p_pos))
         feats, local = torch.unique(p_f, return_inverse=True)  # [H] features with entrants
-        B, H, k = acts.shape[0], feats.numel(), self.top_k
+        H, k = feats.numel(), self.top_k
         new_key = torch.full((H, B), -2, dtype=torch.int64, device=self.device)  # -2 < empty slot (-1)
         new_key[local, p_b] = key
         both = torch.cat([self.top_key[feats], new_key], 1)  # [H, k + B]
@@ -246,41 +229,34 @@ class FeatureStats:
         slot = feats.index_select(0, out_h) * k + out_slot  # into [F * k]
         src = in_h * B + in_b  # into [H * B]
         self.top_key.view(-1).index_copy_(0, slot, new_key.view(-1).index_select(0, src))
-        pos_of = torch.zeros(H, B, dtype=torch.int32, device=self.device)
-        pos_of[local, p_b] = p_pos.int()
-        in_pos = pos_of.view(-1).index_select(0, src)
-        self.top_pos.view(-1).index_copy_(0, slot, in_pos)
-        rows = self._rows(acts, content_mask, in_b, feats.index_select(0, in_h))
-        self.top_acts.view(-1, self.context_len).index_copy_(0, slot, rows)
-        if self.coact_width:
-            at = in_b * acts.shape[1] + in_pos.long()  # (context, max position) of each admitted newcomer
-            for mine, theirs in ((self.top_coact_ids, coacts[0]), (self.top_coact_acts, coacts[1])):
-                mine.view(-1, self.coact_width).index_copy_(
-                    0, slot, theirs.to(self.device, mine.dtype).reshape(-1, self.coact_width).index_select(0, at))
+        pos_of = torch.zeros(H, B, dtype=torch.int16, device=self.device)
+        pos_of[local, p_b] = p_pos.to(torch.int16)
+        self.top_pos.view(-1).index_copy_(0, slot, pos_of.view(-1).index_select(0, src))
 
-    def _insert_candidates(self, feat, unit, prio, val, pos, rows_of=None) -> None:
-        """Merge (feature, unit, priority, value, position) entries into the bottom-s sets of their cells.
-        A cell's s slots are unordered (finalize sorts); a newcomer takes the slot of an evicted entry, so
-        nothing else moves. With keep_interval_acts, rows_of(entry indices) gives per-token acts [n, T]."""
+    def _insert_candidates(self, feat: torch.Tensor, unit: torch.Tensor, ctx: torch.Tensor) -> None:
+        """Merge (feature, unit, context) entries into the bottom-s sets of their cells. A cell's s slots are
+        unordered (finalize sorts); a newcomer takes the slot of an evicted entry, so nothing else moves."""
         s = self.examples_per_interval
         cell = feat * UNITS + unit
-        cells_prio = self.cand_prio.view(-1, s)
-        fits = (prio < cells_prio.index_select(0, cell).amax(1)).nonzero().squeeze(1)  # beats the cell's worst
+        prio = self._priority(ctx, feat)
+        cells_ctx = self.cand_ctx.view(-1, s)
+        worst = self._priority(cells_ctx.index_select(0, cell).long(), feat[:, None]).amax(1)
+        fits = (prio < worst).nonzero().squeeze(1)  # beats the cell's worst
         if fits.numel() == 0:
             return
-        cell, prio = cell.index_select(0, fits), prio.index_select(0, fits)
+        cell, prio, feat = cell.index_select(0, fits), prio.index_select(0, fits), feat.index_select(0, fits)
         order = prio.argsort()
         order = order[cell[order].argsort(stable=True)]  # grouped by cell, ascending priority inside
-        cell, prio, entry = cell[order], prio[order], fits[order]
+        cell, prio, feat = cell[order], prio[order], feat[order]
         cells, counts = torch.unique_consecutive(cell, return_counts=True)  # [m] touched cells
         group = torch.repeat_interleave(torch.arange(cells.numel(), device=self.device), counts)
         rank = torch.arange(cell.numel(), device=self.device) - (counts.cumsum(0) - counts)[group]
         top = (rank < s).nonzero().squeeze(1)  # only a cell's s best newcomers can enter
         new_prio = torch.full((cells.numel(), s), INT64_MAX, dtype=torch.int64, device=self.device)
-        new_entry = torch.zeros(cells.numel(), s, dtype=torch.int64, device=self.device)
         new_prio[group[top], rank[top]] = prio.index_select(0, top)
-        new_entry[group[top], rank[top]] = entry.index_select(0, top)
-        both = torch.cat([cells_prio.index_select(0, cells), new_prio], 1)  # [m, 2s]
+        cell_feat = torch.div(cells, UNITS, rounding_mode="trunc")
+        held = self._priority(cells_ctx.index_select(0, cells).long(), cell_feat[:, None])  # [m, s]
+        both = torch.cat([held, new_prio], 1)  # [m, 2s]
         chosen = torch.zeros_like(both, dtype=torch.bool)
         chosen.scatter_(1, both.topk(s, 1, largest=False, sorted=False).indices, True)
         # Pair evicted slots with admitted newcomers in order; a padding newcomer (INT64_MAX) only ever
@@ -290,12 +266,7 @@ class FeatureStats:
         incoming = new_prio[in_c, in_j]
         real = (incoming != INT64_MAX).nonzero().squeeze(1)
         slot = cells.index_select(0, out_c.index_select(0, real)) * s + out_slot.index_select(0, real)
-        src = new_entry[in_c, in_j].index_select(0, real)  # entry index of each admitted newcomer
-        self.cand_prio.view(-1).index_copy_(0, slot, incoming.index_select(0, real))
-        self.cand_val.view(-1).index_copy_(0, slot, val.index_select(0, src))
-        self.cand_pos.view(-1).index_copy_(0, slot, pos.index_select(0, src))
-        if self.cand_acts is not None:
-            self.cand_acts.view(-1, self.context_len).index_copy_(0, slot, rows_of(src))
+        self.cand_ctx.view(-1).index_copy_(0, slot, (incoming.index_select(0, real) & LOW32).int())
 
     def _rescale(self, old_exp: torch.Tensor, exp: torch.Tensor) -> None:
         """Re-express histogram and candidates of features whose range R_f grew from 2**old_exp to 2**exp."""
@@ -306,13 +277,11 @@ class FeatureStats:
         hist = self.fine_hist[grown]  # [g, FINE_BINS]
         target = torch.arange(FINE_BINS, device=self.device) >> shift.clamp(max=FINE_BITS)[:, None]
         self.fine_hist[grown] = torch.zeros_like(hist).scatter_add_(1, target, hist)
-        prio = self.cand_prio[grown]  # [g, UNITS, s]
-        g, unit, slot = (prio != INT64_MAX).nonzero(as_tuple=True)
-        val, pos, prio = self.cand_val[grown][g, unit, slot], self.cand_pos[grown][g, unit, slot], prio[g, unit, slot]
-        rows = self.cand_acts[grown][g, unit, slot] if self.cand_acts is not None else None  # [n, T]
-        self.cand_prio[grown] = INT64_MAX
-        self._insert_candidates(grown[g], unit >> shift.clamp(max=UNIT_BITS)[g], prio, val, pos,
-                                lambda sel: rows.index_select(0, sel))
+        held = self.cand_ctx[grown]  # [g, UNITS, s]
+        g, unit, slot = (held >= 0).nonzero(as_tuple=True)
+        ctx = held[g, unit, slot].long()
+        self.cand_ctx[grown] = -1
+        self._insert_candidates(grown[g], unit >> shift.clamp(max=UNIT_BITS)[g], ctx)
 
     # ---------------------------------------------------------------- merge and checkpoints
 
@@ -333,99 +302,90 @@ class FeatureStats:
         self.n_contexts += theirs.n_contexts
         self.sum_fixed += theirs.sum_fixed
         self.fine_hist += theirs.fine_hist
-        g, unit, slot = (theirs.cand_prio != INT64_MAX).nonzero(as_tuple=True)
-        rows = theirs.cand_acts[g, unit, slot] if self.cand_acts is not None else None  # [n, T]
-        self._insert_candidates(g, unit, theirs.cand_prio[g, unit, slot], theirs.cand_val[g, unit, slot],
-                                theirs.cand_pos[g, unit, slot], lambda sel: rows.index_select(0, sel))
+        g, unit, slot = (theirs.cand_ctx >= 0).nonzero(as_tuple=True)
+        self._insert_candidates(g, unit, theirs.cand_ctx[g, unit, slot].long())
         keys = torch.cat([self.top_key, theirs.top_key], 1)  # [F, 2k]
         pick = keys.topk(self.top_k, 1).indices
         self.top_key = keys.gather(1, pick)
         self.top_pos = torch.cat([self.top_pos, theirs.top_pos], 1).gather(1, pick)
-        acts = torch.cat([self.top_acts, theirs.top_acts], 1)  # [F, 2k, T]
-        self.top_acts = acts.gather(1, pick[:, :, None].expand(-1, -1, self.context_len)).contiguous()
-        for name in ("top_coact_ids", "top_coact_acts"):
-            both = torch.cat([getattr(self, name), getattr(theirs, name)], 1)  # [F, 2k, P]
-            setattr(self, name, both.gather(1, pick[:, :, None].expand(-1, -1, self.coact_width)).contiguous())
 
     def _settings(self) -> dict:
         return dict(d_sae=self.d_sae, context_len=self.context_len, top_k=self.top_k, n_intervals=self.n_intervals,
-                    examples_per_interval=self.examples_per_interval, hist_bins=self.hist_bins, seed=self.seed,
-                    keep_interval_acts=self.keep_interval_acts, coact_width=self.coact_width)
+                    examples_per_interval=self.examples_per_interval, hist_bins=self.hist_bins, seed=self.seed)
 
     def state_dict(self) -> dict:
         """Settings and a copy of the state tensors (on their device); torch.save it for a checkpoint."""
-        return {"settings": self._settings(), **{name: getattr(self, name).clone() for name in self._state_names()}}
-
-    def _state_names(self) -> tuple[str, ...]:
-        return (STATE_TENSORS + (("cand_acts",) if self.keep_interval_acts else ())
-                + (("top_coact_ids", "top_coact_acts") if self.coact_width else ()))
+        return {"settings": self._settings(), **{name: getattr(self, name).clone() for name in STATE_TENSORS}}
 
     def load_state_dict(self, state: dict) -> None:
-        settings = {**OPTION_DEFAULTS, **state["settings"]}  # checkpoints from before the options
-        if settings != self._settings():
-            raise ValueError(f"Checkpoint settings {settings} differ from {self._settings()}.")
-        for name in self._state_names():
+        if state["settings"] != self._settings():
+            raise ValueError(f"Checkpoint settings {state['settings']} differ from {self._settings()}.")
+        for name in STATE_TENSORS:
             mine = getattr(self, name)
-            if state[name].shape != mine.shape or state[name].dtype != mine.dtype:
-                raise ValueError(f"Checkpoint tensor {name} has {state[name].dtype}{tuple(state[name].shape)}, "
-                                 f"expected {mine.dtype}{tuple(mine.shape)}.")
+            if name not in state or state[name].shape != mine.shape or state[name].dtype != mine.dtype:
+                found = f"{state[name].dtype}{tuple(state[name].shape)}" if name in state else "nothing"
+                raise ValueError(f"Checkpoint tensor {name} has {found}, expected {mine.dtype}{tuple(mine.shape)}.")
             setattr(self, name, state[name].to(self.device).clone())
 
     @classmethod
     def from_state_dict(cls, state: dict, device: str | torch.device = "cpu") -> FeatureStats:
-        stats = cls(**{**OPTION_DEFAULTS, **state["settings"]}, device=device)
+        stats = cls(**state["settings"], device=device)
         stats.load_state_dict(state)
         return stats
+
+    def nbytes(self) -> int:
+        """Bytes held by the state tensors."""
+        return sum(getattr(self, name).nbytes for name in STATE_TENSORS)
 
     # ---------------------------------------------------------------- results
 
     @torch.no_grad()
-    def finalize(self) -> dict[str, torch.Tensor | int]:
+    def finalize(self, chunk: int = 1 << 16) -> dict[str, torch.Tensor | int]:
         """The statistics as a plain dict of CPU tensors, fields as in the module docstring. The state is
-        unchanged: streaming may go on after it."""
-        exp = range_exponent(self.max)
-        n_firing = self.fine_hist.sum(1, dtype=torch.int64)  # [F]
-        cum = torch.nn.functional.pad(self.fine_hist.cumsum(1, dtype=torch.int64), (1, 0))  # [F, FINE_BINS + 1]
-        out: dict[str, torch.Tensor | int] = {
-            "n_tokens": int(self.n_tokens), "n_contexts": int(self.n_contexts),
-            "n_firing": n_firing,
-            "density": n_firing.double() / max(int(self.n_tokens), 1),
-            "max_act": self.max.clone(),
-            "mean_act": self.sum_fixed.double() / float(1 << SUM_FRAC_BITS) / n_firing.clamp(min=1),
-        }
-        out.update(self._histogram(exp, cum))
-        out.update(self._top_examples())
-        out.update(self._intervals(exp, cum, n_firing))
-        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        unchanged: streaming may go on after it. Works through `chunk` features at a time, so the
+        temporaries stay bounded (~1 KB per feature of the chunk) whatever d_sae is."""
+        parts = [self._finalize_features(slice(start, min(start + chunk, self.d_sae)))
+                 for start in range(0, self.d_sae, chunk)]
+        out: dict[str, torch.Tensor | int] = {"n_tokens": int(self.n_tokens), "n_contexts": int(self.n_contexts)}
+        out.update({key: torch.cat([part[key] for part in parts]) for key in parts[0]})
+        return out
 
-    def _histogram(self, exp, cum) -> dict[str, torch.Tensor]:
+    def _finalize_features(self, rows: slice) -> dict[str, torch.Tensor]:
+        max_act, hist = self.max[rows], self.fine_hist[rows]
+        exp = range_exponent(max_act)
+        n_firing = hist.sum(1, dtype=torch.int64)  # [f]
+        cum = torch.nn.functional.pad(hist.cumsum(1, dtype=torch.int64), (1, 0))  # [f, FINE_BINS + 1]
+        out = {"n_firing": n_firing, "density": n_firing.double() / max(int(self.n_tokens), 1),
+               "max_act": max_act.clone(),
+               "mean_act": self.sum_fixed[rows].double() / float(1 << SUM_FRAC_BITS) / n_firing.clamp(min=1)}
+        out.update(self._histogram(max_act, exp, cum))
+        out.update(self._top_examples(rows))
+        out.update(self._intervals(rows, max_act, exp, cum, n_firing))
+        return {k: v.cpu() for k, v in out.items()}
+
+    def _histogram(self, max_act, exp, cum) -> dict[str, torch.Tensor]:
         nb = self.hist_bins
-        top_sub = (self.max * _pow2(FINE_BITS - exp)).long()  # sub-bin holding the max, in [S/2, S)
+        top_sub = (max_act * _pow2(FINE_BITS - exp)).long()  # sub-bin holding the max, in [S/2, S)
         width = (top_sub + nb) // nb  # sub-bins per displayed bin: ceil((top_sub + 1) / nb)
         edges = torch.arange(nb + 1, device=self.device) * width[:, None]  # [F, nb + 1] in sub-bins
         counts = cum.gather(1, edges.clamp(max=FINE_BINS)).diff(1)  # [F, nb]
-        fired = self.max > 0
+        fired = max_act > 0
         return {"hist_counts": counts,
-                "hist_bin_width": torch.where(fired, width.float() * _pow2(exp - FINE_BITS), 0.0)}
+                "hist_bin_width": torch.where(fired, width.float() * _pow2(exp - FINE_BITS), 0.0),
+                "hist_n_bins": torch.where(fired, top_sub // width + 1, 0)}
 
-    def _top_examples(self) -> dict[str, torch.Tensor]:
-        key, order = self.top_key.sort(1, descending=True)  # [F, k]
+    def _top_examples(self, rows: slice) -> dict[str, torch.Tensor]:
+        key, order = self.top_key[rows].sort(1, descending=True)  # [F, k]
         found = key >= 0
         ctx = torch.where(found, LOW32 - (key & LOW32), -1)
         act = torch.where(found, (key >> 32).int().view(torch.float32), 0.0)
-        pos = torch.where(found, self.top_pos.gather(1, order), -1)
-        token_acts = self.top_acts.gather(1, order[:, :, None].expand(-1, -1, self.context_len))  # [F, k, T]
-        out = {"top_ctx": ctx, "top_act": act, "top_pos": pos, "top_token_acts": token_acts}
-        if self.coact_width:
-            by_slot = order[:, :, None].expand(-1, -1, self.coact_width)
-            out["top_coact_ids"] = self.top_coact_ids.gather(1, by_slot)  # [F, k, P]
-            out["top_coact_acts"] = torch.where(found[:, :, None], self.top_coact_acts.gather(1, by_slot), 0.0)
-        return out
+        pos = torch.where(found, self.top_pos[rows].gather(1, order).int(), -1)
+        return {"top_ctx": ctx, "top_act": act, "top_pos": pos}
 
-    def _intervals(self, exp, cum, n_firing) -> dict[str, torch.Tensor]:
-        n, s, F = self.n_intervals, self.examples_per_interval, self.d_sae
-        fired = self.max > 0
-        max_units = self.max.double() * _pow2(UNIT_BITS - exp)  # max in units of R_f / UNITS, in [C/2, C)
+    def _intervals(self, rows: slice, max_act, exp, cum, n_firing) -> dict[str, torch.Tensor]:
+        n, s, F = self.n_intervals, self.examples_per_interval, max_act.shape[0]
+        fired = max_act > 0
+        max_units = max_act.double() * _pow2(UNIT_BITS - exp)  # max in units of R_f / UNITS, in [C/2, C)
         # Unit boundary nearest to each of linspace(0, max, n + 1); the last one is the first above the max.
         edges = torch.floor(max_units[:, None] * torch.arange(n + 1, device=self.device) / n + 0.5).long()
         edges[:, n] = max_units.long() + 1  # [F, n + 1], strictly increasing since max/n >= 6.4 units
@@ -435,7 +395,8 @@ class FeatureStats:
         hi = torch.where(fired[:, None], edges[:, 1:] * scale, 0.0)
         # Interval of each unit, then the bottom-s priorities of each interval among its units' candidates.
         unit_iv = (torch.arange(UNITS, device=self.device)[None, :, None] >= edges[:, None, 1:n]).sum(2)  # [F, C]
-        prio = self.cand_prio.view(F, UNITS * s)
+        features = torch.arange(rows.start, rows.stop, device=self.device)[:, None]
+        prio = self._priority(self.cand_ctx[rows].reshape(F, UNITS * s).long(), features)
         iv = torch.where(prio == INT64_MAX, n, unit_iv.repeat_interleave(s, 1))  # empty -> n (dropped)
         order = prio.argsort(1)
         order = order.gather(1, iv.gather(1, order).argsort(dim=1, stable=True))  # by interval, then priority
@@ -445,61 +406,6 @@ class FeatureStats:
         f_i, j = ((rank < s) & (iv_sorted < n)).nonzero(as_tuple=True)
         src, dst_iv, dst_rank = order[f_i, j], iv_sorted[f_i, j], rank[f_i, j]
         ctx = torch.full((F, n, s), -1, dtype=torch.int64, device=self.device)
-        act = torch.zeros(F, n, s, device=self.device)
-        pos = torch.full((F, n, s), -1, dtype=torch.int32, device=self.device)
         ctx[f_i, dst_iv, dst_rank] = prio[f_i, src] & LOW32
-        act[f_i, dst_iv, dst_rank] = self.cand_val.view(F, -1)[f_i, src]
-        pos[f_i, dst_iv, dst_rank] = self.cand_pos.view(F, -1)[f_i, src]
-        act, by_act = act.sort(dim=2, descending=True, stable=True)  # strongest first within an interval
-        out = {"interval_lo": lo, "interval_hi": hi, "interval_count": count,
-               "interval_share": count.double() / n_firing.clamp(min=1)[:, None],
-               "interval_ctx": ctx.gather(2, by_act), "interval_act": act, "interval_pos": pos.gather(2, by_act)}
-        if self.cand_acts is not None:
-            T = self.context_len
-            rows = torch.zeros(F, n, s, T, device=self.device)
-            rows[f_i, dst_iv, dst_rank] = self.cand_acts.view(F, -1, T)[f_i, src]
-            out["interval_token_acts"] = rows.gather(2, by_act[..., None].expand(-1, -1, -1, T))  # [F, n, s, T]
-        return out
-
-
-def token_acts(acts: torch.Tensor, content_mask: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """acts[b, :, f] * content_mask[b] for index vectors b, f: [n, T]. Gathered position by position
-    ([T, n] through index_select), which is ~3x faster on CPU than advanced indexing's strided rows."""
-    B, T, F = acts.shape
-    where = (b * (T * F) + f)[None, :] + torch.arange(T, device=acts.device)[:, None] * F  # [T, n]
-    rows = acts.reshape(-1).index_select(0, where.view(-1)).view(T, -1)  # [T, n]
-    rows *= content_mask.T.index_select(1, b)
-    return rows.T.contiguous()  # [n, T]
-
-
-def example_context_ids(result: dict) -> torch.Tensor:
-    """Sorted unique context ids of the interval samples: what the writer re-encodes for their per-token acts."""
-    ctx = result["interval_ctx"]
-    return torch.unique(ctx[ctx >= 0])
-
-
-@torch.no_grad()
-def fill_example_acts(example_ctx: torch.Tensor, context_ids: torch.Tensor, acts: torch.Tensor,
-                      content_mask: torch.Tensor, out: torch.Tensor) -> None:
-    """Copy per-token acts of one re-encoded batch into `out` wherever an example names one of its contexts.
-
-    example_ctx [F, ...] context ids (-1 = none), e.g. result["interval_ctx"] [F, n, s];
-    context_ids [B], acts [B, T, F], content_mask [B, T]; out [F, ..., T_out >= T] float32, filled in place
-    (special positions written as 0, like the top-k per-token acts).
-    """
-    F, T = acts.shape[2], acts.shape[1]
-    wanted = example_ctx.reshape(F, -1).to(acts.device)  # [F, m]
-    sorted_ids, order = context_ids.to(acts.device).sort()
-    where = torch.searchsorted(sorted_ids, wanted).clamp(max=sorted_ids.numel() - 1)
-    f, j = ((sorted_ids[where] == wanted) & (wanted >= 0)).nonzero(as_tuple=True)
-    b = order[where[f, j]]
-    rows = token_acts(acts, content_mask.to(acts.device), b, f).to(out.device)  # [hits, T]
-    out.view(F, -1, out.shape[-1])[f.to(out.device), j.to(out.device), :T] = rows
-
-
-def expected_memory_bytes(d_sae: int, context_len: int, top_k: int = 20, examples_per_interval: int = 5,
-                          keep_interval_acts: bool = False, coact_width: int = 0) -> int:
-    """State size of one FeatureStats, to plan how many SAEs fit on a device at once."""
-    per_feature = (4 + 8 + 4 * FINE_BINS + top_k * (8 + 4 + 4 * context_len + 8 * coact_width)
-                   + UNITS * examples_per_interval * (8 + 4 + 4 + (4 * context_len if keep_interval_acts else 0)))
-    return d_sae * per_feature
+        return {"interval_lo": lo, "interval_hi": hi, "interval_count": count,
+                "interval_share": count.double() / n_firing.clamp(min=1)[:, None], "interval_ctx": ctx}

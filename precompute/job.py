@@ -29,8 +29,9 @@ from featurescope.schema import DENSE_THRESHOLD
 from featurescope.sites import SiteActivations, parse_site
 from featurescope.precompute.config import SAMPLES, PrecomputeConfig
 from featurescope.precompute.corpus_sources import CorpusError, iter_texts
-from featurescope.precompute.feature_stats import FeatureStats, example_context_ids, expected_memory_bytes, fill_example_acts
-from featurescope.precompute.links import LinkPlan, cross_layer_links
+from featurescope.precompute.examples import ExampleActs
+from featurescope.precompute.feature_stats import FeatureStats
+from featurescope.precompute.links import LinkPlan, PeakTables, cross_layer_links
 from featurescope.precompute.static_stats import decoder_neighbours, logit_effect, unembedding
 from featurescope.precompute.writer import SAEResult, write_run_db
 
@@ -74,7 +75,7 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     shard's statistics instead (returns their path); with cfg.merge_shards it merges all n saved
     shards and publishes: exactly the result of one run over the whole corpus.
     `timings`, if given, receives seconds per phase: stream, finish, write, total, and links (the
-    cross-layer links' own share of stream + finish)."""
+    cross-layer links' own share of finish)."""
     started = time.time()
     lm, encoder, target = _prepare(cfg, lm)
     if target.exists() and not cfg.force:
@@ -89,17 +90,16 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     work_dir.mkdir(parents=True, exist_ok=True)
     if cfg.merge_shards:
         stats, previous_seconds = _merge_shard_files(cfg, work_dir, encoder)
-        stream_seconds, link_timer = 0.0, {}
+        stream_seconds = 0.0
     else:
         first, last = _shard_range(cfg, len(contexts))
         checkpoint = work_dir / _checkpoint_name(cfg)
         stats, next_context, previous_seconds = _start_or_resume(cfg, checkpoint, encoder, first, log)
-        link_timer = {}
-        stream_seconds = _stream(cfg, encode, stats, next_context, last, checkpoint, link_timer)
+        stream_seconds = _stream(cfg, encode, stats, next_context, last, checkpoint)
         if cfg.shard:
             return _save_shard(cfg, work_dir, stats, previous_seconds + stream_seconds, checkpoint, log)
-    log("Finishing: interval examples, logit effects, neighbours ...")
-    finish_started = time.time()
+    log("Finishing: the examples' per-token activations, logit effects, neighbours ...")
+    finish_started, link_timer = time.time(), {}
     results = _finish(cfg, lm, encode, stats, link_timer)
     finish_seconds = time.time() - finish_started
     write_started = time.time()
@@ -115,7 +115,7 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     _summary(log, target, contexts, stats, time.time() - started, write_seconds)
     if timings is not None:
         timings.update(stream=stream_seconds, finish=finish_seconds, write=write_seconds, total=time.time() - started,
-                       links=sum(link_timer.values()))
+                       links=link_timer.get("links", 0.0))
     return target
 
 
@@ -192,10 +192,8 @@ def _contexts(cfg: PrecomputeConfig, lm: LoadedModel) -> torch.Tensor:
 
 
 def _new_stats(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> dict[str, FeatureStats]:
-    keep, plan = _keep_interval_acts(cfg, encoder), _link_plan(cfg, encoder)
     return {name: FeatureStats(sae.d_sae, cfg.context_len, top_k=cfg.top_k, n_intervals=cfg.n_intervals,
-                               examples_per_interval=cfg.examples_per_interval, keep_interval_acts=keep,
-                               coact_width=plan.coact_width(name) if plan else 0, device=encoder.lm.device)
+                               examples_per_interval=cfg.examples_per_interval, device=encoder.lm.device)
             for name, sae in encoder.saes.items()}
 
 
@@ -204,23 +202,6 @@ def _link_plan(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> LinkPlan | Non
     if not cfg.links or len(encoder.saes) < 2:
         return None
     return LinkPlan(encoder.sites, {name: sae.d_sae for name, sae in encoder.saes.items()}, cfg.links_peak_width)
-
-
-def _keep_interval_acts(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> bool:
-    if cfg.interval_acts not in ("auto", "keep", "reencode"):
-        raise PrecomputeError(f"interval_acts must be auto, keep or reencode; got {cfg.interval_acts!r}.")
-    if cfg.interval_acts != "auto":
-        return cfg.interval_acts == "keep"
-    plan = _link_plan(cfg, encoder)
-    need = sum(expected_memory_bytes(sae.d_sae, cfg.context_len, cfg.top_k, cfg.examples_per_interval,
-                                     keep_interval_acts=True, coact_width=plan.coact_width(name) if plan else 0)
-               for name, sae in encoder.saes.items())
-    device = encoder.lm.device
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
-    else:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return need <= available // 4
 
 
 def _start_or_resume(cfg, checkpoint: Path, encoder: FeatureEncoder, first: int, log) -> tuple[dict, int, float]:
@@ -252,12 +233,11 @@ class _Encode:
         return self.encoder.encode_with_masks(self.contexts[index], site_acts=given)
 
 
-def _stream(cfg, encode: _Encode, stats: dict, start: int, stop: int, checkpoint: Path, link_timer: dict) -> float:
+def _stream(cfg, encode: _Encode, stats: dict, start: int, stop: int, checkpoint: Path) -> float:
     """The main loop over contexts [start, stop): one forward per batch, every SAE's statistics updated from it.
-    Returns the seconds it took; link_timer["stream"] gets the part spent on the links' peak co-activations."""
+    Returns the seconds it took."""
     encoder, contexts = encode.encoder, encode.contexts
     lm, T = encoder.lm, contexts.shape[1]
-    plan, link_timer["stream"] = _link_plan(cfg, encoder), 0.0
     first_of_range = _shard_range(cfg, len(contexts))[0]
     bar = tqdm(total=(stop - first_of_range) * T, initial=(start - first_of_range) * T, unit="tok", unit_scale=True,
                disable=not cfg.progress, dynamic_ncols=True,
@@ -269,12 +249,8 @@ def _stream(cfg, encode: _Encode, stats: dict, start: int, stop: int, checkpoint
         context_ids = torch.arange(first, first + len(ids), device=lm.device)
         # {sae: [B, T, d_sae]}, and per SAE the positions that count (never BOS/EOS/pad or norm outliers)
         feature_acts, masks = encode(rows)
-        # What each SAE's top slots keep of the other SAEs at their peak (cross-layer links; no second pass)
-        link_started = time.time()
-        peaks = plan.peaks(feature_acts, masks) if plan else {}
-        link_timer["stream"] += time.time() - link_started
         for name, acts in feature_acts.items():
-            stats[name].update(acts, context_ids, masks[name], coacts=plan.coacts(name, peaks) if plan else None)
+            stats[name].update(acts, context_ids, masks[name])
         bar.update(ids.numel())
         if cfg.checkpoint_every and batch_no % cfg.checkpoint_every == 0 and first + len(ids) < stop:
             _atomic_save({"next_context": first + len(ids), "elapsed": time.time() - started,
@@ -287,10 +263,11 @@ def _stream(cfg, encode: _Encode, stats: dict, start: int, stop: int, checkpoint
 def _finish(cfg, lm: LoadedModel, encode: _Encode, stats: dict, link_timer: dict) -> list[SAEResult]:
     encoder = encode.encoder
     finals = {name: s.finalize() for name, s in stats.items()}
-    interval_acts = _interval_token_acts(cfg, encode, finals)
-    link_started, plan = time.time(), _link_plan(cfg, encoder)
-    links = cross_layer_links(plan, finals, encoder.saes, top_n=cfg.links_per_neighbour) if plan else {}
-    link_timer["finish"] = time.time() - link_started
+    plan = _link_plan(cfg, encoder)
+    examples, peaks = _example_pass(cfg, encode, finals, plan, link_timer)
+    link_started = time.time()
+    links = cross_layer_links(plan, finals, peaks, encoder.saes, top_n=cfg.links_per_neighbour) if plan else {}
+    link_timer["links"] = link_timer.get("links", 0.0) + time.time() - link_started
     W_U = unembedding(lm)  # [vocab, d_model], final norm gain folded in
     results = []
     for name, sae in encoder.saes.items():
@@ -298,24 +275,32 @@ def _finish(cfg, lm: LoadedModel, encode: _Encode, stats: dict, link_timer: dict
         static = {f"logit_{k}": v for k, v in logits.items()}
         static.update(neighbour_ids=near["ids"], neighbour_cos=near["cos"])
         results.append(SAEResult(row=_sae_row(lm, name, sae, encoder, finals[name], cfg), stats=finals[name],
-                                 static=static, interval_token_acts=interval_acts[name].numpy(),
-                                 links=links.get(name, [])))
+                                 static=static, examples=examples[name], links=links.get(name, [])))
     return results
 
 
-def _interval_token_acts(cfg, encode: _Encode, finals: dict) -> dict[str, torch.Tensor]:
-    """Per-token acts of the interval samples: kept while streaming, or re-encoded with the same encoder
-    (the values the live encoder gives), running again only the contexts that some sample names."""
-    if all("interval_token_acts" in f for f in finals.values()):
-        return {name: f["interval_token_acts"] for name, f in finals.items()}
-    wanted = torch.unique(torch.cat([example_context_ids(f) for f in finals.values()]))
-    out = {name: torch.zeros(*f["interval_ctx"].shape, cfg.context_len) for name, f in finals.items()}
-    for first in range(0, len(wanted), cfg.batch_size):
-        context_ids = wanted[first: first + cfg.batch_size]
-        feature_acts, masks = encode(context_ids)
-        for name, acts in feature_acts.items():
-            fill_example_acts(finals[name]["interval_ctx"], context_ids, acts, masks[name], out[name])
-    return out
+def _example_pass(cfg, encode: _Encode, finals: dict, plan: LinkPlan | None,
+                  link_timer: dict) -> tuple[dict[str, dict], PeakTables | None]:
+    """Re-encode the contexts some example names, with the same encoder (the values the live encoder gives):
+    every example's per-token acts (precompute/examples.py) and the neighbours' peaks for the links."""
+    collectors = {name: ExampleActs(final) for name, final in finals.items()}
+    peaks = PeakTables(plan, finals, cfg.context_len) if plan else None
+    wanted = torch.unique(torch.cat([c.context_ids() for c in collectors.values()]))
+    T = encode.contexts.shape[1]
+    link_timer["links"] = 0.0
+    with tqdm(total=len(wanted) * T, unit="tok", unit_scale=True, disable=not cfg.progress, dynamic_ncols=True,
+              desc=f"examples of {len(collectors)} SAE{'s' * (len(collectors) > 1)}") as bar:
+        for first in range(0, len(wanted), cfg.batch_size):
+            context_ids = wanted[first: first + cfg.batch_size]
+            feature_acts, masks = encode(context_ids)
+            for name, acts in feature_acts.items():
+                collectors[name].add(context_ids, acts, masks[name])
+            if peaks is not None:
+                link_started = time.time()
+                peaks.add(context_ids, feature_acts, masks)
+                link_timer["links"] += time.time() - link_started
+            bar.update(len(context_ids) * T)
+    return {name: c.result() for name, c in collectors.items()}, peaks
 
 
 def _sae_row(lm, name: str, sae: JumpReLUSAE, encoder: FeatureEncoder, final: dict, cfg) -> dict:

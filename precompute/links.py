@@ -14,15 +14,15 @@ its own layer. For each neighbour N, feature f gets up to `top_n` links of each 
 Each stored link carries both scores (cosine None where the sites are not both residual).
 
     plan = LinkPlan(encoder.sites, {name: sae.d_sae for name, sae in encoder.saes.items()})
-    stats = {name: FeatureStats(..., coact_width=plan.coact_width(name)) for name in encoder.saes}
-    peaks = plan.peaks(feature_acts, masks)                                       # each batch, then per SAE:
-    stats[name].update(feature_acts[name], context_ids, masks[name], coacts=plan.coacts(name, peaks))
-    links = cross_layer_links(plan, finals, encoder.saes)   # at the end: {name: [NeighbourLinks, ...]}
+    peaks = PeakTables(plan, finals, context_len)         # finals: {name: FeatureStats.finalize()}
+    peaks.add(context_ids, feature_acts, masks)           # in the job's example pass (precompute/examples.py)
+    links = cross_layer_links(plan, finals, peaks, encoder.saes)   # {name: [NeighbourLinks, ...]}
 
-No second pass over the corpus: while streaming, every position offers each SAE's `width` strongest
-(feature, act) pairs, and FeatureStats keeps them only for the positions of its top-k slots
-([d_sae, k, width x neighbours]). The co-activation is exact for every feature among a neighbour's
-`width` strongest at those tokens (all of them when the neighbour's L0 there is <= width), a lower bound
+The co-activations need no extra pass: the example pass re-encodes every top example's context anyway,
+and PeakTables keeps, for each neighbour SAE, its `width` strongest (feature, act) pairs at each position
+that is some top example's peak (one row per distinct position: [positions, width] per SAE, bounded by
+the corpus, not by d_sae x k). The co-activation is exact for every feature among a neighbour's `width`
+strongest at those tokens (all of them when the neighbour's L0 there is <= width), a lower bound
 otherwise. No F x F matrix is held: both scores are computed through blocks of features.
 """
 
@@ -43,8 +43,6 @@ from featurescope.sites import Site
 class Neighbour:
     name: str
     direction: str  # UP | DOWN | SAME, seen from the SAE whose neighbour this is
-    start: int  # its segment [start, stop) of the SAE's coacts
-    stop: int
 
 
 @dataclass
@@ -59,7 +57,7 @@ class NeighbourLinks:
 
 
 class LinkPlan:
-    """Which SAEs are neighbours, and the layout of each SAE's coacts (one segment per neighbour)."""
+    """Which SAEs are neighbours of which, and how many peak pairs of each are kept (`widths`)."""
 
     def __init__(self, sites: dict[str, Site], d_saes: dict[str, int], width: int = PEAK_WIDTH):
         self.sites = sites
@@ -69,32 +67,53 @@ class LinkPlan:
         self.neighbours: dict[str, list[Neighbour]] = {}
         for name, site in sites.items():
             near = neighbour_layers(layers, site.layer)
-            found, start = [], 0
-            for other in order:
-                if other != name and sites[other].layer in near:
-                    found.append(Neighbour(other, direction((site.layer, site.kind), (sites[other].layer, sites[other].kind)),
-                                           start, start + self.widths[other]))
-                    start += self.widths[other]
-            self.neighbours[name] = found
+            self.neighbours[name] = [
+                Neighbour(other, direction((site.layer, site.kind), (sites[other].layer, sites[other].kind)))
+                for other in order if other != name and sites[other].layer in near]
 
-    def coact_width(self, name: str) -> int:
-        return sum(n.stop - n.start for n in self.neighbours[name])
+    def linked(self) -> set[str]:
+        """The SAEs some other SAE links to: whose peaks PeakTables keeps."""
+        return {n.name for near in self.neighbours.values() for n in near}
 
-    def peaks(self, feature_acts: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, tuple]:
-        """Each SAE's `width` strongest (feature id, act) pairs per position, 0 where its mask says the
-        position does not count: {name: (ids [B, T, w] int32, acts [B, T, w] float32)}."""
-        out = {}
-        for name, acts in feature_acts.items():
-            top = acts.topk(self.widths[name], dim=-1, sorted=False)  # ~5 ms for [2048 tokens, 2048] on a CPU
-            out[name] = (top.indices.int(), top.values * masks[name].to(top.values.dtype)[..., None])
-        return out
 
-    def coacts(self, name: str, peaks: dict[str, tuple]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """What SAE `name`'s FeatureStats.update takes: its neighbours' peaks side by side, [B, T, P] each."""
-        near = self.neighbours[name]
-        if not near:
-            return None
-        return (torch.cat([peaks[n.name][0] for n in near], -1), torch.cat([peaks[n.name][1] for n in near], -1))
+class PeakTables:
+    """Each linked SAE's `width` strongest (feature id, act) pairs at every position that is the peak of a
+    top example of an SAE with neighbours; acts are 0 where the SAE's mask says the position does not count."""
+
+    def __init__(self, plan: LinkPlan, finals: dict[str, dict], context_len: int):
+        self.plan, self.context_len = plan, context_len
+        keys = [self._keys(finals[name]["top_ctx"], finals[name]["top_pos"]) for name, near in plan.neighbours.items() if near]
+        keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
+        self.keys = torch.unique(keys[keys >= 0])  # sorted: context id * context_len + position
+        self.ids = {name: torch.zeros(len(self.keys), plan.widths[name], dtype=torch.int32) for name in plan.linked()}
+        self.acts = {name: torch.zeros(len(self.keys), plan.widths[name]) for name in plan.linked()}
+
+    def _keys(self, ctx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return torch.where(ctx >= 0, ctx * self.context_len + pos.long(), -1)
+
+    @torch.no_grad()
+    def add(self, context_ids: torch.Tensor, feature_acts: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+        """Fill the rows of the peak positions inside one re-encoded batch."""
+        first = context_ids.cpu().long() * self.context_len
+        lo, hi = torch.searchsorted(self.keys, first), torch.searchsorted(self.keys, first + self.context_len)
+        counts = hi - lo
+        b = torch.repeat_interleave(torch.arange(len(first)), counts)
+        rows = lo.index_select(0, b) + torch.arange(len(b)) - (counts.cumsum(0) - counts).index_select(0, b)
+        pos = self.keys.index_select(0, rows) - first.index_select(0, b)
+        for name in self.ids:
+            acts, mask = feature_acts[name], masks[name]
+            at = acts[b.to(acts.device), pos.to(acts.device)]  # [q, F_name]
+            top = at.topk(self.plan.widths[name], dim=-1, sorted=False)
+            self.ids[name][rows] = top.indices.int().cpu()
+            self.acts[name][rows] = (top.values * mask[b.to(mask.device), pos.to(mask.device)].to(top.values.dtype)[:, None]).float().cpu()
+
+    def at(self, name: str, ctx: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAE `name`'s pairs at the peaks of top examples ctx, pos [f, k]: ids, acts [f, k, width]; 0 for empty slots."""
+        key = self._keys(ctx, pos)
+        row = torch.searchsorted(self.keys, key.clamp(min=0)).clamp(max=max(len(self.keys) - 1, 0))
+        filled = (key >= 0)[..., None]
+        ids = torch.where(filled, self.ids[name][row], 0)
+        return ids, torch.where(filled, self.acts[name][row], 0.0)
 
 
 def weight_links_apply(mine: Site, other: Site) -> bool:
@@ -107,25 +126,24 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cross_layer_links(plan: LinkPlan, finals: dict[str, dict], saes: dict[str, JumpReLUSAE], top_n: int = TOP_N,
-                      block: int | None = None, device: str | torch.device | None = None) -> dict[str, list[NeighbourLinks]]:
-    """Links of every SAE to each of its neighbours, from the finalized statistics (which hold the peak
-    co-activations: FeatureStats(coact_width=plan.coact_width(name))) and the weights. CPU tensors out."""
+def cross_layer_links(plan: LinkPlan, finals: dict[str, dict], peaks: PeakTables, saes: dict[str, JumpReLUSAE],
+                      top_n: int = TOP_N, block: int | None = None,
+                      device: str | torch.device | None = None) -> dict[str, list[NeighbourLinks]]:
+    """Links of every SAE to each of its neighbours, from the finalized statistics (top examples, density,
+    mean and max), the neighbours' peaks and the weights. CPU tensors out."""
     out: dict[str, list[NeighbourLinks]] = {}
     for name, near in plan.neighbours.items():
-        out[name] = [_neighbour_links(plan, name, n, finals, saes, top_n, block, device) for n in near]
+        out[name] = [_neighbour_links(plan, name, n, finals, peaks, saes, top_n, block, device) for n in near]
     return out
 
 
-def _neighbour_links(plan: LinkPlan, name: str, near: Neighbour, finals: dict[str, dict], saes: dict[str, JumpReLUSAE],
-                     top_n: int, block: int | None, device) -> NeighbourLinks:
+def _neighbour_links(plan: LinkPlan, name: str, near: Neighbour, finals: dict[str, dict], peaks: PeakTables,
+                     saes: dict[str, JumpReLUSAE], top_n: int, block: int | None, device) -> NeighbourLinks:
     final = finals[name]
     sae, other = saes[name], saes[near.name]
     device = torch.device(device) if device is not None else sae.W_dec.device
     F, F_o = sae.d_sae, other.d_sae
     n = min(top_n, F_o)
-    ids = final["top_coact_ids"][:, :, near.start:near.stop].to(device).long().reshape(F, -1)  # [F, k * w]
-    acts = final["top_coact_acts"][:, :, near.start:near.stop].to(device).reshape(F, -1)
     n_peaks = (final["top_ctx"] >= 0).sum(1).clamp(min=1).to(device, torch.float32)  # [F]
     theirs_final = finals[near.name]
     average = (theirs_final["density"] * theirs_final["mean_act"]).to(device, torch.float32)  # [F_o] over all tokens
@@ -139,7 +157,9 @@ def _neighbour_links(plan: LinkPlan, name: str, near: Neighbour, finals: dict[st
     parts: dict[str, list[torch.Tensor]] = {"ids": [], "coact": [], "coact_rel": [], "cosine": []}
     for start in range(0, F, block):
         stop = min(start + block, F)
-        coact = torch.zeros(stop - start, F_o, device=device).scatter_add_(1, ids[start:stop], acts[start:stop])
+        ids, acts = peaks.at(near.name, final["top_ctx"][start:stop], final["top_pos"][start:stop])  # [b, k, w]
+        ids, acts = ids.to(device).long().flatten(1), acts.to(device).flatten(1)
+        coact = torch.zeros(stop - start, F_o, device=device).scatter_add_(1, ids, acts)
         coact /= n_peaks[start:stop, None]  # [b, F_o] mean activation over the feature's peaks
         rel = (coact - average) / top_act
         by_act = rel.topk(n, 1)

@@ -23,14 +23,13 @@ from featurescope.schema import SAE_NUMBER_SHIFT
 @dataclass
 class SAEResult:
     """Everything stored for one SAE: its `saes` row, the finalized streaming statistics
-    (precompute.feature_stats.FeatureStats.finalize), the weights-only statistics, the per-token
-    activations of the interval samples [F, n_intervals, per_interval, T], and its cross-layer links
+    (precompute.feature_stats.FeatureStats.finalize), the weights-only statistics, its examples with
+    their per-token activations (precompute.examples.ExampleActs.result), and its cross-layer links
     (precompute.links.NeighbourLinks, one per neighbour SAE)."""
     row: dict
     stats: dict
     static: dict
-    interval_token_acts: np.ndarray
-    extra: dict = field(default_factory=dict)
+    examples: dict
     links: list = field(default_factory=list)
 
 
@@ -45,41 +44,38 @@ def list_column(values_2d: np.ndarray, type_=pa.float32()) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values_2d.reshape(-1), type=type_))
 
 
-def sparse_list_columns(token_acts: np.ndarray) -> tuple[pa.ListArray, pa.ListArray]:
-    """[rows, T] per-token activations -> (positions, acts) list columns holding only the non-zero ones."""
-    rows_i, pos = np.nonzero(token_acts > 0)  # row-major: grouped by row, positions ascending
-    counts = np.bincount(rows_i, minlength=token_acts.shape[0])
-    offsets = np.zeros(token_acts.shape[0] + 1, dtype=np.int32)
-    np.cumsum(counts, out=offsets[1:])
-    positions = pa.ListArray.from_arrays(pa.array(offsets), pa.array(pos.astype(np.int32)))
-    acts = pa.ListArray.from_arrays(pa.array(offsets), pa.array(token_acts[rows_i, pos].astype(np.float32)))
-    return positions, acts
+def ragged_list_column(values_2d: np.ndarray, lengths: np.ndarray, type_=pa.int32()) -> pa.ListArray:
+    """[rows, width] -> a list column holding the first lengths[i] items of row i."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    keep = np.arange(values_2d.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values_2d[keep], type=type_))
 
 
-def examples_table(model_id: str, sae_id: str, run_id: str, stats: dict, interval_token_acts: np.ndarray) -> pa.Table:
-    """Top examples (kind 'top', bin 0) and interval samples (kind 'interval', bin = interval index)."""
-    top_ctx, top_act, top_pos = _np(stats["top_ctx"]), _np(stats["top_act"]), _np(stats["top_pos"])
-    top_acts = _np(stats["top_token_acts"])  # [F, k, T]
-    F, k, T = top_acts.shape
-    iv_ctx, iv_act, iv_pos = _np(stats["interval_ctx"]), _np(stats["interval_act"]), _np(stats["interval_pos"])
-    n, s = iv_ctx.shape[1:]
-    # One row per (feature, kind, bin, rank), features in order, then top before interval.
-    feature = np.concatenate([np.repeat(np.arange(F), k)[:, None], np.repeat(np.arange(F), n * s)[:, None]], 0)[:, 0]
-    kind_is_top = np.concatenate([np.ones(F * k, bool), np.zeros(F * n * s, bool)])
-    bins = np.concatenate([np.zeros(F * k, np.int32), np.tile(np.repeat(np.arange(n, dtype=np.int32), s), F)])
-    ranks = np.concatenate([np.tile(np.arange(k, dtype=np.int32), F), np.tile(np.arange(s, dtype=np.int32), F * n)])
-    ctx = np.concatenate([top_ctx.reshape(-1), iv_ctx.reshape(-1)])
-    act = np.concatenate([top_act.reshape(-1), iv_act.reshape(-1)])
-    pos = np.concatenate([top_pos.reshape(-1), iv_pos.reshape(-1)])
-    token_acts = np.concatenate([top_acts.reshape(-1, T), interval_token_acts.reshape(-1, interval_token_acts.shape[-1])[:, :T]])
-    order = np.lexsort((ranks, bins, ~kind_is_top, feature))
-    keep = order[ctx[order] >= 0]
-    positions, acts = sparse_list_columns(token_acts[keep])
+def examples_table(model_id: str, sae_id: str, run_id: str, examples: dict) -> pa.Table:
+    """Top examples (kind 'top', bin 0) and interval samples (kind 'interval', bin = interval index), one row
+    per filled slot of precompute.examples.ExampleActs.result(), whose slot order is the stored order."""
+    top_ctx, iv_ctx = _np(examples["top_ctx"]), _np(examples["interval_ctx"])
+    (F, k), (n, s) = top_ctx.shape, iv_ctx.shape[1:]
+    m = k + n * s
+    ctx = np.concatenate([top_ctx, iv_ctx.reshape(F, -1)], 1).reshape(-1)
+    act = np.concatenate([_np(examples["top_act"]), _np(examples["interval_act"]).reshape(F, -1)], 1).reshape(-1)
+    pos = np.concatenate([_np(examples["top_pos"]), _np(examples["interval_pos"]).reshape(F, -1)], 1).reshape(-1)
+    j = np.arange(m)
+    bins = np.tile(np.where(j < k, 0, (j - k) // s).astype(np.int32), F)
+    ranks = np.tile(np.where(j < k, j, (j - k) % s).astype(np.int32), F)
+    kind_is_top = np.tile(j < k, F)
+    keep = np.nonzero(ctx >= 0)[0]
+    offsets = _np(examples["token_offsets"])
+    if offsets[-1] >= 2**31:
+        raise ValueError(f"{sae_id}: {offsets[-1]} stored activations are more than one Arrow list column holds.")
+    # Empty slots hold no activations, so the filled slots' offsets (and the total) stay valid offsets.
+    kept_offsets = pa.array(np.append(offsets[keep], offsets[-1]).astype(np.int32))
     rows = len(keep)
     return pa.table({
         "model_id": pa.array([model_id] * rows, pa.string()),
         "sae_id": pa.array([sae_id] * rows, pa.string()),
-        "feature": pa.array(feature[keep].astype(np.int32)),
+        "feature": pa.array((keep // m).astype(np.int32)),
         "kind": pa.array(np.where(kind_is_top[keep], "top", "interval"), pa.string()),
         "bin": pa.array(bins[keep]),
         "rank": pa.array(ranks[keep]),
@@ -87,8 +83,8 @@ def examples_table(model_id: str, sae_id: str, run_id: str, stats: dict, interva
         "context_id": pa.array(ctx[keep].astype(np.int32)),
         "max_act": pa.array(act[keep].astype(np.float32)),
         "max_pos": pa.array(pos[keep].astype(np.int32)),
-        "positions": positions,
-        "acts": acts,
+        "positions": pa.ListArray.from_arrays(kept_offsets, pa.array(_np(examples["token_pos"]).astype(np.int32))),
+        "acts": pa.ListArray.from_arrays(kept_offsets, pa.array(_np(examples["token_acts"]).astype(np.float32))),
     })
 
 
@@ -117,7 +113,7 @@ def features_table(model_id: str, sae_id: str, stats: dict, static: dict, labels
         "max_act": f32("max_act"),
         "mean_act": f32("mean_act"),
         "hist_bin_width": f32("hist_bin_width"),
-        "hist_counts": list_column(_np(stats["hist_counts"]).astype(np.int32), pa.int32()),
+        "hist_counts": ragged_list_column(_np(stats["hist_counts"]).astype(np.int32), _np(stats["hist_n_bins"])),
         "interval_lo": list_column(_np(stats["interval_lo"]).astype(np.float32)),
         "interval_hi": list_column(_np(stats["interval_hi"]).astype(np.float32)),
         "interval_share": list_column(_np(stats["interval_share"]).astype(np.float32)),
@@ -192,7 +188,7 @@ def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict
             _insert(con, "saes", pa.Table.from_pylist([{**result.row, "number": number}]))
             labels = feature_labels(result.stats, result.static, contexts, vocab)
             insert_features(con, number, features_table(model_row["id"], sae_id, result.stats, result.static, labels),
-                            examples_table(model_row["id"], sae_id, run_row["id"], result.stats, result.interval_token_acts),
+                            examples_table(model_row["id"], sae_id, run_row["id"], result.examples),
                             links_table(model_row["id"], sae_id, result.links))
         con.execute("COMMIT")
         con.execute("CHECKPOINT")

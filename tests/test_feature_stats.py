@@ -1,5 +1,6 @@
-"""precompute.feature_stats against a brute-force dense reference on the whole activation tensor, plus the
-streaming guarantees: batch size, order, splits + merge and checkpoint round-trips never change a result."""
+"""precompute.feature_stats (and precompute.examples, which gives the stored examples their per-token acts)
+against a brute-force dense reference on the whole activation tensor, plus the streaming guarantees: batch
+size, order, splits + merge and checkpoint round-trips never change a result, and the state stays small."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from featurescope.precompute.feature_stats import (FINE_BINS, UNITS, FeatureStats, example_context_ids, expected_memory_bytes,
-                                      fill_example_acts, positive_candidates, priority_hash)
+from featurescope.precompute.examples import ExampleActs
+from featurescope.precompute.feature_stats import (FINE_BINS, UNITS, FeatureStats, expected_memory_bytes, positive_candidates,
+                                                   priority_hash, state_bytes_per_feature)
 
 N, T, F = 48, 16, 40  # contexts, positions, features
 K, N_IV, S = 6, 5, 3  # top-k, intervals, samples per interval
@@ -86,11 +88,33 @@ def test_special_positions_never_count(corpus):
     acts, ids, mask, _, res = corpus
     cleaned = run(acts * mask[..., None], ids, mask, batch=8).finalize()
     assert_same_result(res, cleaned)
-    assert float(res["max_act"].max()) < 50 and (res["top_token_acts"][..., 0] == 0).all()
+    assert float(res["max_act"].max()) < 50
+
+
+def examples_of(res: dict, acts, ids, mask, batch: int = 5, order=None) -> dict:
+    """ExampleActs fed the contexts the examples name, re-encoded (here: looked up) in batches."""
+    examples = ExampleActs(res)
+    rows = torch.nonzero(torch.isin(ids, examples.context_ids())).squeeze(1)
+    rows = rows if order is None else rows[order(len(rows))]
+    for i in range(0, len(rows), batch):
+        sel = rows[i:i + batch]
+        examples.add(ids[sel], acts[sel], mask[sel])
+    return examples.result()
+
+
+def token_rows(ex: dict, F: int, T: int) -> np.ndarray:
+    """The sparse (positions, acts) of every slot back as dense [F, m, T] rows."""
+    offsets = ex["token_offsets"].numpy()
+    dense = np.zeros((len(offsets) - 1, T), np.float32)
+    slot = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    dense[slot, ex["token_pos"].numpy()] = ex["token_acts"].numpy()
+    return dense.reshape(F, -1, T)
 
 
 def test_top_k_contexts_values_positions_and_token_acts_equal_the_dense_reference(corpus):
-    acts, _, mask, ref, res = corpus
+    acts, ids, mask, ref, res = corpus
+    ex = examples_of(res, acts, ids, mask)
+    rows = token_rows(ex, F, T)
     for f in range(F):
         firing = np.nonzero(ref["cmax"][:, f] > 0)[0]
         ranked = firing[np.lexsort((ref["ids"][firing], -ref["cmax"][firing, f]))][:K]
@@ -98,8 +122,10 @@ def test_top_k_contexts_values_positions_and_token_acts_equal_the_dense_referenc
         np.testing.assert_array_equal(res["top_ctx"][f, :n].numpy(), ref["ids"][ranked])
         np.testing.assert_array_equal(res["top_act"][f, :n].numpy(), ref["cmax"][ranked, f].astype(np.float32))
         np.testing.assert_array_equal(res["top_pos"][f, :n].numpy(), ref["cpos"][ranked, f])
-        np.testing.assert_array_equal(res["top_token_acts"][f, :n].numpy(), ref["a"][ranked, :, f].astype(np.float32))
-        assert (res["top_ctx"][f, n:] == -1).all() and (res["top_token_acts"][f, n:] == 0).all()
+        np.testing.assert_array_equal(rows[f, :n], ref["a"][ranked, :, f].astype(np.float32))
+        assert (res["top_ctx"][f, n:] == -1).all() and (rows[f, n:K] == 0).all()
+    for key in ("top_ctx", "top_act", "top_pos"):
+        assert torch.equal(ex[key], res[key])
 
 
 def test_ties_break_by_lower_context_id_then_first_position():
@@ -121,14 +147,17 @@ def test_histogram_counts_equal_brute_force_counts_in_each_bin(corpus):
         if ref["max"][f] == 0:
             assert res["hist_counts"][f].sum() == 0 and res["hist_bin_width"][f] == 0
             continue
-        # By definition: 50 bins of width g sub-bins, g = ceil((sub-bin of the max + 1) / 50).
-        g = math.ceil((math.floor(ref["max"][f] * FINE_BINS / ref["R"][f]) + 1) / 50)
+        # By definition: bins of width g sub-bins, g = ceil((sub-bin of the max + 1) / 50), as many as reach the max.
+        top_sub = math.floor(ref["max"][f] * FINE_BINS / ref["R"][f])
+        g = math.ceil((top_sub + 1) / 50)
         width = g * ref["R"][f] / FINE_BINS
-        assert res["hist_bin_width"][f].item() == width and ref["max"][f] < 50 * width
-        assert 50 * width - ref["max"][f] <= 50 * ref["R"][f] / FINE_BINS  # trailing empty bins: < 10% of the range
+        n_bins = int(res["hist_n_bins"][f])
+        assert res["hist_bin_width"][f].item() == width and (n_bins - 1) * width <= ref["max"][f] < n_bins * width
+        assert n_bins >= 33  # 128 sub-bins: the max's sub-bin is >= 64, so at least 33 bins of <= 2 sub-bins
         v = ref["vals"][f]
         expected = [((v >= i * width) & (v < (i + 1) * width)).sum() for i in range(50)]
         np.testing.assert_array_equal(res["hist_counts"][f].numpy(), expected)
+        assert (res["hist_counts"][f, n_bins:] == 0).all()
 
 
 def test_intervals_are_near_equal_width_over_zero_to_max_with_exact_shares(corpus):
@@ -146,7 +175,10 @@ def test_intervals_are_near_equal_width_over_zero_to_max_with_exact_shares(corpu
 
 
 def test_interval_samples_are_the_lowest_priority_contexts_of_each_interval(corpus):
-    _, ids, _, ref, res = corpus
+    acts, ids, mask, ref, res = corpus
+    ex = examples_of(res, acts, ids, mask)
+    rows = token_rows(ex, F, T)
+    row_of = {int(c): r for r, c in enumerate(ids)}
     seen = 0
     for f in np.nonzero(ref["max"] > 0)[0]:
         prio = priority_hash(ids, torch.full_like(ids, int(f))).numpy()
@@ -155,15 +187,25 @@ def test_interval_samples_are_the_lowest_priority_contexts_of_each_interval(corp
             firing_in = (ref["cmax"][:, f] > 0) & (ref["cmax"][:, f] >= lo) & (ref["cmax"][:, f] < hi)
             members = np.nonzero(firing_in)[0]
             chosen = members[np.lexsort((ref["ids"][members], prio[members]))][:S]
-            chosen = chosen[np.lexsort((prio[chosen], -ref["cmax"][chosen, f]))]  # shown strongest first
             n = len(chosen)
-            np.testing.assert_array_equal(res["interval_ctx"][f, i, :n].numpy(), ref["ids"][chosen])
-            np.testing.assert_array_equal(res["interval_act"][f, i, :n].numpy(),
-                                          ref["cmax"][chosen, f].astype(np.float32))
-            np.testing.assert_array_equal(res["interval_pos"][f, i, :n].numpy(), ref["cpos"][chosen, f])
+            np.testing.assert_array_equal(res["interval_ctx"][f, i, :n].numpy(), ref["ids"][chosen])  # priority order
             assert (res["interval_ctx"][f, i, n:] == -1).all()
+            shown = chosen[np.lexsort((prio[chosen], -ref["cmax"][chosen, f]))]  # stored strongest first
+            np.testing.assert_array_equal(ex["interval_ctx"][f, i, :n].numpy(), ref["ids"][shown])
+            np.testing.assert_array_equal(ex["interval_act"][f, i, :n].numpy(), ref["cmax"][shown, f].astype(np.float32))
+            np.testing.assert_array_equal(ex["interval_pos"][f, i, :n].numpy(), ref["cpos"][shown, f])
+            for j, c in enumerate(ref["ids"][shown]):
+                np.testing.assert_array_equal(rows[f, K + i * S + j], ref["a"][row_of[int(c)], :, f].astype(np.float32))
+            assert (ex["interval_ctx"][f, i, n:] == -1).all() and (rows[f, K + i * S + n:K + (i + 1) * S] == 0).all()
             seen += n
     assert seen > F * N_IV  # most intervals hold samples
+
+
+def test_example_acts_do_not_depend_on_how_the_contexts_are_batched(corpus):
+    acts, ids, mask, _, res = corpus
+    one = examples_of(res, acts, ids, mask, batch=48)
+    for batch in (1, 7):
+        assert_same_result(examples_of(res, acts, ids, mask, batch=batch, order=torch.randperm), one)
 
 
 def test_priority_sample_is_uniform_over_the_members_of_an_interval():
@@ -248,7 +290,17 @@ def test_finalize_leaves_the_state_unchanged_and_memory_matches_the_estimate(cor
         stats.update(acts[i:i + 8], ids[i:i + 8], mask[i:i + 8])
     assert_same_result(stats.finalize(), res)
     state_bytes = sum(v.nbytes for k, v in before.items() if k != "settings")
-    assert state_bytes - 16 == expected_memory_bytes(F, T, top_k=K, examples_per_interval=S)
+    assert state_bytes - 16 == expected_memory_bytes(F, top_k=K, examples_per_interval=S) == stats.nbytes() - 16
+
+
+def test_the_default_state_is_at_most_2_kb_per_feature_and_does_not_grow_with_the_corpus():
+    assert state_bytes_per_feature() == 2004  # top_k 20, 5 samples per interval: Gemma Scope's 30M features in 60 GB
+    stats = FeatureStats(64, 32)
+    before = stats.nbytes()
+    for seed in range(3):
+        acts, ids, mask = make_corpus(seed=seed, n=16, t=32, f=64)
+        stats.update(acts, ids + 10_000 * seed, mask)
+    assert stats.nbytes() == before == 64 * state_bytes_per_feature() + 16
 
 
 @pytest.mark.parametrize("numel", [4096, 4099, 0])
@@ -267,22 +319,6 @@ def test_update_reads_acts_without_changing_them(corpus):
     assert torch.equal(acts, before)
 
 
-def test_fill_example_acts_gives_each_interval_sample_its_per_token_acts(corpus):
-    acts, ids, mask, ref, res = corpus
-    wanted = example_context_ids(res)
-    assert torch.equal(wanted, torch.unique(res["interval_ctx"][res["interval_ctx"] >= 0]))
-    out = torch.full((F, N_IV, S, T), -1.0)
-    rows = torch.nonzero(torch.isin(ids, wanted)).squeeze(1)
-    for i in range(0, len(rows), 5):  # the writer re-encodes only these contexts, in batches
-        sel = rows[i:i + 5]
-        fill_example_acts(res["interval_ctx"], ids[sel], acts[sel], mask[sel], out)
-    row_of = {int(c): r for r, c in enumerate(ids)}
-    for f, i, j in torch.nonzero(res["interval_ctx"] >= 0).tolist():
-        expected = ref["a"][row_of[int(res["interval_ctx"][f, i, j])], :, f].astype(np.float32)
-        np.testing.assert_array_equal(out[f, i, j].numpy(), expected)
-    assert (out[res["interval_ctx"] < 0] == -1).all()
-
-
 def test_shorter_contexts_and_dead_features_give_empty_rows():
     acts = torch.zeros(4, 8, 6)
     acts[1, 3, 2] = 0.75
@@ -290,40 +326,15 @@ def test_shorter_contexts_and_dead_features_give_empty_rows():
     stats.update(acts, torch.tensor([9, 8, 7, 6]), torch.ones(4, 8, dtype=torch.bool))
     res = stats.finalize()
     assert res["top_ctx"][2].tolist() == [8, -1, -1] and res["top_pos"][2, 0] == 3
-    assert res["top_token_acts"].shape == (6, 3, 12) and res["top_token_acts"][2, 0, 3] == 0.75
-    assert res["top_token_acts"][2, 0].sum() == 0.75
+    examples = ExampleActs(res)
+    examples.add(torch.tensor([9, 8, 7, 6]), acts, torch.ones(4, 8, dtype=torch.bool))
+    ex = examples.result()
+    assert ex["token_pos"].tolist() == [3, 3] and ex["token_acts"].tolist() == [0.75, 0.75]  # its top and its sample
+    assert ex["interval_act"][2].tolist() == [[0, 0], [0.75, 0]] and ex["interval_pos"][2, 1, 0] == 3
     dead = [f for f in range(6) if f != 2]
     assert (res["n_firing"][dead] == 0).all() and (res["max_act"][dead] == 0).all()
     assert (res["interval_ctx"][dead] == -1).all() and (res["hist_counts"][dead] == 0).all()
     assert res["interval_ctx"][2].tolist() == [[-1, -1], [8, -1]]  # 0.75 lies in the upper half of [0, max]
-
-
-def test_kept_interval_token_acts_equal_the_dense_reference_and_change_nothing_else(corpus):
-    acts, ids, mask, ref, res = corpus
-    kept = run(acts, ids, mask, batch=8, keep_interval_acts=True).finalize()
-    token_acts = kept.pop("interval_token_acts")  # [F, n, s, T]
-    assert_same_result(kept, res)
-    row_of = {int(c): r for r, c in enumerate(ids)}
-    for f, i, j in torch.nonzero(res["interval_ctx"] >= 0).tolist():
-        expected = ref["a"][row_of[int(res["interval_ctx"][f, i, j])], :, f].astype(np.float32)
-        np.testing.assert_array_equal(token_acts[f, i, j].numpy(), expected)
-    assert (token_acts[res["interval_ctx"] < 0] == 0).all()
-
-
-def test_kept_interval_token_acts_are_exact_across_batch_sizes_merges_and_checkpoints(corpus):
-    acts, ids, mask, _, _ = corpus
-    one_run = run(acts, ids, mask, batch=8, keep_interval_acts=True).finalize()
-    assert_same_result(run(acts, ids, mask, batch=3, keep_interval_acts=True).finalize(), one_run)
-    first = run(acts[:30], ids[:30], mask[:30], batch=7, keep_interval_acts=True)
-    first.merge(run(acts[30:], ids[30:], mask[30:], batch=5, keep_interval_acts=True))
-    assert_same_result(first.finalize(), one_run)
-    partial = run(acts[:16], ids[:16], mask[:16], batch=8, keep_interval_acts=True)
-    resumed = FeatureStats.from_state_dict(partial.state_dict())
-    for i in range(16, N, 8):
-        resumed.update(acts[i:i + 8], ids[i:i + 8], mask[i:i + 8])
-    assert_same_result(resumed.finalize(), one_run)
-    assert expected_memory_bytes(F, T, top_k=K, examples_per_interval=S, keep_interval_acts=True) + 16 == sum(
-        v.nbytes for k, v in resumed.state_dict().items() if k != "settings")
 
 
 def test_bad_shapes_and_ids_are_refused():

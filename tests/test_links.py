@@ -14,7 +14,7 @@ from featurescope.encoder import FeatureEncoder
 from featurescope.sae_loading import load_sae, save_sae
 from featurescope.precompute.feature_stats import FeatureStats
 from featurescope.precompute.job import PrecomputeConfig, run_precompute
-from featurescope.precompute.links import LinkPlan
+from featurescope.precompute.links import LinkPlan, PeakTables
 from featurescope.sites import parse_site
 
 SITES = {"1-res-a": "1-res", "2-mlp-b": "2-mlp", "2-res-c": "2-res", "3-res-d": "3-res"}
@@ -152,31 +152,37 @@ def test_links_time_is_reported(run):
     assert 0 < timings["links"] < timings["total"]
 
 
-def test_peak_coactivations_survive_a_checkpoint_and_a_merge():
-    """FeatureStats keeps the pairs of its top slots through state_dict and merge, like its token acts."""
+def test_peak_tables_hold_each_linked_saes_strongest_pairs_at_every_top_example_peak():
+    """Filled batch by batch in any grouping, a table row is the neighbour's top-width at that peak, masked."""
+    sites = {name: parse_site(site) for name, site in {"a": "1-res", "b": "2-res"}.items()}
+    plan = LinkPlan(sites, {"a": 7, "b": 9}, width=3)
     torch.manual_seed(0)
-    B, T, F, P = 6, 8, 5, 3
-    acts = torch.relu(torch.randn(B, T, F))
-    mask = torch.ones(B, T, dtype=torch.bool)
-    coacts = (torch.randint(0, 100, (B, T, P), dtype=torch.int32), torch.rand(B, T, P))
-    one = FeatureStats(F, T, top_k=2, coact_width=P)
-    one.update(acts, torch.arange(B), mask, coacts)
-    halves = [FeatureStats(F, T, top_k=2, coact_width=P) for _ in range(2)]
-    for i, half in enumerate(halves):
-        rows = slice(3 * i, 3 * i + 3)
-        half.update(acts[rows], torch.arange(B)[rows], mask[rows], (coacts[0][rows], coacts[1][rows]))
-    merged = FeatureStats.from_state_dict(halves[0].state_dict())
-    merged.merge(halves[1])
-    a, b = one.finalize(), merged.finalize()
-    for key in ("top_ctx", "top_pos", "top_coact_ids", "top_coact_acts"):
-        assert torch.equal(a[key], b[key]), key
-    ctx, pos = a["top_ctx"][2, 0], a["top_pos"][2, 0]
-    assert torch.equal(a["top_coact_ids"][2, 0], coacts[0][ctx, pos])
+    B, T = 6, 8
+    feature_acts = {"a": torch.relu(torch.randn(B, T, 7)), "b": torch.relu(torch.randn(B, T, 9))}
+    masks = {"a": torch.ones(B, T, dtype=torch.bool), "b": torch.rand(B, T) > 0.3}
+    ids = torch.arange(B) * 5 + 2
+    finals = {}
+    for name in ("a", "b"):
+        stats = FeatureStats(feature_acts[name].shape[2], T, top_k=2)
+        stats.update(feature_acts[name], ids, masks[name])
+        finals[name] = stats.finalize()
+    peaks = PeakTables(plan, finals, T)
+    for rows in (slice(0, 4), slice(4, 6)):
+        peaks.add(ids[rows], {n: a[rows] for n, a in feature_acts.items()}, {n: m[rows] for n, m in masks.items()})
+    got_ids, got_acts = peaks.at("b", finals["a"]["top_ctx"], finals["a"]["top_pos"])  # b at a's peaks
+    for f, r in zip(*torch.nonzero(finals["a"]["top_ctx"] >= 0, as_tuple=True)):
+        b, t = int(finals["a"]["top_ctx"][f, r] - 2) // 5, int(finals["a"]["top_pos"][f, r])
+        expected = feature_acts["b"][b, t].topk(3)
+        order = got_acts[f, r].argsort(descending=True)
+        assert set(got_ids[f, r].tolist()) == set(expected.indices.tolist())
+        assert torch.equal(got_acts[f, r][order], expected.values * masks["b"][b, t])
+    empty = finals["a"]["top_ctx"] < 0
+    assert (got_acts[empty] == 0).all()
+    assert len(peaks.keys) <= int((finals["a"]["top_ctx"] >= 0).sum() + (finals["b"]["top_ctx"] >= 0).sum())
 
 
-def test_plan_segments_follow_the_neighbours():
+def test_plan_names_the_neighbours_in_flow_order():
     sites = {name: parse_site(site) for name, site in SITES.items()}
     plan = LinkPlan(sites, {name: 40 for name in SITES}, width=16)
     assert [n.name for n in plan.neighbours["2-res-c"]] == ["1-res-a", "2-mlp-b", "3-res-d"]
-    assert [(n.start, n.stop) for n in plan.neighbours["2-res-c"]] == [(0, 16), (16, 32), (32, 48)]
-    assert plan.coact_width("1-res-a") == 32
+    assert plan.linked() == set(SITES) and plan.widths["1-res-a"] == 16

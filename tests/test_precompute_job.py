@@ -232,11 +232,12 @@ def test_merging_before_every_shard_is_done_names_the_missing_ones(one_run, tiny
         run_precompute(sharded, lm=tiny_gemma2, log=lambda *_: None)
 
 
-def test_keeping_interval_acts_or_reencoding_them_store_the_same_rows(one_run, tiny_gemma2, tmp_path):
+def test_another_batch_size_publishes_the_same_database(one_run, tiny_gemma2, tmp_path):
+    """Both the streaming pass and the examples' re-encoding see other batch-mates: nothing stored changes."""
     cfg, path = one_run
-    assert cfg.interval_acts == "auto"  # small enough to keep on this machine
-    reencoded = PrecomputeConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "data"), "interval_acts": "reencode"})
-    assert _tables(run_precompute(reencoded, lm=tiny_gemma2, log=lambda *_: None)) == _tables(path)
+    rebatched = PrecomputeConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "data"), "batch_size": 3})
+    assert rebatched.run_id() == cfg.run_id()
+    assert _tables(run_precompute(rebatched, lm=tiny_gemma2, log=lambda *_: None)) == _tables(path)
 
 
 def test_norm_outliers_named_by_an_sae_card_count_like_bos(tiny_gemma2, sae_dirs, tmp_path):
