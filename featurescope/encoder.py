@@ -9,6 +9,8 @@ same numbers as the same context encoded during precompute.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from featurescope.errors import FeatureScopeError
@@ -59,11 +61,21 @@ class FeatureEncoder:
 
         `site_acts` ({site: [batch, seq, d_in]}, captured earlier for these ids by capture_sites, see
         SiteActivations) replaces the model's forward pass; the SAEs and masks are the same code."""
+        acts, masks = {}, {}
+        for name, sae_acts, mask in self.encode_each(input_ids, attention_mask, site_acts):
+            acts[name], masks[name] = sae_acts, mask
+        return acts, masks
+
+    @torch.no_grad()
+    def encode_each(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    site_acts: dict[Site, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, [batch, seq, d_sae] acts, [batch, seq] mask) for one SAE after the other, from one model
+        pass: a caller that drops each SAE's acts before the next holds one SAE's activations at a time."""
         if site_acts is None:
             site_acts = capture_sites(self.lm, input_ids, set(self.sites.values()), attention_mask)
         else:
             site_acts = {s: site_acts[s].to(self.lm.device) for s in set(self.sites.values())}
         ids = input_ids.to(self.lm.device)
-        acts = {name: sae.encode(site_acts[self.sites[name]]) for name, sae in self.saes.items()}
-        masks = {name: counted_positions(self.lm, ids, site_acts[site], self.max_norms[name]) for name, site in self.sites.items()}
-        return acts, masks
+        for name, sae in self.saes.items():
+            site = site_acts[self.sites[name]]
+            yield name, sae.encode(site), counted_positions(self.lm, ids, site, self.max_norms[name])

@@ -14,13 +14,14 @@ import datetime as dt
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from featurescope.corpus import content_mask, pack_contexts, pick_spread
-from featurescope.encoder import FeatureEncoder
+from featurescope.encoder import FeatureEncoder, check_sae_fits
 from featurescope.errors import FeatureScopeError
 from featurescope.models import LoadedModel, load_model
 from featurescope.sae import JumpReLUSAE
@@ -35,7 +36,7 @@ from featurescope.precompute.links import LinkPlan, PeakTables, cross_layer_link
 from featurescope.precompute.static_stats import decoder_neighbours, logit_effect, unembedding
 from featurescope.precompute.writer import SAEResult, write_run_db
 
-CHECKPOINT_FILE = "checkpoint.pt"
+PLAN_FILE = "plan.json"  # the run's SAE groups, fixed at its first start
 
 
 class PrecomputeError(FeatureScopeError, ValueError):
@@ -69,15 +70,17 @@ def published_path(cfg: PrecomputeConfig, model_id: str) -> Path:
 def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=print, timings: dict | None = None,
                    site_acts: SiteActivations | None = None) -> Path:
     """Run (or resume) the job and publish its DuckDB file; returns the published path.
+    The SAEs run in groups whose state fits the memory budget (precompute/plan.py), one model pass per
+    group; each finished group's state is saved, so a killed job resumes inside the group it was in.
     `site_acts`, captured for exactly this run's contexts (the demo's training pass), stand in for the
     model's forward pass; they must cover every SAE's site, and other contexts are refused.
     With cfg.shard = (i, n) it processes only the i-th of n slices of the contexts and saves that
-    shard's statistics instead (returns their path); with cfg.merge_shards it merges all n saved
-    shards and publishes: exactly the result of one run over the whole corpus.
+    shard's statistics instead (returns the folder holding them); with cfg.merge_shards it merges all n
+    saved shards and publishes: exactly the result of one run over the whole corpus.
     `timings`, if given, receives seconds per phase: stream, finish, write, total, and links (the
     cross-layer links' own share of finish)."""
     started = time.time()
-    lm, encoder, target = _prepare(cfg, lm)
+    lm, saes, target = _prepare(cfg, lm)
     if target.exists() and not cfg.force:
         log(f"Already complete: {target} (run {cfg.run_id()}). Pass --force to recompute.")
         return target
@@ -85,41 +88,44 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     if site_acts is not None and not torch.equal(site_acts.contexts, contexts):
         raise PrecomputeError(f"The activations given are for {len(site_acts.contexts)} other contexts, "
                               f"not this run's {len(contexts)}: run it without them.")
-    encode = _Encode(encoder, contexts, site_acts)
+    encode = _Encode(lm, contexts, site_acts)
     work_dir = Path(cfg.data_dir) / "runs" / cfg.run_id()
     work_dir.mkdir(parents=True, exist_ok=True)
+    groups = _plan_groups(cfg, lm, saes, work_dir, log)
     if cfg.merge_shards:
-        stats, previous_seconds = _merge_shard_files(cfg, work_dir, encoder)
+        finals, previous_seconds = _merge_shard_files(cfg, work_dir, saes, groups, lm.device)
         stream_seconds = 0.0
     else:
-        first, last = _shard_range(cfg, len(contexts))
-        checkpoint = work_dir / _checkpoint_name(cfg)
-        stats, next_context, previous_seconds = _start_or_resume(cfg, checkpoint, encoder, first, log)
-        stream_seconds = _stream(cfg, encode, stats, next_context, last, checkpoint)
+        finals, stream_seconds, previous_seconds = {}, 0.0, 0.0
+        for g, names in enumerate(groups):
+            group_finals, streamed, previous = _stream_group(cfg, encode, saes, groups, g, work_dir, log)
+            finals.update(group_finals)
+            stream_seconds, previous_seconds = stream_seconds + streamed, previous_seconds + previous
         if cfg.shard:
-            return _save_shard(cfg, work_dir, stats, previous_seconds + stream_seconds, checkpoint, log)
+            log(f"Saved shard {cfg.shard[0]}/{cfg.shard[1]} in {work_dir}; when all {cfg.shard[1]} are done, run "
+                f"the same command with --merge-shards {cfg.shard[1]}.")
+            return work_dir
     log("Finishing: the examples' per-token activations, logit effects, neighbours ...")
-    finish_started, link_timer = time.time(), {}
-    results = _finish(cfg, lm, encode, stats, link_timer)
-    finish_seconds = time.time() - finish_started
+    phases = {"finish": 0.0, "links": 0.0}
     write_started = time.time()
     staging = work_dir / "staging.duckdb"
-    run_seconds = previous_seconds + (time.time() - started)
+    run_seconds = lambda: previous_seconds + (time.time() - started)  # noqa: E731  (read once the SAEs are written)
     write_run_db(staging, model_row=_model_row(lm), vocab=lm.token_strings(range(lm.vocab_size)), contexts=contexts.numpy(),
-                 run_row=_run_row(cfg, lm, contexts, stats, run_seconds), saes=results)
-    write_seconds = time.time() - write_started
+                 run_row=lambda: _run_row(cfg, lm, contexts, run_seconds()), sae_ids=list(saes),
+                 saes=_finish(cfg, lm, encode, saes, groups, finals, phases))
+    write_seconds = time.time() - write_started - phases["finish"]
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, target)  # atomic publish: readers see the old file or the complete new one
-    for leftover in [work_dir / CHECKPOINT_FILE, *work_dir.glob("checkpoint-*.pt"), *work_dir.glob("shard-*.pt")]:
+    for leftover in [*work_dir.glob("*.pt"), work_dir / PLAN_FILE]:
         leftover.unlink(missing_ok=True)
-    _summary(log, target, contexts, stats, time.time() - started, write_seconds)
+    _summary(log, target, contexts, finals, time.time() - started, write_seconds)
     if timings is not None:
-        timings.update(stream=stream_seconds, finish=finish_seconds, write=write_seconds, total=time.time() - started,
-                       links=link_timer.get("links", 0.0))
+        timings.update(stream=stream_seconds, finish=phases["finish"], write=write_seconds,
+                       total=time.time() - started, links=phases["links"])
     return target
 
 
-def _prepare(cfg: PrecomputeConfig, lm: LoadedModel | None) -> tuple[LoadedModel, FeatureEncoder, Path]:
+def _prepare(cfg: PrecomputeConfig, lm: LoadedModel | None) -> tuple[LoadedModel, dict[str, JumpReLUSAE], Path]:
     if not cfg.saes:
         raise PrecomputeError("No SAEs given: pass at least one --sae.")
     if cfg.shard and not (0 <= cfg.shard[0] < cfg.shard[1]):
@@ -129,8 +135,28 @@ def _prepare(cfg: PrecomputeConfig, lm: LoadedModel | None) -> tuple[LoadedModel
     if len(sae_ids) != len(saes) or len(set(sae_ids)) != len(sae_ids):
         raise PrecomputeError(f"Need one distinct id per SAE; got {sae_ids} for {len(saes)} SAEs.")
     lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    encoder = FeatureEncoder(lm, dict(zip(sae_ids, saes)))  # checks every SAE's width against its site
-    return lm, encoder, published_path(cfg, lm.name)
+    for name, sae in zip(sae_ids, saes):
+        check_sae_fits(lm, sae, name)  # every SAE's width against its site, before any work
+    return lm, dict(zip(sae_ids, saes)), published_path(cfg, lm.name)
+
+
+def _plan_groups(cfg: PrecomputeConfig, lm: LoadedModel, saes: dict[str, JumpReLUSAE], work_dir: Path, log) -> list[list[str]]:
+    """The SAE groups of this run: planned at its first start and kept in the work folder, so a resumed
+    job, every shard and the merge use the same groups whatever memory their machines have."""
+    path = work_dir / PLAN_FILE
+    if path.exists():
+        groups = json.loads(path.read_text())["groups"]
+        if sorted(n for g in groups for n in g) == sorted(saes):
+            return groups
+    groups = [sorted(saes, key=lambda n: parse_site(saes[n].cfg.hook_name).layer)]
+    path.write_text(json.dumps({"groups": groups}))
+    return groups
+
+
+def _part_name(cfg: PrecomputeConfig, group: int, n_groups: int) -> str:
+    """Files of one group's statistics: 'group-0-of-3', or 'shard-1-of-4-group-0-of-3' in a shard."""
+    prefix = f"shard-{cfg.shard[0]}-of-{cfg.shard[1]}-" if cfg.shard else ""
+    return f"{prefix}group-{group}-of-{n_groups}"
 
 
 def _shard_range(cfg: PrecomputeConfig, n_contexts: int) -> tuple[int, int]:
@@ -141,32 +167,53 @@ def _shard_range(cfg: PrecomputeConfig, n_contexts: int) -> tuple[int, int]:
     return i * n_contexts // n, (i + 1) * n_contexts // n
 
 
-def _checkpoint_name(cfg: PrecomputeConfig) -> str:
-    return f"checkpoint-{cfg.shard[0]}-of-{cfg.shard[1]}.pt" if cfg.shard else CHECKPOINT_FILE
-
-
-def _save_shard(cfg, work_dir: Path, stats: dict, seconds: float, checkpoint: Path, log) -> Path:
-    i, n = cfg.shard
-    path = work_dir / f"shard-{i}-of-{n}.pt"
-    _atomic_save({"seconds": seconds, "stats": {name: s.state_dict() for name, s in stats.items()}}, path)
+def _stream_group(cfg, encode: _Encode, saes: dict, groups: list[list[str]], g: int, work_dir: Path,
+                  log) -> tuple[dict[str, dict], float, float]:
+    """Stream group g over this run's (or shard's) contexts, or load its saved statistics if it is done.
+    Returns its SAEs' finalized statistics, the seconds streamed now and those of earlier attempts."""
+    part = _part_name(cfg, g, len(groups))
+    done, checkpoint = work_dir / f"{part}.pt", work_dir / f"checkpoint-{part}.pt"
+    if done.exists() and not cfg.force:
+        state = torch.load(done, map_location="cpu", weights_only=False)
+        log(f"Group {g + 1}/{len(groups)} was done before ({done.name}).")
+        return {name: FeatureStats.from_state_dict(s).finalize() for name, s in state["stats"].items()}, 0.0, state["seconds"]
+    encoder = FeatureEncoder(encode.lm, {name: saes[name] for name in groups[g]})
+    first, last = _shard_range(cfg, len(encode.contexts))
+    stats, next_context, previous = _start_or_resume(cfg, checkpoint, encoder, first, log)
+    desc = f"precompute {len(stats)} SAE{'s' * (len(stats) > 1)}" + (f", group {g + 1}/{len(groups)}" if len(groups) > 1 else "")
+    seconds = _stream(cfg, encode, encoder, stats, next_context, last, checkpoint, desc)
+    _atomic_save({"seconds": previous + seconds, "stats": {name: s.state_dict() for name, s in stats.items()}}, done)
     checkpoint.unlink(missing_ok=True)
-    log(f"Saved shard {i}/{n} to {path}; when all {n} are done, run the same command with --merge-shards {n}.")
-    return path
+    finals = {name: s.finalize() for name, s in stats.items()}
+    _release(encoder)
+    return finals, seconds, previous
 
 
-def _merge_shard_files(cfg, work_dir: Path, encoder: FeatureEncoder) -> tuple[dict, float]:
+def _release(encoder: FeatureEncoder) -> None:
+    """Move a finished group's SAEs off the accelerator (FeatureEncoder moved them there in place)."""
+    if encoder.lm.device.type != "cpu":
+        for sae in encoder.saes.values():
+            sae.to("cpu")
+        torch.cuda.empty_cache() if encoder.lm.device.type == "cuda" else None
+
+
+def _merge_shard_files(cfg, work_dir: Path, saes: dict, groups: list[list[str]], device) -> tuple[dict, float]:
     n = cfg.merge_shards
-    paths = [work_dir / f"shard-{i}-of-{n}.pt" for i in range(n)]
-    missing = [p.name for p in paths if not p.exists()]
+    paths = {(i, g): work_dir / f"shard-{i}-of-{n}-group-{g}-of-{len(groups)}.pt" for i in range(n) for g in range(len(groups))}
+    missing = [p.name for p in paths.values() if not p.exists()]
     if missing:
         raise PrecomputeError(f"Cannot merge: {', '.join(missing)} not found in {work_dir} (run those shards first).")
-    stats, seconds = _new_stats(cfg, encoder), 0.0
-    for path in paths:
-        state = torch.load(path, map_location=encoder.lm.device, weights_only=False)
-        seconds += state["seconds"]
-        for name, s in stats.items():
-            s.merge(FeatureStats.from_state_dict(state["stats"][name], device=encoder.lm.device))
-    return stats, seconds
+    finals, seconds = {}, 0.0
+    for g, names in enumerate(groups):
+        stats = {name: FeatureStats(saes[name].d_sae, cfg.context_len, top_k=cfg.top_k, n_intervals=cfg.n_intervals,
+                                    examples_per_interval=cfg.examples_per_interval, device=device) for name in names}
+        for i in range(n):
+            state = torch.load(paths[i, g], map_location=device, weights_only=False)
+            seconds += state["seconds"]
+            for name, s in stats.items():
+                s.merge(FeatureStats.from_state_dict(state["stats"][name], device=device))
+        finals.update({name: s.finalize() for name, s in stats.items()})
+    return finals, seconds
 
 
 def _contexts(cfg: PrecomputeConfig, lm: LoadedModel) -> torch.Tensor:
@@ -197,11 +244,12 @@ def _new_stats(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> dict[str, Feat
             for name, sae in encoder.saes.items()}
 
 
-def _link_plan(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> LinkPlan | None:
+def _link_plan(cfg: PrecomputeConfig, saes: dict[str, JumpReLUSAE]) -> LinkPlan | None:
     """Which SAEs link to which, or None: links are off, or there is only one SAE."""
-    if not cfg.links or len(encoder.saes) < 2:
+    if not cfg.links or len(saes) < 2:
         return None
-    return LinkPlan(encoder.sites, {name: sae.d_sae for name, sae in encoder.saes.items()}, cfg.links_peak_width)
+    sites = {name: parse_site(sae.cfg.hook_name) for name, sae in saes.items()}
+    return LinkPlan(sites, {name: sae.d_sae for name, sae in saes.items()}, cfg.links_peak_width)
 
 
 def _start_or_resume(cfg, checkpoint: Path, encoder: FeatureEncoder, first: int, log) -> tuple[dict, int, float]:
@@ -222,89 +270,96 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 class _Encode:
-    """Feature activations and counted positions of some of the run's contexts: the encoder's forward
-    pass, or the site activations a caller captured for these contexts (the same SAE code either way)."""
+    """Feature activations and counted positions of some of the run's contexts, one SAE after the other:
+    the encoder's forward pass, or the site activations a caller captured for these contexts (the same SAE
+    code either way)."""
 
-    def __init__(self, encoder: FeatureEncoder, contexts: torch.Tensor, site_acts: SiteActivations | None):
-        self.encoder, self.contexts, self.site_acts = encoder, contexts, site_acts
+    def __init__(self, lm: LoadedModel, contexts: torch.Tensor, site_acts: SiteActivations | None):
+        self.lm, self.contexts, self.site_acts = lm, contexts, site_acts
 
-    def __call__(self, index: slice | torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        given = None if self.site_acts is None else self.site_acts.rows(index, self.encoder.sites.values())
-        return self.encoder.encode_with_masks(self.contexts[index], site_acts=given)
+    def __call__(self, encoder: FeatureEncoder, index: slice | torch.Tensor) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        given = None if self.site_acts is None else self.site_acts.rows(index, encoder.sites.values())
+        return encoder.encode_each(self.contexts[index], site_acts=given)
 
 
-def _stream(cfg, encode: _Encode, stats: dict, start: int, stop: int, checkpoint: Path) -> float:
+def _stream(cfg, encode: _Encode, encoder: FeatureEncoder, stats: dict, start: int, stop: int, checkpoint: Path,
+            desc: str) -> float:
     """The main loop over contexts [start, stop): one forward per batch, every SAE's statistics updated from it.
     Returns the seconds it took."""
-    encoder, contexts = encode.encoder, encode.contexts
-    lm, T = encoder.lm, contexts.shape[1]
+    contexts = encode.contexts
+    T = contexts.shape[1]
     first_of_range = _shard_range(cfg, len(contexts))[0]
     bar = tqdm(total=(stop - first_of_range) * T, initial=(start - first_of_range) * T, unit="tok", unit_scale=True,
                disable=not cfg.progress, dynamic_ncols=True,
-               desc=f"precompute {len(stats)} SAE{'s' * (len(stats) > 1)}" + (f" shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else ""))
+               desc=desc + (f" shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else ""))
     started = time.time()
     for batch_no, first in enumerate(range(start, stop, cfg.batch_size), start=1):
         rows = slice(first, min(first + cfg.batch_size, stop))
-        ids = contexts[rows]  # [B, T]
-        context_ids = torch.arange(first, first + len(ids), device=lm.device)
-        # {sae: [B, T, d_sae]}, and per SAE the positions that count (never BOS/EOS/pad or norm outliers)
-        feature_acts, masks = encode(rows)
-        for name, acts in feature_acts.items():
-            stats[name].update(acts, context_ids, masks[name])
-        bar.update(ids.numel())
-        if cfg.checkpoint_every and batch_no % cfg.checkpoint_every == 0 and first + len(ids) < stop:
-            _atomic_save({"next_context": first + len(ids), "elapsed": time.time() - started,
+        context_ids = torch.arange(rows.start, rows.stop, device=encoder.lm.device)
+        # Per SAE: [B, T, d_sae] acts and the positions that count (never BOS/EOS/pad or norm outliers)
+        for name, acts, mask in encode(encoder, rows):
+            stats[name].update(acts, context_ids, mask)
+        bar.update((rows.stop - rows.start) * T)
+        if cfg.checkpoint_every and batch_no % cfg.checkpoint_every == 0 and rows.stop < stop:
+            _atomic_save({"next_context": rows.stop, "elapsed": time.time() - started,
                           "stats": {name: s.state_dict() for name, s in stats.items()}}, checkpoint)
     bar.close()
     return time.time() - started
 
 
 @torch.no_grad()
-def _finish(cfg, lm: LoadedModel, encode: _Encode, stats: dict, link_timer: dict) -> list[SAEResult]:
-    encoder = encode.encoder
-    finals = {name: s.finalize() for name, s in stats.items()}
-    plan = _link_plan(cfg, encoder)
-    examples, peaks = _example_pass(cfg, encode, finals, plan, link_timer)
-    link_started = time.time()
-    links = cross_layer_links(plan, finals, peaks, encoder.saes, top_n=cfg.links_per_neighbour) if plan else {}
-    link_timer["links"] = link_timer.get("links", 0.0) + time.time() - link_started
+def _finish(cfg, lm: LoadedModel, encode: _Encode, saes: dict[str, JumpReLUSAE], groups: list[list[str]],
+            finals: dict[str, dict], phases: dict) -> Iterator[SAEResult]:
+    """Each SAE's complete result, group by group (the writer stores and drops one group before the next is
+    computed); phases["finish"] and phases["links"] accumulate the seconds spent here."""
+    plan = _link_plan(cfg, saes)
     W_U = unembedding(lm)  # [vocab, d_model], final norm gain folded in
-    results = []
-    for name, sae in encoder.saes.items():
-        logits, near = logit_effect(sae.W_dec, W_U), decoder_neighbours(sae.W_dec)
-        static = {f"logit_{k}": v for k, v in logits.items()}
-        static.update(neighbour_ids=near["ids"], neighbour_cos=near["cos"])
-        results.append(SAEResult(row=_sae_row(lm, name, sae, encoder, finals[name], cfg), stats=finals[name],
-                                 static=static, examples=examples[name], links=links.get(name, [])))
-    return results
+    for names in groups:
+        started = time.time()
+        examples, links = _example_pass(cfg, encode, saes, names, finals, plan, phases)
+        results = []
+        for name in names:
+            sae = saes[name]
+            logits, near = logit_effect(sae.W_dec.to(lm.device), W_U), decoder_neighbours(sae.W_dec.to(lm.device))
+            static = {f"logit_{k}": v for k, v in logits.items()}
+            static.update(neighbour_ids=near["ids"], neighbour_cos=near["cos"])
+            results.append(SAEResult(row=_sae_row(lm, name, sae, finals[name], cfg), stats=finals[name],
+                                     static=static, examples=examples.pop(name), links=links.get(name, [])))
+        phases["finish"] += time.time() - started
+        yield from results
 
 
-def _example_pass(cfg, encode: _Encode, finals: dict, plan: LinkPlan | None,
-                  link_timer: dict) -> tuple[dict[str, dict], PeakTables | None]:
-    """Re-encode the contexts some example names, with the same encoder (the values the live encoder gives):
-    every example's per-token acts (precompute/examples.py) and the neighbours' peaks for the links."""
-    collectors = {name: ExampleActs(final) for name, final in finals.items()}
-    peaks = PeakTables(plan, finals, cfg.context_len) if plan else None
+def _example_pass(cfg, encode: _Encode, saes: dict[str, JumpReLUSAE], names: list[str], finals: dict,
+                  plan: LinkPlan | None, phases: dict) -> tuple[dict[str, dict], dict[str, list]]:
+    """Re-encode the contexts some example of SAEs `names` names, with the same encoder (the values the live
+    encoder gives): every example's per-token acts (precompute/examples.py), and the peaks of the SAEs they
+    link to, for their cross-layer links (computed here too)."""
+    collectors = {name: ExampleActs(finals[name]) for name in names}
+    peaks = PeakTables(plan, finals, cfg.context_len, linkers=names) if plan else None
+    encoder = FeatureEncoder(encode.lm, {n: saes[n] for n in sorted(set(names) | set(peaks.tables if peaks else ()))})
     wanted = torch.unique(torch.cat([c.context_ids() for c in collectors.values()]))
     T = encode.contexts.shape[1]
-    link_timer["links"] = 0.0
     with tqdm(total=len(wanted) * T, unit="tok", unit_scale=True, disable=not cfg.progress, dynamic_ncols=True,
               desc=f"examples of {len(collectors)} SAE{'s' * (len(collectors) > 1)}") as bar:
         for first in range(0, len(wanted), cfg.batch_size):
             context_ids = wanted[first: first + cfg.batch_size]
-            feature_acts, masks = encode(context_ids)
-            for name, acts in feature_acts.items():
-                collectors[name].add(context_ids, acts, masks[name])
-            if peaks is not None:
-                link_started = time.time()
-                peaks.add(context_ids, feature_acts, masks)
-                link_timer["links"] += time.time() - link_started
+            for name, acts, mask in encode(encoder, context_ids):
+                if name in collectors:
+                    collectors[name].add(context_ids, acts, mask)
+                if peaks is not None:
+                    link_started = time.time()
+                    peaks.add(name, context_ids, acts, mask)
+                    phases["links"] += time.time() - link_started
             bar.update(len(context_ids) * T)
-    return {name: c.result() for name, c in collectors.items()}, peaks
+    link_started = time.time()
+    links = cross_layer_links(plan, finals, peaks, encoder.saes, top_n=cfg.links_per_neighbour, names=names) if plan else {}
+    phases["links"] += time.time() - link_started
+    _release(encoder)
+    return {name: c.result() for name, c in collectors.items()}, links
 
 
-def _sae_row(lm, name: str, sae: JumpReLUSAE, encoder: FeatureEncoder, final: dict, cfg) -> dict:
-    site = encoder.sites[name]
+def _sae_row(lm, name: str, sae: JumpReLUSAE, final: dict, cfg) -> dict:
+    site = parse_site(sae.cfg.hook_name)
     metrics = (sae.cfg.metadata or {}).get("eval", {})  # written by `featurescope eval` into the SAE's card
     density = final["density"]
     return dict(model_id=lm.name, id=name, run_id=cfg.run_id(), hook_name=site.hook_name, layer=site.layer,
@@ -319,7 +374,7 @@ def _model_row(lm: LoadedModel) -> dict:
                 bos_token_id=lm.bos_token_id, special_token_ids=sorted(lm.special_token_ids))
 
 
-def _run_row(cfg, lm, contexts: torch.Tensor, stats: dict, seconds: float) -> dict:
+def _run_row(cfg, lm, contexts: torch.Tensor, seconds: float) -> dict:
     n_tokens = int(content_mask(lm, contexts).sum())  # each SAE's density counts its own positions (features.n_firing)
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     return dict(id=cfg.run_id(), model_id=lm.name, corpus=cfg.corpus.describe(), n_contexts=len(contexts),
@@ -327,11 +382,10 @@ def _run_row(cfg, lm, contexts: torch.Tensor, stats: dict, seconds: float) -> di
                 started_at=now - dt.timedelta(seconds=seconds), finished_at=now, seconds=seconds)
 
 
-def _summary(log, target: Path, contexts: torch.Tensor, stats: dict, seconds: float, write_seconds: float) -> None:
+def _summary(log, target: Path, contexts: torch.Tensor, finals: dict, seconds: float, write_seconds: float) -> None:
     log(f"Published {target} ({target.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s "
         f"({write_seconds:.1f} s writing DuckDB): {len(contexts)} contexts of {contexts.shape[1]} tokens.")
-    for name, s in stats.items():
-        n_tokens, n_firing = int(s.n_tokens), s.fine_hist.sum(1)
-        dead = float((n_firing == 0).float().mean())
-        log(f"  {name:<16} {n_tokens} tokens counted   mean density {float(n_firing.double().mean() / max(n_tokens, 1)):.4f}"
-            f"   dead {dead:.1%}")
+    for name, final in finals.items():
+        n_firing = final["n_firing"]
+        log(f"  {name:<16} {final['n_tokens']} tokens counted   mean density {float(final['density'].mean()):.4f}"
+            f"   dead {float((n_firing == 0).float().mean()):.1%}")

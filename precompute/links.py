@@ -15,7 +15,7 @@ Each stored link carries both scores (cosine None where the sites are not both r
 
     plan = LinkPlan(encoder.sites, {name: sae.d_sae for name, sae in encoder.saes.items()})
     peaks = PeakTables(plan, finals, context_len)         # finals: {name: FeatureStats.finalize()}
-    peaks.add(context_ids, feature_acts, masks)           # in the job's example pass (precompute/examples.py)
+    peaks.add(name, context_ids, acts, mask)              # each SAE of each batch of the job's example pass
     links = cross_layer_links(plan, finals, peaks, encoder.saes)   # {name: [NeighbourLinks, ...]}
 
 The co-activations need no extra pass: the example pass re-encodes every top example's context anyway,
@@ -28,6 +28,7 @@ otherwise. No F x F matrix is held: both scores are computed through blocks of f
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -71,41 +72,44 @@ class LinkPlan:
                 Neighbour(other, direction((site.layer, site.kind), (sites[other].layer, sites[other].kind)))
                 for other in order if other != name and sites[other].layer in near]
 
-    def linked(self) -> set[str]:
-        """The SAEs some other SAE links to: whose peaks PeakTables keeps."""
-        return {n.name for near in self.neighbours.values() for n in near}
+    def linked(self, names: Iterable[str] | None = None) -> set[str]:
+        """The SAEs that SAEs `names` (default all) link to: whose peaks PeakTables keeps for them."""
+        return {n.name for name in (self.neighbours if names is None else names) for n in self.neighbours[name]}
 
 
 class PeakTables:
-    """Each linked SAE's `width` strongest (feature id, act) pairs at every position that is the peak of a
-    top example of an SAE with neighbours; acts are 0 where the SAE's mask says the position does not count."""
+    """The `width` strongest (feature id, act) pairs of SAEs at every position that is the peak of a top
+    example of a linking SAE (`linkers`: default all), one table per SAE some linker links to; acts are 0
+    where that SAE's mask says the position does not count."""
 
-    def __init__(self, plan: LinkPlan, finals: dict[str, dict], context_len: int):
+    def __init__(self, plan: LinkPlan, finals: dict[str, dict], context_len: int, linkers: Iterable[str] | None = None):
         self.plan, self.context_len = plan, context_len
-        keys = [self._keys(finals[name]["top_ctx"], finals[name]["top_pos"]) for name, near in plan.neighbours.items() if near]
+        linkers = [name for name in (plan.neighbours if linkers is None else linkers) if plan.neighbours[name]]
+        keys = [self._keys(finals[name]["top_ctx"], finals[name]["top_pos"]) for name in linkers]
         keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
         self.keys = torch.unique(keys[keys >= 0])  # sorted: context id * context_len + position
-        self.ids = {name: torch.zeros(len(self.keys), plan.widths[name], dtype=torch.int32) for name in plan.linked()}
-        self.acts = {name: torch.zeros(len(self.keys), plan.widths[name]) for name in plan.linked()}
+        self.tables = sorted(plan.linked(linkers))
+        self.ids = {name: torch.zeros(len(self.keys), plan.widths[name], dtype=torch.int32) for name in self.tables}
+        self.acts = {name: torch.zeros(len(self.keys), plan.widths[name]) for name in self.tables}
 
     def _keys(self, ctx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return torch.where(ctx >= 0, ctx * self.context_len + pos.long(), -1)
 
     @torch.no_grad()
-    def add(self, context_ids: torch.Tensor, feature_acts: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
-        """Fill the rows of the peak positions inside one re-encoded batch."""
+    def add(self, name: str, context_ids: torch.Tensor, acts: torch.Tensor, mask: torch.Tensor) -> None:
+        """Fill SAE `name`'s rows of the peak positions inside one re-encoded batch (acts [B, T, F], mask [B, T])."""
+        if name not in self.ids:
+            return
         first = context_ids.cpu().long() * self.context_len
         lo, hi = torch.searchsorted(self.keys, first), torch.searchsorted(self.keys, first + self.context_len)
         counts = hi - lo
         b = torch.repeat_interleave(torch.arange(len(first)), counts)
         rows = lo.index_select(0, b) + torch.arange(len(b)) - (counts.cumsum(0) - counts).index_select(0, b)
         pos = self.keys.index_select(0, rows) - first.index_select(0, b)
-        for name in self.ids:
-            acts, mask = feature_acts[name], masks[name]
-            at = acts[b.to(acts.device), pos.to(acts.device)]  # [q, F_name]
-            top = at.topk(self.plan.widths[name], dim=-1, sorted=False)
-            self.ids[name][rows] = top.indices.int().cpu()
-            self.acts[name][rows] = (top.values * mask[b.to(mask.device), pos.to(mask.device)].to(top.values.dtype)[:, None]).float().cpu()
+        b, pos = b.to(acts.device), pos.to(acts.device)
+        top = acts[b, pos].topk(self.plan.widths[name], dim=-1, sorted=False)  # [q, width]
+        self.ids[name][rows] = top.indices.int().cpu()
+        self.acts[name][rows] = (top.values * mask.to(acts.device)[b, pos].to(top.values.dtype)[:, None]).float().cpu()
 
     def at(self, name: str, ctx: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """SAE `name`'s pairs at the peaks of top examples ctx, pos [f, k]: ids, acts [f, k, width]; 0 for empty slots."""
@@ -127,13 +131,13 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def cross_layer_links(plan: LinkPlan, finals: dict[str, dict], peaks: PeakTables, saes: dict[str, JumpReLUSAE],
-                      top_n: int = TOP_N, block: int | None = None,
-                      device: str | torch.device | None = None) -> dict[str, list[NeighbourLinks]]:
-    """Links of every SAE to each of its neighbours, from the finalized statistics (top examples, density,
-    mean and max), the neighbours' peaks and the weights. CPU tensors out."""
+                      top_n: int = TOP_N, block: int | None = None, device: str | torch.device | None = None,
+                      names: Iterable[str] | None = None) -> dict[str, list[NeighbourLinks]]:
+    """Links of SAEs `names` (default all) to each of their neighbours, from the finalized statistics (top
+    examples, density, mean and max), the neighbours' peaks and the weights. CPU tensors out."""
     out: dict[str, list[NeighbourLinks]] = {}
-    for name, near in plan.neighbours.items():
-        out[name] = [_neighbour_links(plan, name, n, finals, peaks, saes, top_n, block, device) for n in near]
+    for name in plan.neighbours if names is None else names:
+        out[name] = [_neighbour_links(plan, name, n, finals, peaks, saes, top_n, block, device) for n in plan.neighbours[name]]
     return out
 
 

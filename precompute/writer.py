@@ -9,6 +9,7 @@ Each SAE's statistics become three flat Arrow tables (features, examples, links)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import duckdb
@@ -167,29 +168,39 @@ def links_table(model_id: str, sae_id: str, links: list) -> pa.Table:
     return table.take(pa.array(np.lexsort((np.asarray(cols["other"], dtype=object).astype(str), flat["feature"]))))
 
 
-def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict, contexts: np.ndarray,
-                 saes: list[SAEResult]) -> None:
-    """Create `path` at the newest schema and fill it with one run. `path` must not be published yet."""
+def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict | Callable[[], dict],
+                 contexts: np.ndarray, saes: Iterable[SAEResult], sae_ids: list[str] | None = None) -> None:
+    """Create `path` at the newest schema and fill it with one run. `path` must not be published yet.
+    `saes` may be a generator: each result is written and dropped before the next is drawn, so memory holds
+    one group's results at a time; then `sae_ids` (all of them) fixes each SAE's number up front, and
+    `run_row` may be a function, called once every SAE is written (its run time includes theirs)."""
     path = Path(path)
     path.unlink(missing_ok=True)
     db.upgrade(path)
+    if sae_ids is None:
+        saes = list(saes)
+        sae_ids = [result.row["id"] for result in saes]
+    number_of = {sae_id: number for number, sae_id in enumerate(sorted(sae_ids))}
     con = duckdb.connect(str(path))
     try:
         con.execute("BEGIN TRANSACTION")
         _insert(con, "models", pa.Table.from_pylist([model_row]))
         _insert(con, "vocab", pa.table({"model_id": [model_row["id"]] * len(vocab),
                                          "token_id": np.arange(len(vocab), dtype=np.int32), "text": vocab}))
-        _insert(con, "runs", pa.Table.from_pylist([run_row]))
-        _insert(con, "contexts", pa.table({"run_id": [run_row["id"]] * len(contexts),
+        run = run_row() if callable(run_row) else run_row
+        _insert(con, "contexts", pa.table({"run_id": [run["id"]] * len(contexts),
                                            "context_id": np.arange(len(contexts), dtype=np.int32),
                                            "token_ids": list_column(contexts.astype(np.int32), pa.int32())}))
-        for number, result in enumerate(sorted(saes, key=lambda r: r.row["id"])):
+        for result in saes:
             sae_id = result.row["id"]
-            _insert(con, "saes", pa.Table.from_pylist([{**result.row, "number": number}]))
+            _insert(con, "saes", pa.Table.from_pylist([{**result.row, "number": number_of[sae_id]}]))
             labels = feature_labels(result.stats, result.static, contexts, vocab)
-            insert_features(con, number, features_table(model_row["id"], sae_id, result.stats, result.static, labels),
-                            examples_table(model_row["id"], sae_id, run_row["id"], result.examples),
+            insert_features(con, number_of[sae_id], features_table(model_row["id"], sae_id, result.stats, result.static, labels),
+                            examples_table(model_row["id"], sae_id, run["id"], result.examples),
                             links_table(model_row["id"], sae_id, result.links))
+        if callable(run_row):
+            run = run_row()
+        _insert(con, "runs", pa.Table.from_pylist([run]))
         con.execute("COMMIT")
         con.execute("CHECKPOINT")
     finally:

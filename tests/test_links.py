@@ -168,7 +168,8 @@ def test_peak_tables_hold_each_linked_saes_strongest_pairs_at_every_top_example_
         finals[name] = stats.finalize()
     peaks = PeakTables(plan, finals, T)
     for rows in (slice(0, 4), slice(4, 6)):
-        peaks.add(ids[rows], {n: a[rows] for n, a in feature_acts.items()}, {n: m[rows] for n, m in masks.items()})
+        for name in ("b", "a"):
+            peaks.add(name, ids[rows], feature_acts[name][rows], masks[name][rows])
     got_ids, got_acts = peaks.at("b", finals["a"]["top_ctx"], finals["a"]["top_pos"])  # b at a's peaks
     for f, r in zip(*torch.nonzero(finals["a"]["top_ctx"] >= 0, as_tuple=True)):
         b, t = int(finals["a"]["top_ctx"][f, r] - 2) // 5, int(finals["a"]["top_pos"][f, r])

@@ -192,11 +192,11 @@ def test_kill_9_then_rerun_gives_the_same_result_as_an_uninterrupted_run(tiny_ge
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen([EXE, *args, "--data-dir", str(killed_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
-    while not list(killed_dir.glob("runs/*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+    while not list(killed_dir.glob("runs/*/checkpoint-*.pt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert list(killed_dir.glob("runs/*/checkpoint.pt")), "no checkpoint was written before the kill"
+    assert list(killed_dir.glob("runs/*/checkpoint-*.pt")), "no checkpoint was written before the kill"
     assert not list(killed_dir.glob("db/*.duckdb")), "the run finished before it could be killed"
 
     resumed = subprocess.run([EXE, *args, "--data-dir", str(killed_dir)], capture_output=True, text=True, timeout=300)
@@ -207,7 +207,7 @@ def test_kill_9_then_rerun_gives_the_same_result_as_an_uninterrupted_run(tiny_ge
     (killed_db,), (straight_db,) = list(killed_dir.glob("db/*.duckdb")), list((tmp_path / "straight").glob("db/*.duckdb"))
     assert killed_db.name == straight_db.name
     assert _tables(killed_db) == _tables(straight_db)
-    assert not list(killed_dir.glob("runs/*/checkpoint.pt"))
+    assert not list(killed_dir.glob("runs/*/*.pt"))
 
 
 def test_two_shards_merged_equal_one_run(one_run, tiny_gemma2, tmp_path):
@@ -215,8 +215,8 @@ def test_two_shards_merged_equal_one_run(one_run, tiny_gemma2, tmp_path):
     sharded = PrecomputeConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "data")})
     for i in range(2):
         sharded.shard = (i, 2)
-        shard_file = run_precompute(sharded, lm=tiny_gemma2, log=lambda *_: None)
-        assert shard_file.name == f"shard-{i}-of-2.pt"
+        work_dir = run_precompute(sharded, lm=tiny_gemma2, log=lambda *_: None)
+        assert (work_dir / f"shard-{i}-of-2-group-0-of-1.pt").exists()
     assert not (tmp_path / "data" / "db").exists()
     sharded.shard, sharded.merge_shards = None, 2
     merged = run_precompute(sharded, lm=tiny_gemma2, log=lambda *_: None)
@@ -228,7 +228,7 @@ def test_merging_before_every_shard_is_done_names_the_missing_ones(one_run, tiny
     sharded = PrecomputeConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "data"), "shard": (1, 3)})
     run_precompute(sharded, lm=tiny_gemma2, log=lambda *_: None)
     sharded.shard, sharded.merge_shards = None, 3
-    with pytest.raises(PrecomputeError, match="shard-0-of-3.pt, shard-2-of-3.pt not found"):
+    with pytest.raises(PrecomputeError, match="shard-0-of-3-group-0-of-1.pt, shard-2-of-3-group-0-of-1.pt not found"):
         run_precompute(sharded, lm=tiny_gemma2, log=lambda *_: None)
 
 
