@@ -33,7 +33,8 @@ PARAMS_FILE = "params.npz"
 
 _GEMMA_SCOPE_RELEASE = r"gemma-scope-(2b|9b|27b)-(pt|it)-(res|mlp|att)"
 _GEMMA_SCOPE_REPO_RE = re.compile(rf"^google/{_GEMMA_SCOPE_RELEASE}$")
-_GEMMA_SCOPE_ID_RE = re.compile(r"^layer_(\d+)/width_(\d+[km])/(average_l0_\d+|canonical)$")
+# Gemma Scope's widths are 16k ... 1m; a plain number (width_256) is the same layout at another width.
+_GEMMA_SCOPE_ID_RE = re.compile(r"^layer_(\d+)/width_(\d+[km]?)/(average_l0_\d+|canonical)$")
 _NEURONPEDIA_RE = re.compile(r"^gemma-2-(2b|9b|27b)(-it)?/(\d+)-gemmascope-(res|mlp|att)-(\d+[km])$")
 # A release folder on disk: as `hf download --local-dir` names it, or as the Hugging Face cache does.
 _LOCAL_RELEASE_RE = re.compile(rf"^(?:models--google--)?({_GEMMA_SCOPE_RELEASE})$")
@@ -48,7 +49,7 @@ class SAELoadError(FeatureScopeError, ValueError):
 class GemmaScopePath:
     repo_id: str  # google/gemma-scope-2b-pt-res
     layer: int
-    width: str  # "16k"
+    width: str  # "16k" (see width_label)
     variant: str  # "average_l0_71" or "canonical"
 
     @property
@@ -114,6 +115,13 @@ def gemma_scope_layout(folder: str | Path) -> GemmaScopePath | None:
         if m := _LOCAL_RELEASE_RE.match(name):
             return parse_gemma_scope(f"google/{m.group(1)}/{'/'.join(parts[-3:])}")
     return None
+
+
+def width_label(d_sae: int) -> str:
+    """The width segment of the Gemma Scope layout: 16384 -> '16k', 1048576 -> '1m', 300 -> '300'."""
+    if d_sae % (1 << 20) == 0:
+        return f"{d_sae >> 20}m"
+    return f"{d_sae >> 10}k" if d_sae % (1 << 10) == 0 else str(d_sae)
 
 
 def canonical_variant(variants: list[str]) -> str:
