@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from featurescope.models import LoadedModel, load_model
+from featurescope.sae import JumpReLUSAE
 from featurescope.sae_sources import width_label
 from featurescope.site_names import SITE_KINDS, Site, parse_site
 from featurescope.sites import capture_sites, site_width
@@ -157,10 +158,11 @@ def write_synthetic_release(out: str | Path, width: int = 16384, d_model: int = 
     return SyntheticRelease(model, write_release(out, lm, width, sites, target_l0s, seed=seed, log=log))
 
 
-def measured_l0(lm: LoadedModel, sae, contexts: torch.Tensor) -> float:
-    """Mean number of active features per token at the SAE's site, BOS left out."""
-    acts = site_activations(lm, contexts, [parse_site(sae.cfg.hook_name)])
-    return float((sae.encode(next(iter(acts.values()))) > 0).sum(dim=1).float().mean())
+def measured_l0(lm: LoadedModel, saes: dict[str, JumpReLUSAE], contexts: torch.Tensor) -> dict[str, float]:
+    """Mean number of active features per token of each SAE over the contexts (BOS left out), from one pass."""
+    sites = {name: parse_site(sae.cfg.hook_name) for name, sae in saes.items()}
+    acts = site_activations(lm, contexts, sorted(set(sites.values())))
+    return {name: float((sae.encode(acts[sites[name]]) > 0).sum(dim=1).float().mean()) for name, sae in saes.items()}
 
 
 def _layers(text: str) -> list[int] | None:
