@@ -104,7 +104,7 @@ def feature_densities(d_sae: int, target_l0: float, rng: np.random.Generator) ->
 
 
 def calibrated_sae_params(acts: torch.Tensor, d_sae: int, target_l0: float, seed: int | list[int],
-                          chunk: int = 1 << 16) -> dict[str, np.ndarray]:
+                          chunk: int = 1 << 12) -> dict[str, np.ndarray]:
     """Gemma Scope params.npz arrays for an SAE reading `acts` [n_tokens, d_in] at about `target_l0` features a token."""
     rng = np.random.default_rng(seed)
     n, d_in = acts.shape
@@ -113,14 +113,18 @@ def calibrated_sae_params(acts: torch.Tensor, d_sae: int, target_l0: float, seed
     W_enc = W_dec.T.contiguous()  # [d_in, d_sae]
     b_dec = acts.mean(dim=0)
     b_enc = -(b_dec @ W_enc)  # pre = (x - mean) @ W_enc: centred, so thresholds come out positive
-    # tokens above each feature's threshold on the calibration set: its density x n, at least one below it
-    above = torch.from_numpy(np.minimum(np.round(feature_densities(d_sae, target_l0, rng) * n), n - 1)).long()
-    threshold = torch.empty(d_sae)
-    for start in range(0, d_sae, chunk):  # [n, chunk] at a time: a 1M-wide SAE never holds [n, d_sae]
+    # each feature's threshold: the value with density x n of its calibration pre-activations above it
+    above = np.minimum(np.round(feature_densities(d_sae, target_l0, rng) * n), n - 1).astype(np.int64)
+    rank = n - 1 - above  # its position in the feature's pre-activations sorted ascending
+    threshold = np.empty(d_sae, dtype=np.float32)
+    acts_t = acts.T.contiguous()  # [d_in, n]: each feature's pre-activations come out contiguous
+    for start in range(0, d_sae, chunk):  # [chunk, n] at a time: a 1M-wide SAE never holds [d_sae, n]
         cols = slice(start, min(start + chunk, d_sae))
-        pre = acts @ W_enc[:, cols] + b_enc[cols]
-        ranked = pre.sort(dim=0, descending=True).values  # [n, chunk]
-        threshold[cols] = ranked.gather(0, above[cols].unsqueeze(0)).squeeze(0)
+        pre = (W_dec[cols] @ acts_t + b_enc[cols, None]).numpy()  # [chunk, n]; W_dec[cols] is W_enc[:, cols].T
+        for r in np.unique(rank[cols]):  # np.partition takes one rank for all rows: group the features by it
+            rows = np.flatnonzero(rank[cols] == r)
+            threshold[start + rows] = np.partition(pre[rows], r, axis=1)[:, r]
+    threshold = torch.from_numpy(threshold)
     threshold.clamp_(min=1e-6)  # acts are >= threshold > 0, as in Gemma Scope
     return {"W_enc": W_enc.numpy(), "W_dec": W_dec.numpy(), "b_enc": b_enc.numpy(), "b_dec": b_dec.numpy(),
             "threshold": threshold.numpy()}
@@ -132,8 +136,11 @@ def sae_folder(root: str | Path, site: Site, d_sae: int, target_l0: int) -> Path
 
 
 def write_release(root: str | Path, lm: LoadedModel, width: int, sites: list[Site], target_l0s: tuple[int, ...] = (70,),
-                  calibration_contexts: int = 32, context_len: int = 64, seed: int = 0, log=print) -> dict[Site, list[Path]]:
+                  calibration_contexts: int = 128, context_len: int = 128, seed: int = 0, log=print) -> dict[Site, list[Path]]:
     """Calibrated SAEs for `lm` at each site and target L0, in the Gemma Scope layout under `root`."""
+    # A random model's activations carry an offset per context (attention outputs average their context), so
+    # thresholds fitted on a few contexts fit those: 16 x 128 tokens gave up to 6x the target L0 on unseen
+    # contexts, 128 x 128 within 35% of it.
     acts = site_activations(lm, random_contexts(lm, calibration_contexts, context_len, seed), sites)
     written: dict[Site, list[Path]] = {}
     for site in sorted(sites):
