@@ -18,6 +18,7 @@ import typer
 from featurescope.app.settings import Settings
 from featurescope.cli_options import options_from
 from featurescope.errors import FeatureScopeError
+from featurescope.memory import parse_bytes
 from featurescope.precompute.config import PrecomputeConfig
 from featurescope.site_names import parse_site
 from featurescope.train_config import TrainConfig
@@ -263,7 +264,7 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 @app.command()
-@options_from(PrecomputeConfig, parsers={"shard": _parse_shard})
+@options_from(PrecomputeConfig, parsers={"shard": _parse_shard, "memory_budget": parse_bytes})
 def precompute(**config) -> None:
     """Run the model once over a corpus for all SAEs; store every feature's statistics in DuckDB.
 

@@ -6,80 +6,26 @@ Accepted sources (all are plain strings, so the CLI, the config and URLs share t
     gemma-scope-2b-pt-res-canonical:layer_20/width_16k/canonical    SAELens release:id (or release/id)
     gemma-2-2b/20-gemmascope-res-16k                                Neuronpedia's name (canonical variant)
     path/to/params.npz, or a folder holding it                      Gemma Scope layout (our own SAEs too)
+    path/to/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71  ... its site and model read from the path
     path/to/saelens_folder                                          cfg.json + sae_weights.safetensors
+Release patterns (`layer_*/width_16k/canonical`) and --sae-list files expand in featurescope/sae_sources.py.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from featurescope.errors import FeatureScopeError
 from featurescope.sae import PARAM_NAMES, JumpReLUSAE, SAEConfig
+# The names live there (torch-free, so the command line expands sources without torch).
+from featurescope.sae_sources import (GemmaScopePath, SAELoadError, gemma_scope_layout, parse_gemma_scope,  # noqa: F401
+                                      resolve_canonical)
 from featurescope.sites import Site, SiteError, parse_site
 
 CARD_FILE = "featurescope.json"  # written beside params.npz for SAEs this project trains
-CANONICAL_L0 = 100  # Gemma Scope's canonical variant: average L0 closest to this
-
-_GEMMA_SCOPE_REPO_RE = re.compile(r"^google/gemma-scope-(2b|9b|27b)-(pt|it)-(res|mlp|att)$")
-_GEMMA_SCOPE_ID_RE = re.compile(r"^layer_(\d+)/width_(\d+[km])/(average_l0_\d+|canonical)$")
-_NEURONPEDIA_RE = re.compile(r"^gemma-2-(2b|9b|27b)(-it)?/(\d+)-gemmascope-(res|mlp|att)-(\d+[km])$")
-
-
-class SAELoadError(FeatureScopeError, ValueError):
-    """An SAE source that cannot be found or read; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class GemmaScopePath:
-    repo_id: str  # google/gemma-scope-2b-pt-res
-    layer: int
-    width: str  # "16k"
-    variant: str  # "average_l0_71" or "canonical"
-
-    @property
-    def site(self) -> Site:
-        return Site(self.layer, self.repo_id.rsplit("-", 1)[1])
-
-    @property
-    def model_name(self) -> str:
-        size, flavour = _GEMMA_SCOPE_REPO_RE.match(self.repo_id).group(1, 2)
-        return f"google/gemma-2-{size}" + ("-it" if flavour == "it" else "")
-
-    @property
-    def folder(self) -> str:
-        return f"layer_{self.layer}/width_{self.width}/{self.variant}"
-
-
-def parse_gemma_scope(source: str) -> GemmaScopePath | None:
-    """The hub path a Gemma Scope source names, in any accepted spelling; None if it is not one."""
-    if m := _NEURONPEDIA_RE.match(source):
-        size, it, layer, kind, width = m.groups()
-        flavour = "it" if it else "pt"
-        return GemmaScopePath(f"google/gemma-scope-{size}-{flavour}-{kind}", int(layer), width, "canonical")
-    if source.startswith("google/gemma-scope-"):
-        repo_id, _, sae_id = source.partition("/")[2].partition("/")
-        repo_id = "google/" + repo_id
-    elif source.startswith("gemma-scope-"):
-        release, sae_id = re.split(r"[:/]", source, maxsplit=1) if re.search(r"[:/]", source) else (source, "")
-        repo_id = "google/" + release.removesuffix("-canonical")
-        if release.endswith("-canonical") and not sae_id.endswith("/canonical"):
-            raise SAELoadError(f"Release {release!r} holds canonical ids only, like 'layer_20/width_16k/canonical'; got {sae_id!r}.")
-    else:
-        return None
-    if not _GEMMA_SCOPE_REPO_RE.match(repo_id):
-        raise SAELoadError(f"Unknown Gemma Scope repo {repo_id!r}: expected e.g. google/gemma-scope-2b-pt-res (-res, -mlp or -att).")
-    m = _GEMMA_SCOPE_ID_RE.match(sae_id)
-    if not m:
-        raise SAELoadError(
-            f"Gemma Scope id {sae_id!r} does not parse: expected 'layer_20/width_16k/average_l0_71' or 'layer_20/width_16k/canonical'."
-        )
-    return GemmaScopePath(repo_id, int(m.group(1)), m.group(2), m.group(3))
 
 
 def load_sae(source: str, site: str | Site | None = None, device: str | torch.device = "cpu") -> JumpReLUSAE:
@@ -111,10 +57,14 @@ def _load_local(path: Path, site: str | Site | None) -> JumpReLUSAE:
     if path.suffix != ".npz":
         raise SAELoadError(f"SAE file {str(path)!r} is not a params.npz file.")
     card = _read_card(path.parent / CARD_FILE)
-    hook_name = card.get("hook_name") or (parse_site(site).hook_name if site is not None else None)
+    layout = gemma_scope_layout(path.parent)  # .../gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71
+    hook_name = (card.get("hook_name") or (layout.site.hook_name if layout else None)
+                 or (parse_site(site).hook_name if site is not None else None))
     if hook_name is None:
-        raise SAELoadError(f"{str(path)!r} does not say which site it reads: pass its site (e.g. '20-res').")
-    return sae_from_npz(path, hook_name=hook_name, model_name=card.get("model_name", ""), source=str(path), metadata=card)
+        raise SAELoadError(f"{str(path)!r} does not say which site it reads: pass its site (e.g. '20-res'), or keep "
+                           "the Gemma Scope folder layout (gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71).")
+    model_name = card.get("model_name") or (layout.model_name if layout else "")
+    return sae_from_npz(path, hook_name=hook_name, model_name=model_name, source=str(path), metadata=card)
 
 
 def sae_from_npz(path: Path, hook_name: str, model_name: str = "", source: str = "", metadata: dict | None = None) -> JumpReLUSAE:
@@ -196,32 +146,6 @@ def _load_gemma_scope(path: GemmaScopePath, source: str) -> JumpReLUSAE:
         raise SAELoadError(f"{path.repo_id} has no {filename}: check the layer, width and average_l0 variant.") from exc
     return sae_from_npz(Path(local), hook_name=path.site.hook_name, model_name=path.model_name,
                         source=f"{path.repo_id}/{path.folder}")
-
-
-def resolve_canonical(path: GemmaScopePath) -> str:
-    """The average_l0_N variant of (layer, width) whose N is closest to 100 (ties: the sparser one)."""
-    prefix = f"layer_{path.layer}/width_{path.width}"
-    variants = _list_variants(path.repo_id, prefix)
-    if not variants:
-        raise SAELoadError(f"No SAE variants found under {path.repo_id}/{prefix} (hub unreachable and nothing cached?).")
-    return min(variants, key=lambda v: (abs(int(v.rsplit("_", 1)[1]) - CANONICAL_L0), int(v.rsplit("_", 1)[1])))
-
-
-def _list_variants(repo_id: str, prefix: str) -> list[str]:
-    """average_l0_* folder names: from the hub when it answers, else from the local cache."""
-    from huggingface_hub import HfApi, constants, snapshot_download
-
-    if not constants.HF_HUB_OFFLINE:
-        try:
-            entries = HfApi().list_repo_tree(repo_id, path_in_repo=prefix)
-            return sorted(Path(e.path).name for e in entries if Path(e.path).name.startswith("average_l0_"))
-        except Exception:  # unreachable hub: fall back to what is cached
-            pass
-    try:
-        snapshot = Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        return []
-    return sorted(p.parent.name for p in snapshot.glob(f"{prefix}/average_l0_*/params.npz"))
 
 
 def save_sae(sae: JumpReLUSAE, folder: str | Path, card: dict | None = None) -> Path:

@@ -27,8 +27,12 @@ PEAK_WIDTH = 64  # strongest (feature, act) pairs of a neighbour kept at each to
 class PrecomputeConfig:
     model: str = setting("smollm2-135m", "Hub id, local folder, .gguf file, or 'smollm2-135m' (embedded).",
                          flags=("--model", "-m"))
-    saes: list[str] = setting(default_factory=list, help="SAE source (anything load_sae reads); repeat for several "
-                              "SAEs (one model pass for all).", flags=("--sae",), required=True)
+    saes: list[str] = setting(default_factory=list, help="SAE source (anything load_sae reads) or release pattern "
+                              "(e.g. google/gemma-scope-2b-pt-res/layer_*/width_16k/canonical); repeat for several "
+                              "SAEs.", flags=("--sae",))
+    # Expanded into `saes` (featurescope/sae_sources.py) before the run id is taken: the SAEs count, not the file.
+    sae_list: str | None = setting(None, "File of SAE sources or patterns, one per line ('#' comments), after the "
+                                   "--sae ones.", metadata=SAME_RESULT)
     sae_ids: list[str] | None = setting(None, "URL id per SAE, in --sae order (default e.g. 6-res-2k).", flags=("--sae-id",))
     site: str | None = setting(None, "Site of bare params.npz SAEs, e.g. 15-res.")
     corpus: CorpusSpec = setting(default_factory=CorpusSpec)
@@ -46,6 +50,9 @@ class PrecomputeConfig:
     links_peak_width: int = setting(PEAK_WIDTH, "A neighbour's strongest features kept at each top example's peak "
                                     "token; memory at the end of the run: distinct peak positions x this x 8 bytes per SAE.", min=1)
     device: str = setting("auto", "auto, cpu, cuda or mps.", metadata=SAME_RESULT)
+    memory_budget: int | None = setting(None, "Memory for the SAEs' state in one model pass, e.g. 8GB (default: half "
+                                        "the device's free memory); SAEs that do not fit together run in several passes.",
+                                        metadata=SAME_RESULT)
     dtype: str = setting("float32", "Model dtype: float32, bfloat16 or float16 (SAEs always run in float32).")
     data_dir: str = setting("data", "Where runs, checkpoints and published DuckDB files go.", metadata=SAME_RESULT)
     checkpoint_every: int = setting(200, "Batches between checkpoints (a killed run resumes from the last).",

@@ -128,3 +128,17 @@ def test_precompute_and_train_options_build_the_configs_the_api_builds(monkeypat
                                       "--width", "64", "--max-norm-ratio", "0", "--target-l0", "40"])
     assert isinstance(result.exception, _Stop), result.output
     assert built[-1] == TrainConfig(sites=("6-res", "12-res"), d_sae=64, max_norm_ratio=None, target_l0=40)
+
+
+def test_precompute_takes_an_sae_list_instead_of_sae_flags_and_a_memory_budget_in_bytes(monkeypatch):
+    import featurescope.precompute.job
+
+    built = []
+    monkeypatch.setattr(featurescope.precompute.job, "run_precompute", lambda cfg, log: built.append(cfg))
+    result = CliRunner().invoke(app, ["precompute", "--sae-list", "saes.txt", "--memory-budget", "1.5GB"])
+    assert result.exit_code == 0, result.output
+    assert built == [PrecomputeConfig(saes=[], sae_list="saes.txt", memory_budget=3 << 29)]
+    # neither changes the run id: the expanded SAEs do, and results do not depend on the grouping
+    assert built[0].run_id() == PrecomputeConfig(saes=[]).run_id()
+    result = CliRunner().invoke(app, ["precompute", "--sae", "a", "--memory-budget", "lots"])
+    assert result.exit_code == 2 and "'lots' is not a memory" in result.output

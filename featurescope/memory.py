@@ -1,0 +1,59 @@
+"""Memory sizes as users write them, and how much memory a device has free. Torch is imported only by
+`free_memory_bytes`, so configs and the command line parse `--memory-budget 8GB` without it.
+
+    parse_bytes("8GB") -> 8589934592          # K, M, G, T are powers of 1024, with or without "B" or "iB"
+    format_bytes(8589934592) -> "8.0 GiB"
+    free_memory_bytes("cuda")                 # what the GPU has free now; MemAvailable for the CPU
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'8GB', '8g', '1.5 GiB', '512MB', '1000000' -> bytes. Raises ValueError naming the text otherwise."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a memory size: write e.g. 8GB, 512MB or a number of bytes.")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def format_bytes(n: int) -> str:
+    """Bytes in the largest unit that keeps the number >= 1: 1536 -> '1.5 KiB'."""
+    unit = next(u for u in ("T", "G", "M", "K", "") if abs(n) >= _UNITS[u] or u == "")
+    return f"{n} B" if unit == "" else f"{n / _UNITS[unit]:.1f} {unit}iB"
+
+
+def free_memory_bytes(device: str | torch.device = "auto") -> int:
+    """Memory free on `device` now: the GPU's free memory for cuda, else the system's available memory
+    (MPS shares it with the CPU)."""
+    import torch
+
+    from featurescope.models import resolve_device
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return system_available_bytes()
+
+
+def system_available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping); elsewhere the free pages,
+    or the physical memory where the system does not say."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the file counts kB
+    pages = "SC_AVPHYS_PAGES" if "SC_AVPHYS_PAGES" in os.sysconf_names else "SC_PHYS_PAGES"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages)
