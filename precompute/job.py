@@ -10,6 +10,7 @@ command again: it resumes from the last checkpoint and gives the same result as 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -26,17 +27,20 @@ from featurescope.errors import FeatureScopeError
 from featurescope.models import LoadedModel, load_model
 from featurescope.sae import JumpReLUSAE
 from featurescope.sae_loading import load_sae
+from featurescope.sae_sources import SAELoadError, expand_sae_sources, is_pattern
 from featurescope.schema import DENSE_THRESHOLD
 from featurescope.sites import SiteActivations, parse_site
 from featurescope.precompute.config import SAMPLES, PrecomputeConfig
 from featurescope.precompute.corpus_sources import CorpusError, iter_texts
 from featurescope.precompute.examples import ExampleActs
-from featurescope.precompute.feature_stats import FeatureStats
+from featurescope.precompute.feature_stats import FeatureStats, expected_memory_bytes
 from featurescope.precompute.links import LinkPlan, PeakTables, cross_layer_links
+from featurescope.precompute.plan import PlanError, SAESpec, default_memory_budget, describe_plan, plan_groups
 from featurescope.precompute.static_stats import decoder_neighbours, logit_effect, unembedding
 from featurescope.precompute.writer import SAEResult, write_run_db
 
 PLAN_FILE = "plan.json"  # the run's SAE groups, fixed at its first start
+MEASURED_BATCHES = 3  # batches timed for the first estimate of the run time
 
 
 class PrecomputeError(FeatureScopeError, ValueError):
@@ -63,6 +67,18 @@ def default_sae_ids(saes: list[JumpReLUSAE]) -> list[str]:
     return ids
 
 
+def with_expanded_sources(cfg: PrecomputeConfig) -> PrecomputeConfig:
+    """cfg with its release patterns and --sae-list expanded into concrete SAE sources
+    (featurescope/sae_sources.py): the run id names the SAEs, not the way they were written."""
+    if cfg.sae_list is None and not any(is_pattern(source) for source in cfg.saes):
+        return cfg
+    try:
+        sources = expand_sae_sources(cfg.saes, cfg.sae_list)
+    except SAELoadError as exc:
+        raise PrecomputeError(str(exc)) from exc
+    return dataclasses.replace(cfg, saes=sources, sae_list=None)
+
+
 def published_path(cfg: PrecomputeConfig, model_id: str) -> Path:
     return Path(cfg.data_dir) / "db" / f"{model_id}--{cfg.run_id()}.duckdb"
 
@@ -80,6 +96,7 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     `timings`, if given, receives seconds per phase: stream, finish, write, total, and links (the
     cross-layer links' own share of finish)."""
     started = time.time()
+    cfg = with_expanded_sources(cfg)
     lm, saes, target = _prepare(cfg, lm)
     if target.exists() and not cfg.force:
         log(f"Already complete: {target} (run {cfg.run_id()}). Pass --force to recompute.")
@@ -141,16 +158,34 @@ def _prepare(cfg: PrecomputeConfig, lm: LoadedModel | None) -> tuple[LoadedModel
 
 
 def _plan_groups(cfg: PrecomputeConfig, lm: LoadedModel, saes: dict[str, JumpReLUSAE], work_dir: Path, log) -> list[list[str]]:
-    """The SAE groups of this run: planned at its first start and kept in the work folder, so a resumed
-    job, every shard and the merge use the same groups whatever memory their machines have."""
+    """The SAE groups of this run (precompute/plan.py): planned at its first start and kept in the work
+    folder, so a resumed job, every shard and the merge use the same groups whatever memory they have."""
     path = work_dir / PLAN_FILE
     if path.exists():
         groups = json.loads(path.read_text())["groups"]
         if sorted(n for g in groups for n in g) == sorted(saes):
+            log(f"Using the plan of this run's first start: {len(groups)} model pass{'es' * (len(groups) > 1)} ({path}).")
             return groups
-    groups = [sorted(saes, key=lambda n: parse_site(saes[n].cfg.hook_name).layer)]
+    specs = [SAESpec(name, parse_site(sae.cfg.hook_name), sae.d_in, sae.d_sae) for name, sae in saes.items()]
+    budget = cfg.memory_budget or default_memory_budget(lm.device)
+    state = lambda spec: spec.weight_bytes + expected_memory_bytes(spec.d_sae, cfg.top_k, cfg.examples_per_interval)  # noqa: E731
+    try:
+        plan = plan_groups(specs, state, budget, pass_bytes(lm, cfg.batch_size, cfg.context_len, max(s.d_sae for s in specs)))
+    except PlanError as exc:
+        raise PrecomputeError(str(exc)) from exc
+    log(describe_plan(plan))
+    groups = [group.names for group in plan.groups]
     path.write_text(json.dumps({"groups": groups}))
     return groups
+
+
+def pass_bytes(lm: LoadedModel, batch_size: int, context_len: int, max_d_sae: int) -> int:
+    """Memory of one batch beside the SAEs' state: the truncated forward (hidden states and eager
+    attention scores) and one SAE's activations with FeatureStats.update's temporaries (~4x the acts)."""
+    tokens = batch_size * context_len
+    heads = getattr(lm.model.config, "num_attention_heads", 1)
+    forward = 4 * (8 * tokens * lm.d_model + 2 * batch_size * heads * context_len ** 2)
+    return forward + 4 * 4 * tokens * max_d_sae
 
 
 def _part_name(cfg: PrecomputeConfig, group: int, n_groups: int) -> str:
@@ -181,7 +216,14 @@ def _stream_group(cfg, encode: _Encode, saes: dict, groups: list[list[str]], g: 
     first, last = _shard_range(cfg, len(encode.contexts))
     stats, next_context, previous = _start_or_resume(cfg, checkpoint, encoder, first, log)
     desc = f"precompute {len(stats)} SAE{'s' * (len(stats) > 1)}" + (f", group {g + 1}/{len(groups)}" if len(groups) > 1 else "")
-    seconds = _stream(cfg, encode, encoder, stats, next_context, last, checkpoint, desc)
+    batches = -(-(last - next_context) // cfg.batch_size)
+
+    def estimate(per_batch: float) -> None:  # the later groups scaled by their features: the SAEs dominate at scale
+        features = [sum(saes[n].d_sae for n in names) for names in groups[g:]]
+        rest = per_batch * batches * sum(features) / features[0]
+        log(f"First batches: {per_batch:.2f} s per batch -> ~{_duration(per_batch * batches)} for this pass"
+            + (f", ~{_duration(rest)} for the {len(features)} passes left (scaled by their features)." if len(features) > 1 else "."))
+    seconds = _stream(cfg, encode, encoder, stats, next_context, last, checkpoint, desc, estimate)
     _atomic_save({"seconds": previous + seconds, "stats": {name: s.state_dict() for name, s in stats.items()}}, done)
     checkpoint.unlink(missing_ok=True)
     finals = {name: s.finalize() for name, s in stats.items()}
@@ -189,12 +231,17 @@ def _stream_group(cfg, encode: _Encode, saes: dict, groups: list[list[str]], g: 
     return finals, seconds, previous
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def _release(encoder: FeatureEncoder) -> None:
     """Move a finished group's SAEs off the accelerator (FeatureEncoder moved them there in place)."""
     if encoder.lm.device.type != "cpu":
         for sae in encoder.saes.values():
             sae.to("cpu")
-        torch.cuda.empty_cache() if encoder.lm.device.type == "cuda" else None
+    if encoder.lm.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _merge_shard_files(cfg, work_dir: Path, saes: dict, groups: list[list[str]], device) -> tuple[dict, float]:
@@ -283,9 +330,10 @@ class _Encode:
 
 
 def _stream(cfg, encode: _Encode, encoder: FeatureEncoder, stats: dict, start: int, stop: int, checkpoint: Path,
-            desc: str) -> float:
+            desc: str, on_measured=None) -> float:
     """The main loop over contexts [start, stop): one forward per batch, every SAE's statistics updated from it.
-    Returns the seconds it took."""
+    Returns the seconds it took. on_measured(seconds per batch), if given, is called once after the first
+    MEASURED_BATCHES batches (the first one, which warms up, left out)."""
     contexts = encode.contexts
     T = contexts.shape[1]
     first_of_range = _shard_range(cfg, len(contexts))[0]
@@ -300,6 +348,10 @@ def _stream(cfg, encode: _Encode, encoder: FeatureEncoder, stats: dict, start: i
         for name, acts, mask in encode(encoder, rows):
             stats[name].update(acts, context_ids, mask)
         bar.update((rows.stop - rows.start) * T)
+        if batch_no == 1:
+            warm = time.time()
+        elif batch_no == MEASURED_BATCHES + 1 and on_measured is not None:
+            on_measured((time.time() - warm) / MEASURED_BATCHES)
         if cfg.checkpoint_every and batch_no % cfg.checkpoint_every == 0 and rows.stop < stop:
             _atomic_save({"next_context": rows.stop, "elapsed": time.time() - started,
                           "stats": {name: s.state_dict() for name, s in stats.items()}}, checkpoint)

@@ -2,7 +2,7 @@
 `default_memory_budget` asks torch how much a GPU has free).
 
     saes = [SAESpec("0-res-16k", Site(0, "res"), d_in=2304, d_sae=16384), ...]
-    plan = plan_groups(saes, state_bytes=lambda s: s.weight_bytes + expected_memory_bytes(s.d_sae, 128),
+    plan = plan_groups(saes, state_bytes=lambda s: s.weight_bytes + expected_memory_bytes(s.d_sae),
                        budget_bytes=default_memory_budget("cuda"), pass_bytes=activations_per_batch)
     print(describe_plan(plan))
     for group in plan.groups:    # one model pass each, stopped after group.last_layer
