@@ -52,7 +52,7 @@ class ExampleActs:
         self.sorted_ctx = self.slot_ctx.index_select(0, self.sorted_slot)
         self.slot_max = torch.zeros(self.F * self.m)
         self.slot_pos = torch.full((self.F * self.m,), -1, dtype=torch.int32)
-        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (slot, position, act)
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (slot int32, position int16, act)
 
     def context_ids(self) -> torch.Tensor:
         """Sorted unique ids of the contexts some example names: what must be re-encoded."""
@@ -75,7 +75,7 @@ class ExampleActs:
             self.slot_max[sl] = peak
             self.slot_pos[sl] = torch.where(peak > 0, (rows == peak[:, None]).int().argmax(1), -1).int()  # first max
             h, pos = (rows > 0).nonzero(as_tuple=True)
-            self.parts.append((sl.index_select(0, h), pos.int(), rows[h, pos]))
+            self.parts.append((sl.index_select(0, h).int(), pos.short(), rows[h, pos]))  # 10 bytes per activation
 
     def result(self) -> dict[str, torch.Tensor]:
         """Every slot's context, max activation, max position (the top examples' as streamed) and non-zero (position, act) pairs, in stored
@@ -88,11 +88,11 @@ class ExampleActs:
         order = order.reshape(-1)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(F * m)  # where each slot ends up
-        slot = torch.cat([p[0] for p in self.parts]) if self.parts else torch.zeros(0, dtype=torch.int64)
-        pos = torch.cat([p[1] for p in self.parts]) if self.parts else torch.zeros(0, dtype=torch.int32)
+        slot = torch.cat([p[0] for p in self.parts]) if self.parts else torch.zeros(0, dtype=torch.int32)
+        pos = torch.cat([p[1] for p in self.parts]) if self.parts else torch.zeros(0, dtype=torch.int16)
         act = torch.cat([p[2] for p in self.parts]) if self.parts else torch.zeros(0)
-        final = rank.index_select(0, slot)
-        by_place = (final * (1 << 20) + pos.long()).argsort()  # slot, then position (T < 2**20)
+        final = rank.index_select(0, slot.long())
+        by_place = (final * (1 << 16) + pos.long()).argsort()  # slot, then position (T < 2**15)
         offsets = torch.zeros(F * m + 1, dtype=torch.int64)
         offsets[1:] = torch.bincount(final, minlength=F * m).cumsum(0)
         ctx = self.slot_ctx.index_select(0, order).view(F, m)
@@ -100,5 +100,5 @@ class ExampleActs:
         return {"top_ctx": ctx[:, :k], "top_act": self.top_act, "top_pos": self.top_pos,
                 "interval_ctx": ctx[:, k:].reshape(F, n, s), "interval_act": iv_act,
                 "interval_pos": slot_pos[:, k:].reshape(F, n, s),
-                "token_offsets": offsets, "token_pos": pos.index_select(0, by_place),
+                "token_offsets": offsets, "token_pos": pos.index_select(0, by_place).int(),
                 "token_acts": act.index_select(0, by_place)}

@@ -41,6 +41,9 @@ from featurescope.precompute.writer import SAEResult, write_run_db
 
 PLAN_FILE = "plan.json"  # the run's SAE groups, fixed at its first start
 MEASURED_BATCHES = 3  # batches timed for the first estimate of the run time
+# Features whose examples one re-encoding pass collects: ~100 bytes each on a small corpus (~1 KB of slots
+# and activations on a large one), so a 78 x 16k release takes 5 passes over the examples' contexts.
+EXAMPLE_PASS_FEATURES = 1 << 18
 
 
 class PrecomputeError(FeatureScopeError, ValueError):
@@ -93,8 +96,8 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     With cfg.shard = (i, n) it processes only the i-th of n slices of the contexts and saves that
     shard's statistics instead (returns the folder holding them); with cfg.merge_shards it merges all n
     saved shards and publishes: exactly the result of one run over the whole corpus.
-    `timings`, if given, receives seconds per phase: stream, finish, write, total, and links (the
-    cross-layer links' own share of finish)."""
+    `timings`, if given, receives seconds per phase: stream, finish, write, total, links (the cross-layer
+    links' own share of finish), and passes: [(SAE names, streaming seconds)] per group streamed now."""
     started = time.time()
     cfg = with_expanded_sources(cfg)
     lm, saes, target = _prepare(cfg, lm)
@@ -111,13 +114,14 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     groups = _plan_groups(cfg, lm, saes, work_dir, log)
     if cfg.merge_shards:
         finals, previous_seconds = _merge_shard_files(cfg, work_dir, saes, groups, lm.device)
-        stream_seconds = 0.0
+        stream_seconds, passes = 0.0, []
     else:
-        finals, stream_seconds, previous_seconds = {}, 0.0, 0.0
+        finals, stream_seconds, previous_seconds, passes = {}, 0.0, 0.0, []
         for g, names in enumerate(groups):
             group_finals, streamed, previous = _stream_group(cfg, encode, saes, groups, g, work_dir, log)
             finals.update(group_finals)
             stream_seconds, previous_seconds = stream_seconds + streamed, previous_seconds + previous
+            passes.append((names, streamed))
         if cfg.shard:
             log(f"Saved shard {cfg.shard[0]}/{cfg.shard[1]} in {work_dir}; when all {cfg.shard[1]} are done, run "
                 f"the same command with --merge-shards {cfg.shard[1]}.")
@@ -138,7 +142,7 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     _summary(log, target, contexts, finals, time.time() - started, write_seconds)
     if timings is not None:
         timings.update(stream=stream_seconds, finish=phases["finish"], write=write_seconds,
-                       total=time.time() - started, links=phases["links"])
+                       total=time.time() - started, links=phases["links"], passes=passes)
     return target
 
 
@@ -362,11 +366,11 @@ def _stream(cfg, encode: _Encode, encoder: FeatureEncoder, stats: dict, start: i
 @torch.no_grad()
 def _finish(cfg, lm: LoadedModel, encode: _Encode, saes: dict[str, JumpReLUSAE], groups: list[list[str]],
             finals: dict[str, dict], phases: dict) -> Iterator[SAEResult]:
-    """Each SAE's complete result, group by group (the writer stores and drops one group before the next is
-    computed); phases["finish"] and phases["links"] accumulate the seconds spent here."""
+    """Each SAE's complete result, a chunk of SAEs at a time (the writer stores and drops one chunk before the
+    next is computed); phases["finish"] and phases["links"] accumulate the seconds spent here."""
     plan = _link_plan(cfg, saes)
     W_U = unembedding(lm)  # [vocab, d_model], final norm gain folded in
-    for names in groups:
+    for names in (chunk for group in groups for chunk in _example_chunks(group, saes)):
         started = time.time()
         examples, links = _example_pass(cfg, encode, saes, names, finals, plan, phases)
         results = []
@@ -379,6 +383,19 @@ def _finish(cfg, lm: LoadedModel, encode: _Encode, saes: dict[str, JumpReLUSAE],
                                      static=static, examples=examples.pop(name), links=links.get(name, [])))
         phases["finish"] += time.time() - started
         yield from results
+
+
+def _example_chunks(names: list[str], saes: dict[str, JumpReLUSAE]) -> Iterator[list[str]]:
+    """Consecutive SAEs of a group with at most EXAMPLE_PASS_FEATURES features together (at least one SAE):
+    an example pass holds every example's activations of its SAEs at once."""
+    chunk, features = [], 0
+    for name in names:
+        if chunk and features + saes[name].d_sae > EXAMPLE_PASS_FEATURES:
+            yield chunk
+            chunk, features = [], 0
+        chunk.append(name)
+        features += saes[name].d_sae
+    yield chunk
 
 
 def _example_pass(cfg, encode: _Encode, saes: dict[str, JumpReLUSAE], names: list[str], finals: dict,

@@ -78,6 +78,16 @@ def test_a_budget_for_two_saes_per_pass_gives_two_passes_and_the_same_database(o
     assert _tables(published) == _tables(path)  # links between the groups included
 
 
+def test_examples_collected_one_sae_per_pass_store_the_same_database(one_pass, tiny_gemma2, tmp_path, monkeypatch):
+    cfg, path, _ = one_pass
+    monkeypatch.setattr(job, "EXAMPLE_PASS_FEATURES", 40)
+    timings: dict = {}
+    published = run_precompute(dataclasses.replace(cfg, data_dir=str(tmp_path / "data")), lm=tiny_gemma2,
+                               log=lambda *_: None, timings=timings)
+    assert [names for names, _ in timings["passes"]] == [["0-res-40", "1-res-40", "2-res-40", "3-res-40"]]
+    assert _tables(published) == _tables(path)
+
+
 def test_a_job_killed_in_its_second_group_resumes_there_with_the_same_result(one_pass, tiny_gemma2, tmp_path, monkeypatch):
     cfg, path, _ = one_pass
     grouped = dataclasses.replace(cfg, data_dir=str(tmp_path / "data"), memory_budget=_budget_for(tiny_gemma2, cfg, 1.5),
