@@ -14,6 +14,7 @@ Release patterns (`layer_*/width_16k/canonical`) and --sae-list files expand in 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,30 +29,60 @@ from featurescope.sites import Site, SiteError, parse_site
 CARD_FILE = "featurescope.json"  # written beside params.npz for SAEs this project trains
 
 
+@dataclass(frozen=True)
+class SAEShape:
+    hook_name: str
+    d_in: int
+    d_sae: int
+
+
 def load_sae(source: str, site: str | Site | None = None, device: str | torch.device = "cpu") -> JumpReLUSAE:
     """Load an SAE from any accepted source. `site` is needed only for a bare params.npz with no card."""
-    gemma_scope = parse_gemma_scope(source)
-    if gemma_scope is not None:
-        sae = _load_gemma_scope(gemma_scope, source)
-    else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise SAELoadError(
-                f"SAE source {source!r} is neither an existing file or folder nor a Gemma Scope name "
-                "(e.g. google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71)."
-            )
-        sae = _load_local(path, site)
-    if site is not None and parse_site(site) != parse_site(sae.cfg.hook_name):
-        raise SAELoadError(f"SAE {source!r} reads {sae.cfg.hook_name}, not {parse_site(site).hook_name}.")
+    target, npz_fields = _locate(source, site)
+    sae = sae_from_npz(target, **npz_fields) if npz_fields is not None else _load_saelens_folder(target)
+    _check_site(source, site, sae.cfg.hook_name)
     return sae.to(device)
 
 
-def _load_local(path: Path, site: str | Site | None) -> JumpReLUSAE:
+def sae_shape(source: str, site: str | Site | None = None) -> SAEShape:
+    """An SAE's site and size without reading its weights (a params.npz's b_dec and threshold, or a SAELens
+    cfg.json): what planning the SAEs of a whole release needs. A hub SAE is downloaded, as load_sae would."""
+    target, npz_fields = _locate(source, site)
+    if npz_fields is None:
+        cfg = json.loads((target / "cfg.json").read_text())
+        shape = SAEShape(parse_site(_saelens_hook_name(cfg)).hook_name, int(cfg["d_in"]), int(cfg["d_sae"]))
+    else:
+        with np.load(target) as npz:  # an npz reads only the members asked for
+            shape = SAEShape(npz_fields["hook_name"], npz["b_dec"].shape[0], npz["threshold"].shape[0])
+    _check_site(source, site, shape.hook_name)
+    return shape
+
+
+def _check_site(source: str, site: str | Site | None, hook_name: str) -> None:
+    if site is not None and parse_site(site) != parse_site(hook_name):
+        raise SAELoadError(f"SAE {source!r} reads {hook_name}, not {parse_site(site).hook_name}.")
+
+
+def _locate(source: str, site: str | Site | None) -> tuple[Path, dict | None]:
+    """(params.npz, sae_from_npz's keyword arguments), or (a SAELens folder, None)."""
+    gemma_scope = parse_gemma_scope(source)
+    if gemma_scope is not None:
+        return _gemma_scope_npz(gemma_scope)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SAELoadError(
+            f"SAE source {source!r} is neither an existing file or folder nor a Gemma Scope name "
+            "(e.g. google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71)."
+        )
+    return _locate_local(path, site)
+
+
+def _locate_local(path: Path, site: str | Site | None) -> tuple[Path, dict | None]:
     if path.is_dir():
         if (path / "params.npz").is_file():
             path = path / "params.npz"
         elif (path / "cfg.json").is_file():
-            return _load_saelens_folder(path)
+            return path, None
         else:
             raise SAELoadError(f"Folder {str(path)!r} holds neither params.npz nor cfg.json + sae_weights.safetensors.")
     if path.suffix != ".npz":
@@ -64,7 +95,7 @@ def _load_local(path: Path, site: str | Site | None) -> JumpReLUSAE:
         raise SAELoadError(f"{str(path)!r} does not say which site it reads: pass its site (e.g. '20-res'), or keep "
                            "the Gemma Scope folder layout (gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71).")
     model_name = card.get("model_name") or (layout.model_name if layout else "")
-    return sae_from_npz(path, hook_name=hook_name, model_name=model_name, source=str(path), metadata=card)
+    return path, dict(hook_name=parse_site(hook_name).hook_name, model_name=model_name, source=str(path), metadata=card)
 
 
 def sae_from_npz(path: Path, hook_name: str, model_name: str = "", source: str = "", metadata: dict | None = None) -> JumpReLUSAE:
@@ -95,7 +126,7 @@ def _load_saelens_folder(folder: Path) -> JumpReLUSAE:
 
     cfg = json.loads((folder / "cfg.json").read_text())
     meta = cfg.get("metadata") or {}
-    hook_name = cfg.get("hook_name") or meta.get("hook_name")
+    hook_name = _saelens_hook_name(cfg)
     architecture = cfg.get("architecture", "jumprelu")
     if architecture not in ("jumprelu", "standard", "relu"):
         raise SAELoadError(f"SAELens SAE in {str(folder)!r} has architecture {architecture!r}; FeatureScope reads jumprelu and standard (ReLU) SAEs.")
@@ -123,7 +154,11 @@ def _load_saelens_folder(folder: Path) -> JumpReLUSAE:
     return JumpReLUSAE(sae_cfg, params)
 
 
-def _load_gemma_scope(path: GemmaScopePath, source: str) -> JumpReLUSAE:
+def _saelens_hook_name(cfg: dict) -> str | None:
+    return cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")
+
+
+def _gemma_scope_npz(path: GemmaScopePath) -> tuple[Path, dict]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hub_errors
 
@@ -144,8 +179,8 @@ def _load_gemma_scope(path: GemmaScopePath, source: str) -> JumpReLUSAE:
         raise SAELoadError(f"No repo {path.repo_id!r} on the Hugging Face hub.") from exc
     except hub_errors.EntryNotFoundError as exc:
         raise SAELoadError(f"{path.repo_id} has no {filename}: check the layer, width and average_l0 variant.") from exc
-    return sae_from_npz(Path(local), hook_name=path.site.hook_name, model_name=path.model_name,
-                        source=f"{path.repo_id}/{path.folder}")
+    return Path(local), dict(hook_name=path.site.hook_name, model_name=path.model_name,
+                             source=f"{path.repo_id}/{path.folder}")
 
 
 def save_sae(sae: JumpReLUSAE, folder: str | Path, card: dict | None = None) -> Path:

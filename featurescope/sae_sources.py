@@ -96,6 +96,9 @@ def _split_gemma_scope(source: str) -> tuple[str, str] | None:
             raise SAELoadError(f"Release {release!r} holds canonical ids only, like 'layer_20/width_16k/canonical'; got {sae_id!r}.")
     else:
         return None
+    if is_pattern(repo_id):
+        raise SAELoadError(f"{source!r}: the release cannot be a pattern; give each repo (e.g. google/gemma-scope-2b-pt-res, "
+                           "-mlp, -att) its own --sae pattern.")
     if not _GEMMA_SCOPE_REPO_RE.match(repo_id):
         raise SAELoadError(f"Unknown Gemma Scope repo {repo_id!r}: expected e.g. google/gemma-scope-2b-pt-res (-res, -mlp or -att).")
     return repo_id, sae_id

@@ -192,3 +192,21 @@ def test_a_wide_sae_is_held_once_in_memory(tmp_path):
     """)
     grown = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.split()[-1])
     assert size * 0.9 < grown < size * 1.3, (grown, size)
+
+
+def test_sae_shape_gives_site_and_size_like_load_sae_without_reading_the_weights(tmp_path, fake_gemma_scope):
+    from featurescope.sae_loading import SAEShape, sae_shape
+
+    hub = "google/gemma-scope-2b-pt-res/layer_1/width_16k/canonical"
+    assert sae_shape(hub) == SAEShape("blocks.1.hook_resid_post", 64, 32)
+    layout = tmp_path / "gemma-scope-2b-pt-att" / "layer_4" / "width_16k" / "average_l0_9"
+    layout.mkdir(parents=True)
+    np.savez(layout / "params.npz", b_dec=np.zeros(48, np.float32), threshold=np.zeros(4096, np.float32))  # no weights
+    assert sae_shape(str(layout)) == SAEShape("blocks.4.attn.hook_z", 48, 4096)
+    with pytest.raises(SAELoadError, match="lacks W_enc"):
+        load_sae(str(layout))
+    _write_saelens_folder(tmp_path / "saelens", random_sae_params(64, 32), False, False)
+    (tmp_path / "saelens" / "sae_weights.safetensors").unlink()
+    assert sae_shape(str(tmp_path / "saelens")) == SAEShape("blocks.2.hook_resid_post", 64, 32)
+    with pytest.raises(SAELoadError, match="reads blocks.4.attn.hook_z, not blocks.4.hook_resid_post"):
+        sae_shape(str(layout), site="4-res")

@@ -51,6 +51,8 @@ def test_a_hub_pattern_matches_segment_by_segment(hub_listing):
     # '*' does not cross a '/': one segment never matches two
     with pytest.raises(SAELoadError, match="three segments"):
         expand_sae_sources(["google/gemma-scope-2b-pt-res/layer_*/average_l0_*"])
+    with pytest.raises(SAELoadError, match="the release cannot be a pattern"):
+        expand_sae_sources(["google/gemma-scope-2b-pt-*/layer_*/width_16k/canonical"])
 
 
 def test_a_hub_pattern_that_matches_nothing_names_the_pattern(hub_listing):
