@@ -174,7 +174,7 @@ def measured_l0(lm: LoadedModel, saes: dict[str, JumpReLUSAE], contexts: torch.T
     return {name: float((sae.encode(acts[sites[name]]) > 0).sum(dim=1).float().mean()) for name, sae in saes.items()}
 
 
-def _layers(text: str) -> list[int] | None:
+def parse_layers(text: str) -> list[int] | None:
     if text == "all":
         return None
     layers = []
@@ -199,7 +199,7 @@ def main() -> None:
     if unknown := set(kinds) - set(SITE_KINDS):
         parser.error(f"unknown site kinds {sorted(unknown)}: use res, mlp, att")
     started = time.time()
-    release = write_synthetic_release(args.out, args.width, args.d_model, kinds, _layers(args.layers),
+    release = write_synthetic_release(args.out, args.width, args.d_model, kinds, parse_layers(args.layers),
                                       tuple(int(x) for x in args.l0.split(",")), n_layers=args.n_layers, seed=args.seed)
     n_saes = sum(len(folders) for folders in release.saes.values())
     size = sum(f.stat().st_size for folders in release.saes.values() for d in folders for f in d.iterdir())

@@ -27,7 +27,7 @@ from featurescope.errors import FeatureScopeError
 from featurescope.models import LoadedModel, load_model
 from featurescope.sae import JumpReLUSAE
 from featurescope.sae_loading import load_sae
-from featurescope.sae_sources import SAELoadError, expand_sae_sources, is_pattern
+from featurescope.sae_sources import SAELoadError, expand_sae_sources, is_pattern, width_label
 from featurescope.schema import DENSE_THRESHOLD
 from featurescope.sites import SiteActivations, parse_site
 from featurescope.precompute.config import SAMPLES, PrecomputeConfig
@@ -36,7 +36,7 @@ from featurescope.precompute.examples import ExampleActs
 from featurescope.precompute.feature_stats import FeatureStats, expected_memory_bytes
 from featurescope.precompute.links import LinkPlan, PeakTables, cross_layer_links
 from featurescope.precompute.plan import PlanError, SAESpec, default_memory_budget, describe_plan, plan_groups
-from featurescope.precompute.static_stats import decoder_neighbours, logit_effect, unembedding
+from featurescope.precompute.static_stats import decoder_neighbours, logit_effect, site_unembedding, unembedding
 from featurescope.precompute.writer import SAEResult, write_run_db
 
 PLAN_FILE = "plan.json"  # the run's SAE groups, fixed at its first start
@@ -48,10 +48,6 @@ EXAMPLE_PASS_FEATURES = 1 << 18
 
 class PrecomputeError(FeatureScopeError, ValueError):
     """Bad input to the job; nothing was written."""
-
-
-def width_label(d_sae: int) -> str:
-    return f"{d_sae // 1024}k" if d_sae % 1024 == 0 else str(d_sae)
 
 
 def default_sae_ids(saes: list[JumpReLUSAE]) -> list[str]:
@@ -376,7 +372,9 @@ def _finish(cfg, lm: LoadedModel, encode: _Encode, saes: dict[str, JumpReLUSAE],
         results = []
         for name in names:
             sae = saes[name]
-            logits, near = logit_effect(sae.W_dec.to(lm.device), W_U), decoder_neighbours(sae.W_dec.to(lm.device))
+            W_dec = sae.W_dec.to(lm.device)
+            logits = logit_effect(W_dec, site_unembedding(lm, parse_site(sae.cfg.hook_name), W_U))
+            near = decoder_neighbours(W_dec)
             static = {f"logit_{k}": v for k, v in logits.items()}
             static.update(neighbour_ids=near["ids"], neighbour_cos=near["cos"])
             results.append(SAEResult(row=_sae_row(lm, name, sae, finals[name], cfg), stats=finals[name],

@@ -1,7 +1,8 @@
 """Per-feature statistics that need only the weights: logit effect and decoder-cosine neighbours.
 
     W_U = unembedding(lm)                                   # [vocab, d_model], final norm gain folded in
-    logits = logit_effect(sae.W_dec, W_U, device="cuda")    # top/bottom tokens and a histogram per feature
+    logits = logit_effect(sae.W_dec, site_unembedding(lm, site, W_U), device="cuda")   # per feature: top/bottom
+                                                            # tokens and a histogram (att sites through o_proj)
     near = decoder_neighbours(sae.W_dec, device="cuda")     # 10 nearest features by decoder cosine
 
 Both work through blocks of features, so neither [d_sae, vocab] nor [d_sae, d_sae] is ever held at once
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from featurescope.models import LoadedModel
+from featurescope.sites import Site
 
 GEMMA_NORM_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")  # RMSNorm scales by (1 + weight)
 
@@ -28,6 +30,21 @@ def unembedding(lm: LoadedModel, fold_final_norm: bool = True) -> torch.Tensor:
     if lm.config.model_type in GEMMA_NORM_MODEL_TYPES:
         gain = 1.0 + gain
     return W_U * gain  # [vocab, d_model]
+
+
+def site_unembedding(lm: LoadedModel, site: Site, W_U: torch.Tensor) -> torch.Tensor:
+    """W_U as seen from an SAE's site, [vocab, d_in]: an att SAE reads the heads' outputs before o_proj
+    (Gemma Scope's hook_z, n_heads * head_dim wide), so its decoder directions reach the residual stream
+    through o_proj, and in Gemma 2 through the post-attention norm's gain; res and mlp sites are d_model."""
+    if site.kind != "att":
+        return W_U
+    layer = lm.layers[site.layer]
+    W_O = layer.self_attn.o_proj.weight.detach().float().to(W_U.device)  # [d_model, n_heads * head_dim]
+    post_norm = getattr(layer, "post_attention_layernorm", None)
+    if post_norm is not None and hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 2: norms the attention output
+        gain = post_norm.weight.detach().float().to(W_U.device)
+        W_U = W_U * (1.0 + gain if lm.config.model_type in GEMMA_NORM_MODEL_TYPES else gain)
+    return W_U @ W_O  # logits of direction d: (d @ W_O.T) @ W_U.T
 
 
 def _blocks(n: int, block: int):

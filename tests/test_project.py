@@ -75,3 +75,20 @@ def test_explorer_benchmark_runs_against_a_real_server():
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("feature ")]
     assert len(lines) == 4 and all(line.endswith("errors 0") for line in lines), result.stdout
+
+
+def test_scale_benchmark_runs_every_part_on_a_small_synthetic_release(tmp_path):
+    """bench/scale.py stays runnable (its figures are read, not asserted): a 2-layer synthetic release in the
+    Gemma Scope layout precomputed in a child process, the wide SAE published and served, the growth table."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "bench.scale", "--work", str(tmp_path), "--width", "256",
+                             "--wide-width", "2048", "--layers", "0-1", "--tokens", "1024", "--growth", "1,6"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "1 model pass for 6 SAEs (1,536 features)" in out and "bare/stream" in out
+    pages = [line for line in out.splitlines() if line.startswith("/model/12-res-2k")]
+    assert [line.split()[1] for line in pages] == ["200"] * 5 + ["404"], out
+    assert len([line for line in out.splitlines() if line.split()[:1] in (["1"], ["6"]) and "GiB" not in line]) >= 2, out

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from featurescope.precompute.static_stats import decoder_neighbours, logit_effect, unembedding, uniform_histogram
+from featurescope.precompute.static_stats import (decoder_neighbours, logit_effect, site_unembedding, unembedding,
+                                                   uniform_histogram)
+from featurescope.sites import Site
 
 
 def test_logit_tables_equal_the_dense_reference_across_blocks():
@@ -82,3 +84,26 @@ def test_unembedding_folds_the_final_norm_so_normalised_residuals_give_the_model
     unit = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     torch.testing.assert_close(unit @ unembedding(lm).T, logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(unembedding(lm, fold_final_norm=False), lm.model.get_output_embeddings().weight.float())
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gemma2"])
+def test_an_attention_sae_direction_reaches_the_logits_through_o_proj_and_gemma_2s_post_attention_norm(model, request):
+    """hook_z directions are n_heads * head_dim wide: o_proj maps them into the residual stream; Gemma 2 then
+    scales the attention output by its post-attention norm's gain (Llama's norm of that name is the MLP's input)."""
+    lm = request.getfixturevalue(model)
+    layer = lm.layers[1]
+    gain = layer.post_attention_layernorm.weight
+    saved = gain.detach().clone()
+    z = torch.randn(4, layer.self_attn.o_proj.in_features, generator=torch.Generator().manual_seed(5))
+    try:
+        with torch.no_grad():
+            gain.copy_(torch.rand(gain.shape, generator=torch.Generator().manual_seed(6)))  # not the identity
+            written = layer.self_attn.o_proj(z)  # [4, d_model]
+            if model == "tiny_gemma2":
+                written = written * (1.0 + gain)
+        W_U = unembedding(lm)
+        torch.testing.assert_close(z @ site_unembedding(lm, Site(1, "att"), W_U).T, written @ W_U.T, rtol=1e-4, atol=1e-4)
+        assert site_unembedding(lm, Site(1, "res"), W_U) is W_U and site_unembedding(lm, Site(1, "mlp"), W_U) is W_U
+    finally:
+        with torch.no_grad():
+            gain.copy_(saved)
