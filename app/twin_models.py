@@ -28,6 +28,19 @@ SAEOut = closed(TypedDict("SAEOut", {name: hint for name, hint in get_type_hints
 
 
 @closed
+class GridRow(TypedDict):
+    layer: int
+    cells: list[list[SAEOut]]  # one per kind of SAEGrid.kinds: that layer's SAEs at that site
+
+
+@closed
+class SAEGrid(TypedDict):
+    kinds: list[str]  # site kinds present, in forward-pass order (att, mlp, res)
+    rows: list[GridRow]  # by layer
+    n_saes: int
+
+
+@closed
 class ModelOut(TypedDict):
     id: str
     source: str
@@ -35,6 +48,7 @@ class ModelOut(TypedDict):
     d_model: int
     vocab_size: int
     saes: list[SAEOut]
+    grid: SAEGrid
 
 
 @closed
@@ -52,8 +66,25 @@ class HomeView(TypedDict):
 
 
 @closed
+class ModelFilters(TypedDict):
+    layer: int | None
+    site: str | None
+    width: str | None
+
+
+@closed
+class ModelChoices(TypedDict):
+    layers: list[int]
+    sites: list[str]
+    widths: list[str]
+
+
+@closed
 class ModelView(TypedDict):
     model: ModelOut
+    shown: SAEGrid  # the SAEs the filters leave
+    filters: ModelFilters
+    choices: ModelChoices
 
 
 # ---------------------------------------------------------------------------------------- SAE page

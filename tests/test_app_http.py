@@ -64,6 +64,31 @@ def test_model_page_and_twin(client):
     assert page.find("h1").text() == MODEL
 
 
+def test_model_page_shows_its_saes_as_a_layer_by_site_grid_in_forward_pass_order(client):
+    grid = get_json(client, f"/{MODEL}.json")["model"]["grid"]
+    assert grid["kinds"] == ["att", "mlp", "res"] and [row["layer"] for row in grid["rows"]] == [2, 4, 6]
+    assert [[[s["id"] for s in cell] for cell in row["cells"]] for row in grid["rows"]] == [
+        [[], [], ["2-res-64"]], [[], ["4-mlp-48"], []], [["6-att-32"], [], []]]
+    page = get_page(client, f"/{MODEL}")
+    row = page.find("tr", id="layer-2")
+    assert [a.text() for a in row.find_all("a")] == ["2-res-64"] and "L0 41.5" in row.text()
+    home = get_page(client, "/").find("section", id=f"model-{MODEL}")
+    assert [a.text() for a in home.find_all("a", cls="sae-id")] == ["2-res-64", "4-mlp-48", "6-att-32"]
+
+
+def test_layer_site_and_width_narrow_the_model_grid_and_nonsense_gets_a_clear_422(client):
+    view = get_json(client, f"/{MODEL}.json?layer=4&site=mlp&width=48")
+    assert [s["id"] for row in view["shown"]["rows"] for cell in row["cells"] for s in cell] == ["4-mlp-48"]
+    assert view["filters"] == {"layer": 4, "site": "mlp", "width": "48"} and view["choices"]["sites"] == ["att", "mlp", "res"]
+    assert get_json(client, f"/{MODEL}.json?layer=&site=&width=")["shown"]["n_saes"] == 3  # the form's "any"
+    assert get_json(client, f"/{MODEL}.json?layer=3")["shown"]["n_saes"] == 0
+    page = get_page(client, f"/{MODEL}?layer=3")
+    assert "No SAE of tiny-gemma-2 matches" in page.text()
+    for query, message in (("site=resid", "has no 'resid' SAEs"), ("layer=x", "layer must be a layer number")):
+        response = client.get(f"/{MODEL}.json?{query}")
+        assert response.status_code == 422 and message in response.json()["message"]
+
+
 # ------------------------------------------------------------------------------------------- SAE page
 def test_sae_json_pages_through_every_feature(client):
     seen = []

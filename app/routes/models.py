@@ -13,6 +13,9 @@ from featurescope.app.twins import page
 router = APIRouter(tags=["models"])
 
 
-@page(router, "/{model_id}", twin=ModelView, summary="One model and its SAEs")
-def model(request: Request, model_id: str, catalog: CatalogDep, render: RendererDep) -> Response:
-    return render.respond(request, "model.html", model_view(catalog, model_id))
+@page(router, "/{model_id}", twin=ModelView, summary="One model and its SAEs, as a layer x site grid",
+      description="`layer`, `site` (att, mlp, res) and `width` (e.g. 16k) narrow the SAEs shown.")
+def model(request: Request, model_id: str, catalog: CatalogDep, render: RendererDep,
+          layer: str | None = None, site: str | None = None, width: str | None = None) -> Response:
+    # "" is the jump form's "any"
+    return render.respond(request, "model.html", model_view(catalog, model_id, layer or None, site or None, width or None))
