@@ -120,6 +120,43 @@ class PeakTables:
         return ids, torch.where(filled, self.acts[name][row], 0.0)
 
 
+class _SparseCoact:
+    """Each feature's mean activation of the other SAE's features over its peaks, as sparse (feature, other
+    feature) sums: a feature meets at most k x width others, so no [features, F_o] tile is filled."""
+
+    def __init__(self, ids: torch.Tensor, acts: torch.Tensor, n_peaks: torch.Tensor, F_o: int):
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
+        key, val = (rows * F_o + ids).flatten(), acts.flatten()
+        keep = val != 0  # empty slots and uncounted positions add nothing
+        self.keys, inverse = torch.unique(key[keep], return_inverse=True)  # sorted: by feature, then other feature
+        sums = torch.zeros(len(self.keys), device=ids.device).scatter_add_(0, inverse, val[keep])
+        self.row, self.col, self.F_o, self.b = self.keys // F_o, self.keys % F_o, F_o, ids.shape[0]
+        self.mean = sums / n_peaks[self.row]
+
+    def top(self, average: torch.Tensor, top_act: torch.Tensor, n: int) -> torch.Tensor:
+        """[b, n] other features by (mean - their average) / their max, highest first, only those above 0;
+        -1 pads. Ties: the lower feature id first."""
+        rel = (self.mean - average[self.col]) / top_act[self.col]
+        pick = (rel > 0).nonzero().squeeze(1)
+        row, col, rel = self.row[pick], self.col[pick], rel[pick]
+        order = torch.argsort(-rel, stable=True)  # keys are sorted, so ties keep the lower id first
+        order = order[torch.argsort(row[order], stable=True)]
+        row, col = row[order], col[order]
+        counts = torch.bincount(row, minlength=self.b)
+        rank = torch.arange(len(row), device=row.device) - (counts.cumsum(0) - counts)[row]
+        out = torch.full((self.b, n), -1, dtype=torch.int64, device=row.device)
+        keep = rank < n
+        out[row[keep], rank[keep]] = col[keep]
+        return out
+
+    def at(self, cols: torch.Tensor) -> torch.Tensor:
+        """Mean activation of other features `cols` [b, m] over each feature's peaks (0 where they never met)."""
+        key = torch.arange(self.b, device=cols.device)[:, None] * self.F_o + cols
+        where = torch.searchsorted(self.keys, key).clamp(max=max(len(self.keys) - 1, 0))
+        found = self.keys[where] == key if len(self.keys) else torch.zeros_like(key, dtype=torch.bool)
+        return torch.where(found, self.mean[where] if len(self.keys) else 0.0, 0.0)
+
+
 def weight_links_apply(mine: Site, other: Site) -> bool:
     """Decoder/encoder cosines mean "what one reads of the other" only in a shared basis: the residual stream."""
     return mine.kind == "res" and other.kind == "res" and mine != other
@@ -157,17 +194,13 @@ def _neighbour_links(plan: LinkPlan, name: str, near: Neighbour, finals: dict[st
         # Downstream: my decoder rows against their encoder columns; upstream: my encoder against their decoder.
         mine = _unit_rows((sae.W_dec if near.direction == DOWN else sae.W_enc.T).to(device, torch.float32))
         theirs = _unit_rows((other.W_enc.T if near.direction == DOWN else other.W_dec).to(device, torch.float32))
-    block = block or max(1, min(1024, (1 << 25) // F_o))  # a [block, F_o] tile stays <= 128 MB
+    block = block or max(1, min(1024, (1 << 25) // F_o))  # a [block, F_o] cosine tile stays <= 128 MB
     parts: dict[str, list[torch.Tensor]] = {"ids": [], "coact": [], "coact_rel": [], "cosine": []}
     for start in range(0, F, block):
         stop = min(start + block, F)
         ids, acts = peaks.at(near.name, final["top_ctx"][start:stop], final["top_pos"][start:stop])  # [b, k, w]
-        ids, acts = ids.to(device).long().flatten(1), acts.to(device).flatten(1)
-        coact = torch.zeros(stop - start, F_o, device=device).scatter_add_(1, ids, acts)
-        coact /= n_peaks[start:stop, None]  # [b, F_o] mean activation over the feature's peaks
-        rel = (coact - average) / top_act
-        by_act = rel.topk(n, 1)
-        linked = torch.where(by_act.values > 0, by_act.indices, -1)  # [b, n]
+        coact = _SparseCoact(ids.to(device).long().flatten(1), acts.to(device).flatten(1), n_peaks[start:stop], F_o)
+        linked = coact.top(average, top_act, n)  # [b, n]: by co-activation above their own average
         cosine = mine[start:stop] @ theirs.T if mine is not None else None  # [b, F_o]
         if cosine is not None:
             by_weight = cosine.topk(n, 1).indices  # [b, n]
@@ -176,9 +209,10 @@ def _neighbour_links(plan: LinkPlan, name: str, near: Neighbour, finals: dict[st
         else:
             linked = torch.cat([linked, torch.full_like(linked, -1)], 1)
         safe = linked.clamp(min=0)
+        mean = coact.at(safe)
         parts["ids"].append(linked.cpu())
-        parts["coact"].append(torch.where(linked >= 0, coact.gather(1, safe), 0.0).cpu())
-        parts["coact_rel"].append(torch.where(linked >= 0, rel.gather(1, safe), 0.0).cpu())
+        parts["coact"].append(torch.where(linked >= 0, mean, 0.0).cpu())
+        parts["coact_rel"].append(torch.where(linked >= 0, (mean - average[safe]) / top_act[safe], 0.0).cpu())
         if cosine is not None:
             parts["cosine"].append(torch.where(linked >= 0, cosine.gather(1, safe), 0.0).cpu())
     return NeighbourLinks(near.name, near.direction, torch.cat(parts["ids"]), torch.cat(parts["coact"]),

@@ -181,7 +181,8 @@ def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict
         saes = list(saes)
         sae_ids = [result.row["id"] for result in saes]
     number_of = {sae_id: number for number, sae_id in enumerate(sorted(sae_ids))}
-    con = duckdb.connect(str(path))
+    con = duckdb.connect(str(path), config={"memory_limit": WRITE_MEMORY_LIMIT,
+                                             "temp_directory": str(path.with_name(path.name + ".tmp"))})
     try:
         con.execute("BEGIN TRANSACTION")
         _insert(con, "models", pa.Table.from_pylist([model_row]))
@@ -207,6 +208,8 @@ def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict
         con.close()
 
 
+# DuckDB's default is 80% of the machine's memory; writing a whole release in one transaction would take it.
+WRITE_MEMORY_LIMIT = "2GB"
 NESTED_COLUMNS = ("feature_key", "examples", "links", "peak_token_ids")  # the features columns insert_features fills
 
 
