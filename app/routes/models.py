@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from featurescope.app.views.home import model_view
-from featurescope.app.deps import CatalogDep, RendererDep
+from featurescope.app.deps import CatalogDep, DetectorsDep, RendererDep, UrlsDep
 from featurescope.app.twin_models import ModelView
 from featurescope.app.twins import page
 
@@ -14,5 +14,8 @@ router = APIRouter(tags=["models"])
 
 
 @page(router, "/{model_id}", twin=ModelView, summary="One model and its SAEs")
-def model(request: Request, model_id: str, catalog: CatalogDep, render: RendererDep) -> Response:
-    return render.respond(request, "model.html", model_view(catalog, model_id))
+def model(request: Request, model_id: str, catalog: CatalogDep, render: RendererDep, detectors: DetectorsDep,
+          urls: UrlsDep) -> Response:
+    model_id = catalog.model(model_id).id
+    saved = [dict(d, url=urls.detector(model_id, d["name"])) for d in detectors.names(model_id)]
+    return render.respond(request, "model.html", model_view(catalog, model_id, saved))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from featurescope.app.catalog import Catalog
-from featurescope.app.twin_models import HomeView, ModelView
+from featurescope.app.twin_models import DetectorBrief, HomeView, ModelView
 
 
 def home(catalog: Catalog) -> HomeView:
@@ -13,6 +13,7 @@ def home(catalog: Catalog) -> HomeView:
             "problems": [asdict(p) for p in catalog.problems]}
 
 
-def model_view(catalog: Catalog, model_id: str) -> ModelView:
-    return {"model": catalog.model(model_id).as_dict()}
+def model_view(catalog: Catalog, model_id: str, detectors: list[DetectorBrief] | None = None) -> ModelView:
+    """`detectors`: the model's saved detectors (app/detectors.py), listed below its SAEs."""
+    return {"model": catalog.model(model_id).as_dict(), "detectors": detectors or []}
 
