@@ -12,6 +12,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from featurescope.app.catalog import Catalog
+from featurescope.app.contrast_runs import ContrastRuns
+from featurescope.app.detectors import DetectorStore
 from featurescope.app.responses import Renderer
 from featurescope.app.settings import Settings
 from featurescope.app.urls import Urls
@@ -35,8 +37,18 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+async def get_detectors(request: Request) -> DetectorStore:
+    return request.app.state.detectors
+
+
+async def get_contrast_runs(request: Request) -> ContrastRuns:
+    return request.app.state.contrast_runs
+
+
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 RendererDep = Annotated[Renderer, Depends(get_renderer)]
 UrlsDep = Annotated[Urls, Depends(get_urls)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
+DetectorsDep = Annotated[DetectorStore, Depends(get_detectors)]
+ContrastRunsDep = Annotated[ContrastRuns, Depends(get_contrast_runs)]

@@ -70,6 +70,7 @@ class EncodeJob:
     token_ids: list[int] | None = None  # instead of text, e.g. a stored context (BOS included)
     columns: dict[str, list[int]] = field(default_factory=dict)  # sae id -> features whose every activation is wanted
     include_special: bool = False  # let BOS and norm outliers into the prompt's top features
+    pool: str | None = None  # "max" or "mean": every feature pooled over the counted tokens (contrast, detectors)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     submitted: float = 0.0
 
@@ -94,6 +95,7 @@ class SAEEncoding:
     token_top: list[list[tuple[int, float]]]  # per token: (feature, activation), strongest first, act > 0
     prompt_top: list[tuple[int, float, int]]  # (feature, max activation over counted tokens, its position)
     columns: dict[int, list[float]]  # requested feature -> activation at every position
+    pooled: Any = None  # EncodeJob.pool: float32 numpy [d_sae], each feature pooled over the counted tokens
 
 
 @dataclass

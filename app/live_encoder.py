@@ -40,6 +40,7 @@ class LiveModel:
         self.ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._sae_lock = threading.Lock()  # the worker and feature_vectors (request threads) load SAEs
         self.admission = AdmissionControl(settings.max_wait_seconds, settings.max_steer_jobs)
         self.served = 0
 
@@ -125,7 +126,24 @@ class LiveModel:
         first = next(iter(self.info.saes.values()), None)
         return run_config(first) if first is not None else {}
 
+    def feature_vectors(self, info: SAEInfo, index: int, timeout: float) -> dict[str, Any]:
+        """One feature's decoder row and encoder column (float32 [d_in]), threshold and encoder bias, from the
+        SAE this worker serves: the feature page's downloads. Blocks until the model is loaded."""
+        self.start()
+        if not self.ready.wait(timeout):
+            raise LiveUnavailable(f"The live encoder of {self.info.id} is still loading; try again shortly.")
+        if self.error is not None:
+            raise LiveUnavailable(self.error)
+        sae = self._sae(info)
+        with torch.no_grad():
+            return {"decoder": sae.W_dec[index].float().cpu().numpy(), "encoder": sae.W_enc[:, index].float().cpu().numpy(),
+                    "threshold": float(sae.threshold[index]), "b_enc": float(sae.b_enc[index])}
+
     def _sae(self, info: SAEInfo) -> JumpReLUSAE:
+        with self._sae_lock:
+            return self._load_sae(info)
+
+    def _load_sae(self, info: SAEInfo) -> JumpReLUSAE:
         key = (info.id, info.source)
         if key not in self.saes:
             try:
@@ -197,8 +215,9 @@ class LiveModel:
         results = []
         for row, (job, ids, saes) in enumerate(live):
             n = len(ids)
-            per_sae = {name: _reduce(acts[name][row, :n], masks[name][row, :n], job.columns.get(name, []),
-                                     job.include_special) for name in saes}
+            per_sae = {name: (_pool if job.pool else _reduce)(acts[name][row, :n], masks[name][row, :n],
+                                                               job.columns.get(name, []), job.include_special, job.pool)
+                       for name in saes}
             results.append(EncodeResult(ids, per_sae, len(live), 0.0, 0.0))
         return results
 
@@ -260,7 +279,23 @@ def _kind(job: EncodeJob | SteerJob) -> str:
     return "steer" if isinstance(job, SteerJob) else "encode"
 
 
-def _reduce(acts: torch.Tensor, counted: torch.Tensor, columns: list[int], include_special: bool = False) -> SAEEncoding:
+def _pool(acts: torch.Tensor, counted: torch.Tensor, columns: list[int], include_special: bool, how: str) -> SAEEncoding:
+    """[seq, d_sae] activations of one prompt -> every feature's max or mean over the counted positions (0 when
+    none counts; activations are >= 0, so zeroing the others keeps the max), and the requested columns."""
+    kept = counted if not include_special else torch.ones_like(counted)
+    masked = acts * kept[:, None].to(acts.dtype)
+    if how == "max":
+        pooled = masked.max(dim=0).values
+    elif how == "mean":
+        pooled = masked.sum(dim=0) / max(1, int(kept.sum()))
+    else:
+        raise ValueError(f"pool must be 'max' or 'mean', not {how!r}.")
+    cols = {int(f): acts[:, f].cpu().tolist() for f in columns if 0 <= f < acts.shape[-1]}
+    return SAEEncoding(counted.cpu().tolist(), [], [], [], [], cols, pooled.cpu().numpy())
+
+
+def _reduce(acts: torch.Tensor, counted: torch.Tensor, columns: list[int], include_special: bool = False,
+            _pool: str | None = None) -> SAEEncoding:
     """[seq, d_sae] activations of one prompt -> the small summary pages need, computed on the device."""
     k = min(TOKEN_TOP_K, acts.shape[-1])
     values, indices = acts.topk(k, dim=-1)

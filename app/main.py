@@ -21,12 +21,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from featurescope.app.catalog import CatalogSource
+from featurescope.app.contrast_runs import ContrastRuns
 from featurescope.app.databases import DataDir
+from featurescope.app.detectors import STORE_NAME, DetectorError, DetectorStore
+from featurescope.app.prompt_sets import PromptSetError
 from featurescope.app.errors import InvalidParameter, NotFound
 from featurescope.app.live import LiveService, LiveUnavailable, ServiceBusy
 from featurescope.app.moved import MovedPages
 from featurescope.app.responses import Renderer
-from featurescope.app.routes import features, home, live, meta, models, saes
+from featurescope.app.routes import contrast, directions, features, home, live, meta, models, saes
 from featurescope.app.routes import lineage
 from featurescope.app.routes.live import ClientGone
 from featurescope.app.security import SecurityHeaders
@@ -68,11 +71,14 @@ def create_app(settings: Settings, live_service: LiveService | None = None,
     app.state.renderer = Renderer(settings, urls)
     app.state.catalogs = catalogs
     app.state.live = live_service
+    app.state.detectors = DetectorStore(settings.data_dir / STORE_NAME)  # beside the published runs, never in one
+    app.state.contrast_runs = ContrastRuns()
     app.state.readiness = readiness or (lambda: (1, 1))
     app.include_router(meta.router)  # before the static mount, which would otherwise own /-/static/htmx.min.js
     app.mount(f"{APP_PREFIX}/static", StaticFiles(directory=asset_dir("static")), name="static")
     # live first: /{model}/-/encode and /{model}/{sae}/{index}/-/test would otherwise be read as an SAE or a feature
-    for router in (home.router, live.router, features.router, saes.router, models.router):
+    for router in (home.router, live.router, contrast.router, directions.router, features.router, saes.router,
+                   models.router):
         app.include_router(router)
     app.include_router(lineage.router)
     _add_error_pages(app)
@@ -109,6 +115,11 @@ def _add_error_pages(app: FastAPI) -> None:
         kept = [(k, v) for k, v in request.query_params.multi_items() if k != exc.name]
         return _invalid(request, [exc.message], request.url.path + (f"?{urlencode(kept)}" if kept else ""))
 
+    @app.exception_handler(PromptSetError)
+    @app.exception_handler(DetectorError)
+    def invalid_input(request: Request, exc: PromptSetError | DetectorError) -> Response:
+        return _invalid(request, [exc.message], request.url.path)
+
     @app.exception_handler(LiveUnavailable)
     def live_unavailable(request: Request, exc: LiveUnavailable) -> Response:
         return _unavailable(request, str(exc), None)
@@ -133,10 +144,14 @@ def _add_error_pages(app: FastAPI) -> None:
                            error=body, request=request)
 
 
-_KIND_NAMES = {"model": "model", "sae": "SAE", "feature": "feature"}
+_KIND_NAMES = {"model": "model", "sae": "SAE", "feature": "feature", "contrast_run": "contrast run", "detector": "detector"}
 
 
 def _choice_url(urls: Urls, exc: NotFound, choice: str | int, fmt: str | None) -> str:
+    if exc.kind == "detector":
+        return urls.detector(exc.model_id, str(choice), fmt)
+    if exc.kind == "contrast_run":
+        return urls.contrast(exc.model_id, fmt)
     if exc.kind == "model":
         return urls.model(str(choice), fmt)
     if exc.kind == "sae":

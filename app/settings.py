@@ -48,6 +48,7 @@ class Settings:
     max_steer_jobs: int = setting(4, "Steering jobs (which hold the model longest) waiting per model before the "
                                   "server answers 503 + Retry-After.", min=1)
     max_new_tokens: int = setting(64, "Longest continuation steering generates.", min=1)
+    max_contrast_prompts: int = setting(500, "Most prompts per set a contrast run accepts.", min=1)
     live_timeout_seconds: float = setting(300.0, cli=False)  # a request gives up waiting (model load included) after this
 
     def __post_init__(self) -> None:

@@ -80,11 +80,23 @@ class ModelChoices(TypedDict):
 
 
 @closed
+class DetectorBrief(TypedDict):
+    name: str
+    created: str
+    n_features: int
+    pool: str
+    held_out_auroc: float
+    labels: list[str]
+    url: str
+
+
+@closed
 class ModelView(TypedDict):
     model: ModelOut
     shown: SAEGrid  # the SAEs the filters leave
     filters: ModelFilters
     choices: ModelChoices
+    detectors: list[DetectorBrief]  # saved from contrast runs (app/detectors.py)
 
 
 # ---------------------------------------------------------------------------------------- SAE page
@@ -523,7 +535,7 @@ class NotFoundError(TypedDict):
     error: Literal["not_found", "http_error"]
     message: str
     suggestions: list[Suggestion]
-    kind: NotRequired[Literal["model", "sae", "feature"]]
+    kind: NotRequired[Literal["model", "sae", "feature", "contrast_run", "detector"]]
     missing: NotRequired[str]
     valid_range: NotRequired[tuple[int, int]]
 
@@ -543,6 +555,170 @@ class UnavailableError(TypedDict):
     message: str
     suggestions: list[Suggestion]
     retry_after: NotRequired[int]
+
+
+# -------------------------------------------------------------------------------- contrast and detectors
+@closed
+class ContrastSAE(TypedDict):
+    id: str
+    site: str
+    layer: int
+    d_sae: int
+
+
+@closed
+class ContrastLimits(TypedDict):
+    max_prompts: int
+    max_upload_bytes: int
+    max_prompt_tokens: int
+
+
+@closed
+class ContrastFormView(TypedDict):
+    model_id: str
+    live: bool
+    saes: list[ContrastSAE]
+    pools: list[str]
+    limits: ContrastLimits
+    detectors: list[DetectorBrief]
+
+
+@closed
+class ContrastRow(TypedDict):
+    sae_id: str
+    layer: int
+    index: int
+    label: str
+    density: float
+    auroc: float  # P(A > B) + P(A = B) / 2 of the pooled activation
+    separation: float  # max(auroc, 1 - auroc)
+    direction: Literal["a", "b"]  # the set it fires more on
+    diff: float  # mean over A - mean over B
+    mean_a: float
+    mean_b: float
+    fired_a: int  # prompts of A it fired on
+    fired_b: int
+    n_a: int
+    n_b: int
+    url: str
+    strip_a: list[float]  # its pooled activation on each prompt of A, in order
+    strip_b: list[float]
+
+
+@closed
+class ContrastSAERows(TypedDict):
+    sae_id: str
+    layer: int
+    site: str
+    rows: list[ContrastRow]
+
+
+@closed
+class ContrastRunUrls(TypedDict):
+    run: str
+    cancel: str
+    detector: str
+
+
+@closed
+class ContrastRunView(TypedDict):
+    model_id: str
+    run_id: str
+    state: Literal["running", "done", "failed", "cancelled"]
+    done: int
+    total: int
+    error: str | None
+    seconds: float | None
+    pool: str
+    labels: list[str]
+    sizes: list[int]
+    saes: list[str]
+    top: int
+    across: list[ContrastRow]
+    per_sae: list[ContrastSAERows]
+    urls: ContrastRunUrls
+
+
+@closed
+class DetectorFeatureDoc(TypedDict):
+    sae_id: str
+    index: int
+    threshold: float
+    weight: float
+    auroc: float
+
+
+@closed
+class DetectorSet(TypedDict):
+    label: str
+    size: int
+    train: int
+    held_out: int
+
+
+@closed
+class DetectorDoc(TypedDict):
+    version: int
+    name: str
+    model_id: str
+    sae_ids: list[str]
+    pool: str
+    features: list[DetectorFeatureDoc]
+    sets: dict[str, DetectorSet]
+    held_out: dict[str, list[int]]
+    held_out_auroc: float
+    train_auroc: float
+    created: str
+
+
+@closed
+class DetectorFeatureRow(TypedDict):
+    sae_id: str
+    layer: int
+    index: int
+    threshold: float
+    weight: float
+    auroc: float
+    label: str
+    url: str
+
+
+@closed
+class DetectorToken(TypedDict):
+    pos: int
+    token_id: int
+    text: str
+    counted: bool
+    score: float
+    fired: list[str]  # SAE:INDEX of the features above their threshold at this token
+
+
+@closed
+class DetectorFired(TypedDict):
+    sae_id: str
+    index: int
+    pooled: float
+    threshold: float
+    weight: float
+    fired: bool
+
+
+@closed
+class DetectorApplied(TypedDict):
+    text: str
+    score: float
+    max_score: float  # the sum of the positive weights
+    predicted: str  # the label of set A when score > 0, else of set B
+    features: list[DetectorFired]
+    tokens: list[DetectorToken]
+
+
+@closed
+class DetectorView(TypedDict):
+    detector: DetectorDoc
+    features: list[DetectorFeatureRow]
+    applied: DetectorApplied | None
+    url: str
 
 
 ERROR_RESPONSES = {404: {"model": NotFoundError, "description": "Unknown model, SAE or feature"},

@@ -66,6 +66,28 @@ class Urls:
         """/{model}/{sae}/{index}/-/lineage: the feature's strongest links through every layer with an SAE."""
         return _with(f"/{_segment(model_id)}/{_segment(sae_id)}/{int(index)}{APP_PREFIX}/lineage", fmt, params)
 
+    def contrast(self, model_id: str, fmt: str | None = None) -> str:
+        """/{model}/-/contrast: which features separate two sets of prompts."""
+        return _with(f"/{_segment(model_id)}{APP_PREFIX}/contrast", fmt, {})
+
+    def contrast_run(self, model_id: str, run_id: str, fmt: str | None = None, **params: Any) -> str:
+        return _with(f"/{_segment(model_id)}{APP_PREFIX}/contrast/{_segment(run_id)}", fmt, params)
+
+    def contrast_cancel(self, model_id: str, run_id: str) -> str:
+        return f"/{_segment(model_id)}{APP_PREFIX}/contrast/{_segment(run_id)}/cancel"
+
+    def contrast_detector(self, model_id: str, run_id: str, fmt: str | None = None) -> str:
+        """POST: save a detector from the run."""
+        return _with(f"/{_segment(model_id)}{APP_PREFIX}/contrast/{_segment(run_id)}/detector", fmt, {})
+
+    def detector(self, model_id: str, name: str, fmt: str | None = None, **params: Any) -> str:
+        """/{model}/-/detectors/{name}: a saved detector; ?text=... applies it live."""
+        return _with(f"/{_segment(model_id)}{APP_PREFIX}/detectors/{_segment(name)}", fmt, params)
+
+    def feature_vector(self, model_id: str, sae_id: str, index: int, part: str, fmt: str = "npy") -> str:
+        """/{model}/{sae}/{index}/-/decoder.npy (or encoder.npy, threshold.npy, vectors.json): the feature's weights."""
+        return f"/{_segment(model_id)}/{_segment(sae_id)}/{int(index)}{APP_PREFIX}/{part}.{fmt}"
+
     def random_feature(self, model_id: str, sae_id: str) -> str:
         return f"/{_segment(model_id)}/{_segment(sae_id)}{APP_PREFIX}/random"
 

@@ -3,6 +3,8 @@
     featurescope demo                      # the embedded default, end to end
     featurescope sites smollm2-135m        # the hook sites of a model and their widths
     featurescope encode "Paris is" --model smollm2-135m --sae path/to/sae
+    featurescope contrast code.txt prose.txt --save-detector python-code   # features that separate two sets
+    featurescope detect python-code labelled.jsonl                          # a saved detector's scores, AUROC
 """
 
 from __future__ import annotations
@@ -98,6 +100,151 @@ def encode(
             shown = "(excluded: special token or norm outlier)" if not counted[name][0, pos] else "  ".join(
                 f"#{i}={v:.2f}" for v, i in zip(values[pos].tolist(), indices[pos].tolist()) if v > 0) or "(none active)"
             typer.echo(f"  {pos:>3} {tok!r:<16} {shown}")
+
+
+# ------------------------------------------------------------------------------ contrast and detectors
+DataDirOpt = Annotated[Path, typer.Option(help="Data dir of the published runs (and of detectors.sqlite).")]
+PublishedModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model id of a published run (default: the only one).")]
+
+
+def _published_live(data_dir: Path, model_id: str | None, device: str):
+    """(LiveModel, ModelInfo, Settings) for a model of the data dir's published runs: the server's live encoder."""
+    from featurescope.app.catalog import CatalogSource
+    from featurescope.app.databases import DataDir
+    from featurescope.app.live import LiveService
+
+    settings = Settings(data_dir=Path(data_dir).resolve(), device=device)
+    models = CatalogSource(DataDir(settings.db_dir)).current().models
+    if not models:
+        raise FeatureScopeError(f"{settings.db_dir} has no published runs: run featurescope precompute (or demo) first.")
+    if model_id is None and len(models) > 1:
+        raise FeatureScopeError(f"{settings.db_dir} has runs of several models ({', '.join(models)}): choose one with --model.")
+    info = models.get(model_id) if model_id is not None else next(iter(models.values()))
+    if info is None:
+        raise FeatureScopeError(f"No published run of model {model_id!r} in {settings.db_dir}; there are: {', '.join(models)}.")
+    return LiveService(settings).model(info), info, settings
+
+
+def _prompt_file(path: Path, param: str) -> list[str]:
+    from featurescope.app.prompt_sets import PromptSetError, parse_prompts
+
+    if not Path(path).is_file():
+        raise typer.BadParameter(f"{path} does not exist.")
+    try:
+        return parse_prompts(Path(path).read_text(encoding="utf-8"), str(path), param)
+    except PromptSetError as exc:
+        raise FeatureScopeError(exc.message) from None
+
+
+@app.command()
+def contrast(
+    a: Annotated[Path, typer.Argument(help="Prompts of set A: a .txt file (one per line) or .jsonl (\"text\" per line).")],
+    b: Annotated[Path, typer.Argument(help="Prompts of set B, likewise.")],
+    data_dir: DataDirOpt = Path("data"),
+    model: PublishedModelOpt = None,
+    sae: Annotated[list[str], typer.Option("--sae", help="SAE id of the run (repeatable; default: all of the model's).")] = [],  # noqa: B006
+    pool: Annotated[str, typer.Option(help="Per prompt: max or mean of each feature over the counted tokens.")] = "max",
+    top: Annotated[int, typer.Option(help="Features printed across layers.", min=1)] = 20,
+    save_detector: Annotated[Optional[str], typer.Option(help="Save the top --k features as a detector of this name.")] = None,
+    k: Annotated[int, typer.Option(help="Features of the saved detector.", min=1, max=32)] = 5,
+    device: DeviceOpt = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the ranking as JSON.")] = False,
+) -> None:
+    """Rank the features of every SAE by how well they separate two sets of prompts (AUROC, difference of means)."""
+    import asyncio
+    import json
+
+    from featurescope.app.contrast import rank
+    from featurescope.app.contrast_runs import ContrastRequest, ContrastRun, fit_run, run_contrast
+    from featurescope.app.detectors import STORE_NAME, DetectorError, DetectorStore
+    from featurescope.app.prompt_sets import PromptSetError, check_sets
+
+    if pool not in ("max", "mean"):
+        raise typer.BadParameter(f"--pool must be max or mean, not {pool!r}.")
+    prompts_a, prompts_b = _prompt_file(a, "a"), _prompt_file(b, "b")
+    live, info, settings = _published_live(data_dir, model, device)
+    try:
+        check_sets(prompts_a, prompts_b, limit=10**6)
+    except PromptSetError as exc:
+        raise FeatureScopeError(exc.message) from None
+    unknown = [s for s in sae if s not in info.saes]
+    if unknown:
+        raise FeatureScopeError(f"Model {info.id} has no SAE {unknown[0]!r}; its SAEs: {', '.join(info.saes)}.")
+    saes = [info.saes[s] for s in sae] or list(info.saes.values())
+    run = ContrastRun("cli", info.id, ContrastRequest(saes, prompts_a, prompts_b, pool, (Path(a).stem, Path(b).stem)))
+    asyncio.run(run_contrast(live, run, settings.max_batch))
+    live.close()
+    if run.state != "done":
+        raise FeatureScopeError(f"The contrast run {run.state}: {run.error}")
+    rows = rank(run.scores, top=top)
+    if json_out:
+        typer.echo(json.dumps([{**r.__dict__, "direction": r.direction} for r in rows], indent=1))
+    else:
+        typer.echo(f"{info.id}: {len(prompts_a)} vs {len(prompts_b)} prompts, {len(saes)} SAEs, {pool} pooling, "
+                   f"encoded in {run.seconds:.1f} s")
+        typer.echo(f"{'SAE':<12} {'feature':>7} {'AUROC':>6} {'fires on':<10} {'mean A':>8} {'mean B':>8} {'fired A':>8} {'fired B':>8}")
+        for r in rows:
+            typer.echo(f"{r.sae_id:<12} {r.index:>7} {r.auroc:>6.3f} {run.request.labels[r.direction == 'b']:<10} "
+                       f"{r.mean_a:>8.3f} {r.mean_b:>8.3f} {r.fired_a:>4}/{r.n_a:<3} {r.fired_b:>4}/{r.n_b:<3}")
+    if save_detector:
+        try:
+            doc = fit_run(run, save_detector, k)
+            DetectorStore(settings.data_dir / STORE_NAME).save(doc)
+        except DetectorError as exc:
+            raise FeatureScopeError(exc.message) from None
+        typer.echo(f"Saved detector {save_detector!r} ({k} features, held-out AUROC {doc['held_out_auroc']:.3f}) in "
+                   f"{settings.data_dir / STORE_NAME}; its page: /{info.id}/-/detectors/{save_detector}", err=json_out)
+
+
+@app.command()
+def detect(
+    detector: Annotated[str, typer.Argument(help="A detector's name in DATA_DIR/detectors.sqlite, or a detector .json file.")],
+    prompts: Annotated[Path, typer.Argument(help=".txt (one prompt per line) or .jsonl (\"text\", optional \"label\" 1/0).")],
+    data_dir: DataDirOpt = Path("data"),
+    model: PublishedModelOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score prompts with a saved detector; with labels (a .jsonl file's "label"), print its AUROC."""
+    import asyncio
+
+    import numpy as np
+
+    from featurescope.app.contrast import auroc
+    from featurescope.app.contrast_runs import score_prompts
+    from featurescope.app.detectors import STORE_NAME, DetectorError, DetectorStore, read_detector_file
+    from featurescope.app.prompt_sets import PromptSetError, read_labelled
+
+    try:
+        if detector.endswith(".json") or Path(detector).is_file():
+            doc = read_detector_file(Path(detector))
+        else:
+            found = [d for d in DetectorStore(Path(data_dir) / STORE_NAME).find(detector) if model in (None, d["model_id"])]
+            if len(found) != 1:
+                raise FeatureScopeError(f"{'No' if not found else 'More than one'} detector named {detector!r} in "
+                                        f"{Path(data_dir) / STORE_NAME}{'' if not found else ': choose the model with --model'}.")
+            doc = found[0]
+        texts, labels = read_labelled(prompts)
+    except (DetectorError, PromptSetError) as exc:
+        raise FeatureScopeError(exc.message) from None
+    except OSError as exc:
+        raise FeatureScopeError(f"Cannot read {prompts}: {exc}") from None
+    live, info, settings = _published_live(data_dir, model or doc["model_id"], device)
+    missing = [s for s in doc["sae_ids"] if s not in info.saes]
+    if missing:
+        raise FeatureScopeError(f"Detector {doc['name']!r} needs SAE {missing[0]!r}, which model {info.id} has no run of.")
+    scores = asyncio.run(score_prompts(live, doc, [info.saes[s] for s in doc["sae_ids"]], texts, settings.max_batch))
+    live.close()
+    label_a, label_b = doc["sets"]["a"]["label"], doc["sets"]["b"]["label"]
+    for i, (text, score) in enumerate(zip(texts, scores)):
+        shown = text.replace("\n", " ")
+        typer.echo(f"{score:8.3f}  {label_a if score > 0 else label_b:<10} {shown[:70]}")
+    if labels is not None:
+        y = np.array(labels)
+        if y.min() == y.max():
+            typer.echo("AUROC needs prompts of both labels.")
+        else:
+            area = auroc(scores[y == 1][:, None], scores[y == 0][:, None])[0]
+            typer.echo(f"AUROC {area:.3f} ({int(y.sum())} prompts labelled {label_a}, {int((1 - y).sum())} {label_b})")
 
 
 @app.command()

@@ -1,4 +1,4 @@
-// FeatureScope's only script besides htmx: copy-link and copy-embed buttons. Pages work without it;
+// FeatureScope's only script besides htmx: copy-link and copy-embed buttons, and the contrast form's file pickers. Pages work without it;
 // the link and the embed code are also shown in read-only fields.
 (function () {
   "use strict";
@@ -45,6 +45,33 @@
     }
     var value = button.getAttribute("data-copy");
     copy(value === "location" ? currentLink() : value, button);
+  });
+
+  // The contrast form's file pickers: the chosen .txt / .jsonl file's text goes into a hidden field of the
+  // form (the server parses it by the file's name), so the form posts as plain urlencoded fields.
+  document.addEventListener("change", function (event) {
+    var input = event.target;
+    if (!input.matches || !input.matches("input[type=file][data-load-into]")) return;
+    var field = document.querySelector(input.getAttribute("data-load-into"));
+    var nameField = document.querySelector(input.getAttribute("data-load-into") + "-name");
+    var status = document.querySelector(input.getAttribute("data-load-into") + "-status");
+    var file = input.files && input.files[0];
+    var limit = parseInt(input.getAttribute("data-max-bytes"), 10);
+    field.value = "";
+    if (nameField) nameField.value = "";
+    if (!file) { if (status) status.textContent = ""; return; }
+    if (limit && file.size > limit) {
+      input.value = "";
+      if (status) status.textContent = file.name + " is " + file.size + " bytes; at most " + limit + " are accepted.";
+      return;
+    }
+    var reader = new FileReader();
+    reader.onload = function () {
+      field.value = reader.result;
+      if (nameField) nameField.value = file.name;
+      if (status) status.textContent = file.name + " loaded.";
+    };
+    reader.readAsText(file);
   });
 
   // After htmx swaps examples or pushes a new URL, keep the read-only share field in step with the address bar.

@@ -24,7 +24,7 @@ def test_help_lists_every_command():
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["demo", "encode", "sites", "sae-info"])
+@pytest.mark.parametrize("command", ["demo", "encode", "sites", "sae-info", "contrast", "detect"])
 def test_every_command_has_help(command):
     result = run(command, "--help")
     assert result.returncode == 0 and "Usage" in result.stdout

@@ -21,6 +21,9 @@ TWINS = {  # path in the document -> the model its 200 answer is documented with
     "/{model_id}/-/encode.json": "EncodeView",
     "/{model_id}/{sae_id}/{index}/-/test.json": "FeatureTestView",
     "/{model_id}/-/steer.json": "SteerView",
+    "/{model_id}/-/contrast.json": "ContrastFormView",
+    "/{model_id}/-/contrast/{run_id}.json": "ContrastRunView",
+    "/{model_id}/-/detectors/{name}.json": "DetectorView",
     "/-/health": "Health",
 }
 
@@ -55,6 +58,9 @@ def test_the_api_document_lists_every_twin_with_its_response_model(client):
     ("/no/such/page/at/all.json", tm.NotFoundError),
     (f"/{MODEL}/{SAE}.json?size=0", tm.InvalidParameterError),
     (f"/{MODEL}/-/encode.json?text=hi", tm.UnavailableError),  # live encoding is off
+    (f"/{MODEL}/-/contrast.json", tm.ContrastFormView),
+    (f"/{MODEL}/-/contrast/no-such-run.json", tm.NotFoundError),
+    (f"/{MODEL}/-/detectors/no-such-detector.json", tm.NotFoundError),
 ])
 def test_each_twin_answers_exactly_its_documented_model(client, url, model):
     TypeAdapter(model).validate_python(client.get(url).json())

@@ -10,4 +10,6 @@ featurescope.schema with bound parameters.
     encode.py        encode_view(...): the live encoder's answer for a prompt, and search via inference
     feature_test.py  feature_test_view(...): one feature on the test box's text
     steer.py         steer_view(...): default and steered continuations
+    contrast.py      contrast_form_view(...), contrast_run_view(...): a contrast run's progress and ranking
+    detector.py      detector_view(...), applied_view(...): a saved detector, and its live score on a prompt
 """

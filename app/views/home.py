@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from featurescope.app.catalog import Catalog
 from featurescope.app.errors import InvalidParameter
-from featurescope.app.twin_models import HomeView, ModelView, SAEGrid, SAEOut
+from featurescope.app.twin_models import DetectorBrief, HomeView, ModelView, SAEGrid, SAEOut
 from featurescope.flow import flow_key
 from featurescope.sae_sources import width_label
 
@@ -19,9 +19,10 @@ def home(catalog: Catalog) -> HomeView:
             "problems": [asdict(p) for p in catalog.problems]}
 
 
-def model_view(catalog: Catalog, model_id: str, layer: str | None = None, site: str | None = None,
-               width: str | None = None) -> ModelView:
-    """A model and its SAEs; `layer` (a number), `site` (att, mlp, res) and `width` (e.g. 16k) narrow the grid."""
+def model_view(catalog: Catalog, model_id: str, detectors: list[DetectorBrief] | None = None, layer: str | None = None,
+               site: str | None = None, width: str | None = None) -> ModelView:
+    """A model and its SAEs; `layer` (a number), `site` (att, mlp, res) and `width` (e.g. 16k) narrow the grid.
+    `detectors`: the model's saved detectors (app/detectors.py), listed below its SAEs."""
     model = catalog.model(model_id).as_dict()
     if layer is not None:
         if not layer.isdigit():
@@ -33,7 +34,7 @@ def model_view(catalog: Catalog, model_id: str, layer: str | None = None, site: 
     shown = [s for s in model["saes"] if (layer is None or s["layer"] == layer) and (site is None or s["site_kind"] == site)
              and (width is None or width_label(s["d_sae"]) == width)]
     return {"model": {**model, "grid": sae_grid(model["saes"])}, "shown": sae_grid(shown),
-            "filters": {"layer": layer, "site": site, "width": width},
+            "filters": {"layer": layer, "site": site, "width": width}, "detectors": detectors or [],
             "choices": {"layers": sorted({s["layer"] for s in model["saes"]}),
                         "sites": sorted({s["site_kind"] for s in model["saes"]}, key=lambda k: flow_key(0, k)),
                         "widths": sorted({width_label(s["d_sae"]) for s in model["saes"]},
