@@ -102,6 +102,7 @@ class FileProblem:
     name: str
     error: str
     saes: tuple[tuple[str, str], ...] = ()  # (model id, SAE id) it holds, when that much could be read
+    runs: tuple[str, ...] = ()  # the run ids of those SAEs
 
 
 class DataDir:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from featurescope.app.catalog import Catalog
 from featurescope.app.contrast_runs import ContrastRuns
@@ -20,9 +20,9 @@ from featurescope.app.urls import Urls
 
 
 def get_catalog(request: Request) -> Catalog:
-    """The catalog, re-listed first when it lacks the model or SAE the URL names (a file just published)."""
+    """The catalog, re-listed first when it lacks the model, SAE or run the URL names (a file just published)."""
     params = request.path_params
-    return request.app.state.catalogs.current(params.get("model_id"), params.get("sae_id"))
+    return request.app.state.catalogs.current(params.get("model_id"), params.get("sae_id"), request.query_params.get("run"))
 
 
 async def get_renderer(request: Request) -> Renderer:
@@ -46,6 +46,8 @@ async def get_contrast_runs(request: Request) -> ContrastRuns:
 
 
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
+RunParam = Annotated[str | None, Query(max_length=64, description="Run id (or an unambiguous prefix of one) of the SAE's "
+                                       "precompute over one corpus; default: its newest run.")]
 RendererDep = Annotated[Renderer, Depends(get_renderer)]
 UrlsDep = Annotated[Urls, Depends(get_urls)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

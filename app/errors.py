@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 
 class NotFound(Exception):
-    """An unknown model, SAE or feature index. `choices` are ids of the same kind worth offering;
+    """An unknown model, SAE, feature index or run of an SAE. `choices` are ids of the same kind worth offering;
     `valid_range` is (first, last) for feature indices."""
 
     def __init__(self, kind: str, missing: str, message: str, *, model_id: str | None = None, sae_id: str | None = None,

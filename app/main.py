@@ -92,7 +92,7 @@ def _add_error_pages(app: FastAPI) -> None:
     def not_found(request: Request, exc: NotFound) -> Response:
         render, urls = request.app.state.renderer, request.app.state.urls
         fmt = "json" if wants_json(request) else None
-        suggestions = [{"id": choice, "url": _choice_url(urls, exc, choice, fmt)} for choice in exc.choices]
+        suggestions = [{"id": choice, "url": _choice_url(urls, exc, choice, fmt, request)} for choice in exc.choices]
         body: dict[str, Any] = {"error": "not_found", "kind": exc.kind, "missing": exc.missing, "message": exc.message,
                                 "suggestions": suggestions}
         if exc.valid_range is not None:
@@ -144,10 +144,14 @@ def _add_error_pages(app: FastAPI) -> None:
                            error=body, request=request)
 
 
-_KIND_NAMES = {"model": "model", "sae": "SAE", "feature": "feature", "contrast_run": "contrast run", "detector": "detector"}
+_KIND_NAMES = {"model": "model", "sae": "SAE", "feature": "feature", "run": "run", "contrast_run": "contrast run",
+               "detector": "detector"}
 
 
-def _choice_url(urls: Urls, exc: NotFound, choice: str | int, fmt: str | None) -> str:
+def _choice_url(urls: Urls, exc: NotFound, choice: str | int, fmt: str | None, request: Request) -> str:
+    if exc.kind == "run":  # the same page (and format) in that run
+        return request.url.path + "?" + urlencode([*((k, v) for k, v in request.query_params.multi_items() if k != "run"),
+                                                   ("run", str(choice))])
     if exc.kind == "detector":
         return urls.detector(exc.model_id, str(choice), fmt)
     if exc.kind == "contrast_run":

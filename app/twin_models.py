@@ -56,6 +56,7 @@ class FileProblemOut(TypedDict):
     name: str
     error: str
     saes: list[tuple[str, str]]  # (model id, SAE id) the file holds, when that much could be read
+    runs: list[str]  # the run ids of those SAEs
 
 
 @closed
@@ -140,8 +141,21 @@ class DensityHistogram(TypedDict):
 
 
 @closed
+class RunOut(TypedDict):
+    """One run (precompute over one corpus, one file) of an SAE."""
+    run_id: str
+    corpus: str | None
+    n_tokens: int | None
+    n_contexts: int | None
+    newest: bool  # the default: what the page's URL without ?run= shows
+    shown: bool  # the run this page shows
+
+
+@closed
 class SAEView(TypedDict):
     sae: SAEOut
+    run: str | None  # the run id the URL asked for (?run=, kept by every link of the page); None: the newest
+    runs: list[RunOut]  # every run of this SAE, newest first
     query: FeatureQueryOut
     total: int
     page: int
@@ -220,6 +234,7 @@ class Link(TypedDict):
     coact: float | None  # the linked feature's mean activation where this one peaks
     coact_rel: float | None  # that above its mean over all tokens, over its max: what ranks links
     cosine: float | None  # decoder/encoder cosine, between residual SAEs only
+    run: str | None  # the ?run= of the linked feature's page (links stay in their run); None: its newest run
 
 
 @closed
@@ -240,6 +255,8 @@ class TestBox(TypedDict):
 class FeatureView(TypedDict):
     model_id: str
     sae: SAEOut
+    run: str | None  # the run id the URL asked for (?run=, kept by every link of the page); None: the newest
+    runs: list[RunOut]  # every run of this SAE, newest first
     index: int
     label: str
     label_kind: str
@@ -276,6 +293,7 @@ class LineageColumn(TypedDict):
 class LineageNode(TypedDict):
     id: str
     sae_id: str
+    run: str | None  # the ?run= of its feature page (the graph stays in one run); None: its SAE's newest run
     feature: int
     column: int
     layer: int
@@ -296,6 +314,7 @@ LineageEdge = closed(TypedDict("LineageEdge", {"from": str, "to": str, "via": Li
 class LineageView(TypedDict):
     model_id: str
     sae: SAEOut
+    run: str | None  # the run id the URL asked for (?run=, kept by every link of the page); None: the newest
     index: int
     query: LineageQueryOut
     links_computed: bool
@@ -535,7 +554,7 @@ class NotFoundError(TypedDict):
     error: Literal["not_found", "http_error"]
     message: str
     suggestions: list[Suggestion]
-    kind: NotRequired[Literal["model", "sae", "feature", "contrast_run", "detector"]]
+    kind: NotRequired[Literal["model", "sae", "feature", "run", "contrast_run", "detector"]]
     missing: NotRequired[str]
     valid_range: NotRequired[tuple[int, int]]
 

@@ -5,6 +5,10 @@
     urls.sae("gemma-2-2b", "20-res-16k", sort="density", desc=1)  -> /gemma-2-2b/20-res-16k?sort=density&desc=1
     urls.lineage("gemma-2-2b", "20-res-16k", 12345, breadth=2)    -> /gemma-2-2b/20-res-16k/12345/-/lineage?breadth=2
     urls.encode("gemma-2-2b", text="Paris")                       -> /gemma-2-2b/-/encode?text=Paris
+    urls.feature("gemma-2-2b", "20-res-16k", 12345, run="3f2a9c")  -> /gemma-2-2b/20-res-16k/12345?run=3f2a9c
+
+An SAE precomputed over several corpora has one run each; `run=` (a run id) picks one, and a page that
+names its run passes it to every link it builds (None, the default, is the newest run).
 
 Model and SAE ids are data, so the app's own pages live under /-/ (at the top, or below the model, SAE or
 feature they are about) where no id can collide with them: an SAE may be called "encode".
@@ -88,11 +92,11 @@ class Urls:
         """/{model}/{sae}/{index}/-/decoder.npy (or encoder.npy, threshold.npy, vectors.json): the feature's weights."""
         return f"/{_segment(model_id)}/{_segment(sae_id)}/{int(index)}{APP_PREFIX}/{part}.{fmt}"
 
-    def random_feature(self, model_id: str, sae_id: str) -> str:
-        return f"/{_segment(model_id)}/{_segment(sae_id)}{APP_PREFIX}/random"
+    def random_feature(self, model_id: str, sae_id: str, **params: Any) -> str:
+        return _with(f"/{_segment(model_id)}/{_segment(sae_id)}{APP_PREFIX}/random", None, params)
 
-    def jump(self, model_id: str, sae_id: str) -> str:
-        return f"/{_segment(model_id)}/{_segment(sae_id)}{APP_PREFIX}/jump"
+    def jump(self, model_id: str, sae_id: str, **params: Any) -> str:
+        return _with(f"/{_segment(model_id)}/{_segment(sae_id)}{APP_PREFIX}/jump", None, params)
 
     def static(self, name: str) -> str:
         return f"{APP_PREFIX}/static/{name}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +89,11 @@ def make_vocab(n_filler: int = 120) -> list[str]:
 
 def make_db(path: str | Path, *, model_id: str = "tiny-gemma-2", saes: Sequence[SAESpec] = DEFAULT_SAES,
             n_contexts: int = 96, context_len: int = 48, n_top: int = 8, n_bins: int = 5, per_bin: int = 2,
-            with_labels: bool = True, seed: int = 0, config: dict | None = None) -> Path:
+            with_labels: bool = True, seed: int = 0, config: dict | None = None, corpus: str = "pydoc_data.topics",
+            run_id: str | None = None) -> Path:
     """Write a complete FeatureScope database at path (migrated to head) and return the path. `config`
-    adds to the run's precompute config (e.g. {"links": False}: a run without cross-layer links)."""
+    adds to the run's precompute config (e.g. {"links": False}: a run without cross-layer links); `corpus`
+    and `run_id` name the run (default id: from the model and seed)."""
     config = {"batch_size": 16, "seed": seed, **(config or {})}
     if HIST_BINS % n_bins:
         raise ValueError(f"n_bins must divide {HIST_BINS}: each activation interval is a whole number of histogram bins")
@@ -98,7 +101,7 @@ def make_db(path: str | Path, *, model_id: str = "tiny-gemma-2", saes: Sequence[
     fsdb.upgrade(path)
     rng = np.random.default_rng(seed)
     vocab = make_vocab()
-    run_id = f"run-{model_id}-{seed}"
+    run_id = run_id or f"run-{model_id}-{seed}"
     contexts = _make_contexts(rng, vocab, n_contexts, context_len)
     n_tokens = n_contexts * (context_len - 1)
     rows: dict[type, list[dict]] = {Model: [], Vocab: [], Run: [], SAE: [], Context: [], Feature: [], Example: [], Link: []}
@@ -106,7 +109,7 @@ def make_db(path: str | Path, *, model_id: str = "tiny-gemma-2", saes: Sequence[
                             bos_token_id=BOS_ID, special_token_ids=[0, 1, BOS_ID]))
     rows[Vocab] += [dict(model_id=model_id, token_id=i, text=t) for i, t in enumerate(vocab)]
     started = dt.datetime(2026, 11, 26, 12, 0, 0)
-    rows[Run].append(dict(id=run_id, model_id=model_id, corpus="pydoc_data.topics", n_contexts=n_contexts,
+    rows[Run].append(dict(id=run_id, model_id=model_id, corpus=corpus, n_contexts=n_contexts,
                           context_len=context_len, n_tokens=n_tokens, config=config,
                           status="complete", started_at=started, finished_at=started + dt.timedelta(seconds=95),
                           seconds=95.0))
@@ -309,6 +312,23 @@ def make_data_dir(root: str | Path, **make_db_kwargs) -> Path:
     make_db(root / "db" / "tiny.duckdb", **make_db_kwargs)
     make_db(root / "db" / "second.duckdb", model_id="second-model", saes=(SAESpec("3-res-24", 3, "res", 24, l0=12.0),),
             seed=1, n_contexts=32, context_len=24)
+    return root
+
+
+OLD_RUN, NEW_RUN = "a1b2c3d4e5f60718", "a1f0c0ffee001234"  # share the prefix "a1": ambiguous on purpose
+OLD_CORPUS, NEW_CORPUS = "pydoc_data.topics", "hf:wikitext"
+
+
+def make_corpora_data_dir(root: str | Path) -> Path:
+    """A data dir with the factory's SAEs precomputed over two corpora, one file each: the older run
+    (OLD_RUN over OLD_CORPUS) has all three SAEs, the newer (NEW_RUN over NEW_CORPUS, other data) all but
+    6-att-32, whose only run is then the older one."""
+    root = Path(root)
+    old = make_db(root / "db" / "tiny--old.duckdb", corpus=OLD_CORPUS, run_id=OLD_RUN, seed=0)
+    make_db(root / "db" / "tiny--new.duckdb", corpus=NEW_CORPUS, run_id=NEW_RUN, seed=3, n_contexts=64,
+            saes=DEFAULT_SAES[:2])
+    published = old.stat().st_mtime_ns
+    os.utime(old, ns=(published - 60 * 10**9, published - 60 * 10**9))  # a minute older: the newest file wins
     return root
 
 

@@ -382,3 +382,117 @@ def test_blank_filter_fields_mean_no_bound_and_htmx_pushes_the_canonical_url(cli
     response = client.get(f"/{MODEL}/{SAE}?{form}", headers={"HX-Request": "true", "HX-Target": "features"})
     assert response.status_code == 200
     assert response.headers["HX-Push-Url"] == f"/{MODEL}/{SAE}?sort=density&desc=1"
+
+
+# ------------------------------------------------------------------------------ several corpora per SAE
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    from factories import make_corpora_data_dir
+
+    with make_app_client(make_corpora_data_dir(tmp_path_factory.mktemp("corpora")), live=False) as c:
+        yield c
+
+
+def _site_hrefs(page) -> list[str]:
+    """Every link of a page into the model's pages (href and htmx), the run list's links left out."""
+    runs = {id(a) for section in page.find_all("section", cls="runs") for a in section.find_all("a")}
+    hrefs = [a.attrs[k] for a in page.find_all("a") if id(a) not in runs for k in ("href", "hx-get") if k in a.attrs]
+    return [h for h in hrefs if h.startswith(f"/{MODEL}/")]
+
+
+def test_both_corpora_of_an_sae_are_reachable_and_the_newest_is_the_default(corpora):
+    from factories import NEW_CORPUS, NEW_RUN, OLD_CORPUS, OLD_RUN
+
+    newest = get_json(corpora, f"/{MODEL}/{SAE}/5.json")
+    older = get_json(corpora, f"/{MODEL}/{SAE}/5.json?run={OLD_RUN}")
+    assert (newest["sae"]["corpus"], newest["sae"]["run_id"], newest["run"]) == (NEW_CORPUS, NEW_RUN, None)
+    assert (older["sae"]["corpus"], older["sae"]["run_id"], older["run"]) == (OLD_CORPUS, OLD_RUN, OLD_RUN)
+    assert newest["sae"]["n_tokens"] == 64 * 47 and older["sae"]["n_tokens"] == 96 * 47
+    assert newest["top_examples"] != older["top_examples"]  # each page reads its own run's file
+    assert [(r["run_id"], r["newest"], r["shown"]) for r in older["runs"]] == [(NEW_RUN, True, False), (OLD_RUN, False, True)]
+    assert get_json(corpora, f"/{MODEL}/{SAE}/5.json?run={NEW_RUN}")["top_examples"] == newest["top_examples"]
+    table = get_json(corpora, f"/{MODEL}/{SAE}.json?run=a1b&sort=density&desc=1")  # an unambiguous prefix
+    assert table["run"] == OLD_RUN and table["sae"]["corpus"] == OLD_CORPUS
+    assert table["features"] != get_json(corpora, f"/{MODEL}/{SAE}.json?sort=density&desc=1")["features"]
+    home = get_json(corpora, "/.json")["models"][0]
+    assert [s["id"] for s in home["saes"]] == ["2-res-64", "4-mlp-48", "6-att-32"]  # one row per SAE, its newest run
+    assert [s["run_id"] for s in home["saes"]] == [NEW_RUN, NEW_RUN, OLD_RUN]
+
+
+def test_a_feature_page_of_an_older_run_names_its_corpus_and_every_link_keeps_the_run(corpora):
+    from factories import NEW_CORPUS, OLD_CORPUS, OLD_RUN
+
+    page = get_page(corpora, f"/{MODEL}/{SAE}/5?run=a1b2&context=full")
+    assert OLD_CORPUS in page.find("p", cls="corpus").text() and "4,512 tokens" in page.find("p", cls="corpus").text()
+    hrefs = _site_hrefs(page)
+    assert {f"/{MODEL}/{SAE}/4?run={OLD_RUN}", f"/{MODEL}/{SAE}/6?run={OLD_RUN}", f"/{MODEL}/{SAE}?run={OLD_RUN}",
+            f"/{MODEL}/{SAE}/-/random?run={OLD_RUN}", f"/{MODEL}/{SAE}/5/-/lineage?run={OLD_RUN}"} <= set(hrefs)
+    assert any(h.startswith("/tiny-gemma-2/4-mlp-48/") for h in hrefs)  # cross-layer links, in the same run
+    missing = [h for h in hrefs if f"run={OLD_RUN}" not in h]
+    assert missing == []
+    assert page.find("a", cls="twin").attrs["href"] == f"/{MODEL}/{SAE}/5.json?run={OLD_RUN}"
+    assert page.find("input", cls="share-url").attrs["value"] == f"http://testserver/{MODEL}/{SAE}/5?run={OLD_RUN}&context=full"
+    assert page.find("form", cls="jump").find("input", name="run").attrs["value"] == OLD_RUN
+    runs = page.find("section", cls="runs")
+    assert [a.attrs["href"] for a in runs.find_all("a")] == [f"/{MODEL}/{SAE}/5"]  # the newest: no ?run= needed
+    assert NEW_CORPUS in runs.text() and runs.find("li", cls="shown").find("strong").text() == OLD_CORPUS
+
+
+def test_the_default_page_links_without_a_run_and_offers_the_older_corpus(corpora):
+    from factories import NEW_CORPUS, OLD_RUN
+
+    page = get_page(corpora, f"/{MODEL}/{SAE}/5")
+    assert NEW_CORPUS in page.find("p", cls="corpus").text()
+    assert [h for h in _site_hrefs(page) if "run=" in h] == []
+    assert [a.attrs["href"] for a in page.find("section", cls="runs").find_all("a")] == [f"/{MODEL}/{SAE}/5?run={OLD_RUN}"]
+    table = get_page(corpora, f"/{MODEL}/{SAE}?run={OLD_RUN}&sort=density&desc=1")
+    assert [a.attrs["href"] for a in table.find("section", cls="runs").find_all("a")] == [f"/{MODEL}/{SAE}"]
+    rows = table.find("table", cls="feature-table").find("tbody").find_all("a")
+    assert rows and all(a.attrs["href"].endswith(f"?run={OLD_RUN}") for a in rows)
+    assert all(f"run={OLD_RUN}" in h for h in _site_hrefs(table))
+
+
+def test_cross_layer_links_stay_in_the_run_that_computed_them(corpora):
+    from factories import OLD_RUN
+
+    # 6-att-32 was only precomputed in the older run, so its newest run is that one; its neighbour 4-mlp-48's
+    # newest is another: a link must name the run and show the label from the run's own file.
+    view = get_json(corpora, f"/{MODEL}/6-att-32/3.json")
+    links = view["links"]["upstream"]
+    assert view["run"] is None and links and {link["run"] for link in links} == {OLD_RUN}
+    target = get_json(corpora, f"/{MODEL}/4-mlp-48/{links[0]['feature']}.json?run={OLD_RUN}")
+    assert target["label"] == links[0]["label"] and target["sae"]["run_id"] == OLD_RUN
+    page = get_page(corpora, f"/{MODEL}/6-att-32/3")
+    assert f"/{MODEL}/4-mlp-48/{links[0]['feature']}?run={OLD_RUN}" in _site_hrefs(page)
+    lineage = get_json(corpora, f"/{MODEL}/{SAE}/5/-/lineage.json?run={OLD_RUN}")
+    assert lineage["run"] == OLD_RUN and len(lineage["nodes"]) > 1
+    assert {n["run"] for n in lineage["nodes"]} == {OLD_RUN}
+    assert {s for c in lineage["columns"] for s in c["sae_ids"]} == {"2-res-64", "4-mlp-48", "6-att-32"}
+    newest = get_json(corpora, f"/{MODEL}/{SAE}/5/-/lineage.json")
+    assert {s for c in newest["columns"] for s in c["sae_ids"]} <= {"2-res-64", "4-mlp-48"}  # the newer run has no 6-att-32
+
+
+def test_random_and_jump_keep_the_run(corpora):
+    from factories import OLD_RUN
+
+    random_ = corpora.get(f"/{MODEL}/{SAE}/-/random?run=a1b", follow_redirects=False)
+    assert random_.status_code == 302 and random_.headers["location"].endswith(f"?run={OLD_RUN}")
+    jump = corpora.get(f"/{MODEL}/{SAE}/-/jump?index=12&run={OLD_RUN}", follow_redirects=False)
+    assert jump.headers["location"] == f"/{MODEL}/{SAE}/12?run={OLD_RUN}"
+    assert corpora.get(f"/{MODEL}/{SAE}/-/jump?index=12", follow_redirects=False).headers["location"] == f"/{MODEL}/{SAE}/12"
+
+
+@pytest.mark.parametrize("run", ["b00", "a1", "<script>"])
+def test_an_unknown_or_ambiguous_run_is_a_404_offering_the_saes_runs(corpora, run):
+    from urllib.parse import quote
+
+    from factories import NEW_RUN, OLD_RUN
+
+    body = get_json(corpora, f"/{MODEL}/{SAE}/5.json?run={quote(run)}&context=full", status=404)
+    assert body["kind"] == "run" and body["missing"] == run
+    assert body["suggestions"] == [{"id": r, "url": f"/{MODEL}/{SAE}/5.json?context=full&run={r}"} for r in (NEW_RUN, OLD_RUN)]
+    page = get_page(corpora, f"/{MODEL}/{SAE}?run={quote(run)}", status=404)
+    assert page.find("h1").text() == "Unknown run"
+    assert [a.attrs["href"] for a in page.find("ul", cls="suggestions").find_all("a")] == [
+        f"/{MODEL}/{SAE}?run={NEW_RUN}", f"/{MODEL}/{SAE}?run={OLD_RUN}"]
+    get_json(corpora, f"/{MODEL}/6-att-32/3.json?run={NEW_RUN}", status=404)  # a run without that SAE

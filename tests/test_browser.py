@@ -186,3 +186,41 @@ def test_hostile_tokens_and_prompts_never_execute(page, server):
     assert "<script>alert(1)</script>" in page.locator("table.feature-table").inner_text()
     assert page.evaluate("window.__pwned") == 0
     assert page.problems == []
+
+
+@pytest.fixture(scope="module")
+def corpora_server(tmp_path_factory):
+    from factories import make_corpora_data_dir
+
+    from featurescope.app import Settings, create_app
+    from featurescope.app.settings import DEFAULT_LOCAL_HTMX
+
+    require_browser_tools()
+    port = free_port()
+    data_dir = make_corpora_data_dir(tmp_path_factory.mktemp("corpora"))
+    with serving(create_app(Settings(data_dir=data_dir, port=port, local_htmx=DEFAULT_LOCAL_HTMX, live=False)), port) as url:
+        yield url
+
+
+def test_switching_to_another_corpus_keeps_the_run_through_htmx_swaps_and_navigation(page, corpora_server):
+    from factories import NEW_CORPUS, OLD_CORPUS, OLD_RUN
+
+    base = f"{corpora_server}/{MODEL}/{SAE}"
+    page.goto(f"{base}/5")
+    assert NEW_CORPUS in page.locator("p.corpus").inner_text()
+    page.locator("section.runs").get_by_role("link", name=OLD_CORPUS).click()
+    page.wait_for_url(f"{base}/5?run={OLD_RUN}")
+    assert OLD_CORPUS in page.locator("p.corpus").inner_text()
+    page.locator("#examples a.seg", has_text="Full context").click()  # an htmx swap pushing its URL
+    page.wait_for_url(f"{base}/5?run={OLD_RUN}&context=full")
+    page.locator("a[rel=next]").click()
+    page.wait_for_url(f"{base}/6?run={OLD_RUN}")
+    page.locator(".crumbs a", has_text=SAE).click()
+    page.wait_for_url(f"{base}?run={OLD_RUN}")
+    page.locator("table.feature-table a.sort", has_text="density").click()
+    page.wait_for_url(f"{base}?run={OLD_RUN}&sort=density&desc=1")
+    page.locator("a.sort.active", has_text="density").wait_for()
+    page.locator("table.feature-table tbody a").first.click()
+    page.wait_for_url(lambda url: url.startswith(base + "/") and url.endswith(f"?run={OLD_RUN}"))
+    assert OLD_CORPUS in page.locator("p.corpus").inner_text()
+    assert page.problems == []

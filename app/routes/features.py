@@ -1,6 +1,7 @@
 """The feature page (/{model}/{sae}/{index}): statistics, charts, highlighted examples, neighbours,
 the test box and sharing; plus /-/random and /-/jump below the SAE, which redirect to a feature's stable
-URL. `?context=full` shows whole contexts (htmx swaps #examples), `?embed=1` just the dashboard."""
+URL. `?context=full` shows whole contexts (htmx swaps #examples), `?embed=1` just the dashboard, `?run=` the
+feature as another run (corpus) of the SAE computed it; every link of the page keeps it."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from featurescope.app.catalog import SAEInfo, check_index
 from featurescope.app.stored import token_texts
 from featurescope.app.token_html import display_forms, show_examples
 from featurescope.app.views.feature import feature_view
+from featurescope.app.views.runs import chosen_run
 from featurescope.app.views.sae import random_feature as random_alive_feature
-from featurescope.app.deps import CatalogDep, UrlsDep
+from featurescope.app.deps import CatalogDep, RunParam, UrlsDep
 from featurescope.app.errors import NotFound
 from featurescope.app.security import embed_policy
 from featurescope.app.twin_models import FeatureView
@@ -28,17 +30,20 @@ INDEX = re.compile(r"-?[0-9]{1,12}")
 
 
 @router.get("/{model_id}/{sae_id}" + APP_PREFIX + "/random", include_in_schema=False)
-def random_feature(model_id: str, sae_id: str, catalog: CatalogDep, urls: UrlsDep) -> Response:
-    """Redirect to a random feature that fired."""
-    return RedirectResponse(urls.feature(model_id, sae_id, random_alive_feature(catalog, model_id, sae_id)), status_code=302)
+def random_feature(model_id: str, sae_id: str, catalog: CatalogDep, urls: UrlsDep, run: RunParam = None) -> Response:
+    """Redirect to a random feature that fired (in run `run`, kept in the URL)."""
+    sae, run = chosen_run(catalog, model_id, sae_id, run)
+    index = random_alive_feature(catalog, model_id, sae_id, run=sae.run_id)
+    return RedirectResponse(urls.feature(model_id, sae_id, index, run=run), status_code=302)
 
 
 @router.get("/{model_id}/{sae_id}" + APP_PREFIX + "/jump", include_in_schema=False)
 def jump(model_id: str, sae_id: str, catalog: CatalogDep, urls: UrlsDep,
-         index: Annotated[int, Query(description="Feature index.")]) -> Response:
-    """Redirect to feature `index` (the jump-to box)."""
-    check_index(catalog.sae(model_id, sae_id), index)
-    return RedirectResponse(urls.feature(model_id, sae_id, index), status_code=302)
+         index: Annotated[int, Query(description="Feature index.")], run: RunParam = None) -> Response:
+    """Redirect to feature `index` (the jump-to box), in run `run`, kept in the URL."""
+    sae, run = chosen_run(catalog, model_id, sae_id, run)
+    check_index(sae, index)
+    return RedirectResponse(urls.feature(model_id, sae_id, index, run=run), status_code=302)
 
 
 def feature_index(sae: SAEInfo, index: str) -> int:
@@ -55,20 +60,21 @@ def feature(
     text: Annotated[str, Query(max_length=20000, description="Text typed into the test box, kept in the URL.")] = "",
     context: Annotated[Literal["snippet", "full"], Query(description="Examples as snippets around the maximum, or whole contexts.")] = "snippet",
     embed: Annotated[bool, Query(description="Only the dashboard, for an iframe.")] = False,
+    run: RunParam = None,
 ) -> Response:
     # The busiest page reads app.state itself: solving four Depends (each plain `def` one a threadpool hop)
     # cost ~0.3 ms a request, about as much as drawing its two charts.
     state = request.app.state
-    catalog, render, urls, settings = state.catalogs.current(model_id, sae_id), state.renderer, state.urls, state.settings
-    sae = catalog.sae(model_id, sae_id)
-    view = feature_view(catalog, model_id, sae_id, feature_index(sae, index), text)
+    catalog, render, urls, settings = state.catalogs.current(model_id, sae_id, run), state.renderer, state.urls, state.settings
+    sae = catalog.sae(model_id, sae_id, run)
+    view = feature_view(catalog, model_id, sae_id, feature_index(sae, index), text, run)
     view = {**view, "test": {**view["test"], "live_encoding": settings.live}}
     if wants_json(request):
         return render.json(view)
     model = catalog.model(model_id)
     forms = display_forms(token_texts(model), model.special_token_ids)
-    page_url = urls.feature(model_id, sae_id, view["index"])
-    share_params = {"text": text or None, "context": context if context != "snippet" else None}
+    page_url = urls.feature(model_id, sae_id, view["index"], run=view["run"])
+    share_params = {"run": view["run"], "text": text or None, "context": context if context != "snippet" else None}
     base = str(request.base_url).rstrip("/")
     response = render.respond(
         request, "embed.html" if embed else "feature.html", view, partials={"examples": "_examples.html"},

@@ -12,7 +12,7 @@ from pydantic import BeforeValidator, Field
 
 from featurescope.app import graph
 from featurescope.app.views.lineage import LineageQuery, lineage_view
-from featurescope.app.deps import CatalogDep, RendererDep
+from featurescope.app.deps import CatalogDep, RendererDep, RunParam
 from featurescope.app.routes.features import feature_index
 from featurescope.app.twin_models import LineageView
 from featurescope.app.twins import page
@@ -37,8 +37,9 @@ def lineage(
     breadth: Annotated[int, Query(ge=1, le=8, description="Features kept per SAE.")] = 3,
     by: Annotated[Literal["coact", "cosine"], Query(description="Score that picks the links: co-activation "
                                                                 "or decoder/encoder cosine.")] = "coact",
+    run: RunParam = None,
 ) -> Response:
-    sae = catalog.sae(model_id, sae_id)
+    sae = catalog.sae(model_id, sae_id, run)
     query = LineageQuery(depth, breadth, by)
-    view = lineage_view(catalog, model_id, sae_id, feature_index(sae, index), query)
+    view = lineage_view(catalog, model_id, sae_id, feature_index(sae, index), query, run)
     return render.respond(request, "lineage.html", view, query=query, layout=graph.lineage_layout(view))

@@ -13,7 +13,7 @@ from pydantic import BeforeValidator, Field
 from featurescope.app import charts
 from featurescope.app.views.sae import FeatureQuery, Show, SortKey, sae_view
 from featurescope.schema import DENSE_THRESHOLD
-from featurescope.app.deps import CatalogDep, RendererDep, UrlsDep
+from featurescope.app.deps import CatalogDep, RendererDep, RunParam, UrlsDep
 from featurescope.app.twin_models import SAEView
 from featurescope.app.twins import page
 
@@ -42,10 +42,11 @@ def sae(
     max_density: Annotated[OptionalDensity, Query(description="Highest density (0 to 1), inclusive.")] = None,
     q: Annotated[str, Query(max_length=200, description="Text the label contains (case-insensitive).")] = "",
     token: Annotated[str, Query(max_length=200, description="Token the top examples peak on, e.g. ' Paris'.")] = "",
+    run: RunParam = None,
 ) -> Response:
     query = FeatureQuery(sort, desc, page, size, show, min_density, max_density, q, token)
-    view = sae_view(catalog, model_id, sae_id, query)
+    view = sae_view(catalog, model_id, sae_id, query, run)
     # htmx pushes this canonical URL (defaults and blank fields dropped) rather than the raw form query.
-    canonical = urls.sae(model_id, sae_id, **query.params())
+    canonical = urls.sae(model_id, sae_id, run=view["run"], **query.params())
     return render.respond(request, "sae.html", view, partials={"features": "_features.html"}, push_url=canonical,
                           query=query, density_chart=charts.density_histogram(view["density_histogram"]))

@@ -4,6 +4,7 @@ lookup of its features row, read once and kept in a small per-file LRU (a publis
 its links are kept with the catalog (they depend on which SAEs are served).
 
     feature_view(catalog, "gemma-2-2b", "20-res-16k", 12345, text="")
+    feature_view(catalog, "gemma-2-2b", "20-res-16k", 12345, run="3f2a")   # as another run (corpus) computed it
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from featurescope.app.stored import (ContextStore, TokenStrings, TokenTexts, con
                                      peak_tokens, token_texts)
 from featurescope.app.twin_models import Example, FeatureLinks, FeatureView, Interval, LogitToken, Neighbour
 from featurescope.app.views.links import group_links
+from featurescope.app.views.runs import chosen_run, run_choices
 from featurescope.labels import LABEL_KIND_AUTO
 from featurescope.schema import Feature, feature_key
 
@@ -30,36 +32,40 @@ FEATURES_CACHED = 128  # per file; a feature's stored data is tens of KB of Pyth
 _FEATURE_ROW = sa.select(Feature.__table__).where(Feature.feature_key == sa.bindparam("key"))
 
 
-def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text: str = "") -> FeatureView:
-    """The feature page. What the feature's own file holds is read once and kept in a small per-file LRU
-    (a published file never changes), its links with the catalog: the values of the returned dict are
-    shared between requests, never modify them."""
-    sae = catalog.sae(model_id, sae_id)
+def feature_view(catalog: Catalog, model_id: str, sae_id: str, index: int, text: str = "",
+                 run: str | None = None) -> FeatureView:
+    """The feature page, as run `run` (a run id or prefix; None: the newest) computed it. What the feature's
+    own file holds is read once and kept in a small per-file LRU (a published file never changes), its links
+    with the catalog: the values of the returned dict are shared between requests, never modify them."""
+    sae, run = chosen_run(catalog, model_id, sae_id, run)
     check_index(sae, index)
     stored = _stored_feature(sae, token_texts(catalog.model(model_id)), index)
     return {
         **stored.page,
-        "links": feature_links(catalog, model_id, sae_id, index),
+        "run": run,
+        "runs": run_choices(catalog, sae),
+        "links": feature_links(catalog, model_id, sae_id, index, run),
         "prev": index - 1 if index > 0 else None,
         "next": index + 1 if index + 1 < sae.d_sae else None,
         "test": {"text": text, "live_encoding": False},
     }
 
 
-def feature_links(catalog: Catalog, model_id: str, sae_id: str, index: int) -> FeatureLinks:
-    """A feature's cross-layer links (app/views/links.py: group_links), kept for the last FEATURES_CACHED
-    features asked for: any change to the files builds a new Catalog, and with it a new memo."""
+def feature_links(catalog: Catalog, model_id: str, sae_id: str, index: int, run: str | None = None) -> FeatureLinks:
+    """A feature's cross-layer links (app/views/links.py: group_links) in run `run` (None: the newest), kept
+    for the last FEATURES_CACHED features asked for: any change to the files builds a new Catalog, and with
+    it a new memo."""
     links = catalog.memo.get("links")
     if links is None:
         links = catalog.memo.setdefault("links", functools.lru_cache(FEATURES_CACHED)(functools.partial(_links, catalog)))
-    return links(model_id, sae_id, index)
+    return links(model_id, sae_id, index, run)
 
 
-def _links(catalog: Catalog, model_id: str, sae_id: str, index: int) -> FeatureLinks:
-    sae = catalog.sae(model_id, sae_id)
+def _links(catalog: Catalog, model_id: str, sae_id: str, index: int, run: str | None) -> FeatureLinks:
+    sae = catalog.sae(model_id, sae_id, run)
     check_index(sae, index)
     stored = _stored_feature(sae, token_texts(catalog.model(model_id)), index)
-    return group_links(catalog, model_id, sae, stored.link_rows)
+    return group_links(catalog, model_id, sae, stored.link_rows, pin=run is not None)
 
 
 

@@ -25,11 +25,15 @@ def link_rows(sae: SAEInfo, features: list[int]) -> dict[int, list[dict[str, Any
     return {feature: list(links or ()) for feature, links in rows}
 
 
-def linked(catalog: Catalog, model_id: str, row: dict[str, Any]) -> list[Link]:
-    """The features one features.links element names, with labels; [] when the other SAE is not being served."""
-    if not catalog.has_sae(model_id, row["other_sae_id"]):
+def linked(catalog: Catalog, model_id: str, row: dict[str, Any], run_id: str, pin: bool = False) -> list[Link]:
+    """The features one features.links element of run `run_id` names, with labels, in that run's file of the
+    other SAE (links were computed within one run); [] when it is not being served. Each link's `run` is what
+    its page's URL needs: the run id when `pin` (the page named its run) or when the run is not the other
+    SAE's newest, else None."""
+    other = catalog.in_run(model_id, row["other_sae_id"], run_id)
+    if other is None:
         return []
-    other = catalog.sae(model_id, row["other_sae_id"])
+    run = other.run_id if pin else catalog.run_param(other)
     labels = feature_labels(other)
     cosines = row["cosine"] if row["cosine"] is not None else [None] * len(row["other_features"])
     out: list[Link] = []
@@ -37,18 +41,18 @@ def linked(catalog: Catalog, model_id: str, row: dict[str, Any]) -> list[Link]:
         label, kind, density = labels.get(feature, (None, None, None))
         out.append({"sae_id": other.id, "layer": other.layer, "site": other.site, "feature": feature,
                     "label": label or "", "label_kind": kind, "density": density, "coact": coact,
-                    "coact_rel": coact_rel, "cosine": cosine})
+                    "coact_rel": coact_rel, "cosine": cosine, "run": run})
     return out
 
 
-def group_links(catalog: Catalog, model_id: str, sae: SAEInfo, rows: list[dict[str, Any]]) -> FeatureLinks:
+def group_links(catalog: Catalog, model_id: str, sae: SAEInfo, rows: list[dict[str, Any]], pin: bool = False) -> FeatureLinks:
     """A feature's stored link rows as {"computed": whether its run computed links at all, "upstream",
     "downstream", "alongside": [Link]}. coact is the linked feature's mean activation where this one peaks,
     coact_rel that minus its mean over all tokens, over its max (what ranks them); cosine is None unless both
     SAEs are residual. Lists go through the neighbour SAEs in model order; within one, co-activation links
-    come first (highest coact_rel first), then links found only by weights."""
+    come first (highest coact_rel first), then links found only by weights. `pin`: see linked()."""
     out: dict[str, Any] = {"computed": links_computed(sae), **{name: [] for name in LINK_GROUPS.values()}}
     order = {sid: i for i, sid in enumerate(catalog.model(model_id).saes)}
     for row in sorted(rows, key=lambda r: order.get(r["other_sae_id"], -1)):
-        out[LINK_GROUPS.get(row["direction"], "alongside")] += linked(catalog, model_id, row)
+        out[LINK_GROUPS.get(row["direction"], "alongside")] += linked(catalog, model_id, row, sae.run_id, pin)
     return out  # type: ignore[return-value]

@@ -2,6 +2,7 @@
 token its top examples peak on, with the SAE's density histogram; and a random feature that fired.
 
     sae_view(catalog, "gemma-2-2b", "20-res-16k", FeatureQuery(sort="density", desc=True, show="alive"))
+    sae_view(catalog, "gemma-2-2b", "20-res-16k", FeatureQuery(), run="3f2a")   # as another run (corpus) computed it
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from featurescope.app.catalog import Catalog, SAEInfo
 from featurescope.app.errors import InvalidParameter
 from featurescope.app.stored import TokenTexts, label_or_auto, token_texts, top_tokens
 from featurescope.app.twin_models import DensityHistogram, FeatureRow, SAEView
+from featurescope.app.views.runs import chosen_run, run_choices
 from featurescope.schema import DENSE_THRESHOLD, Feature, IntList
 
 DENSITY_BINS_PER_DECADE = 4
@@ -53,9 +55,10 @@ class FeatureQuery:
             raise InvalidParameter("min_density", f"min_density ({self.min_density:g}) is above max_density ({self.max_density:g}).")
 
 
-def sae_view(catalog: Catalog, model_id: str, sae_id: str, query: FeatureQuery) -> SAEView:
+def sae_view(catalog: Catalog, model_id: str, sae_id: str, query: FeatureQuery, run: str | None = None) -> SAEView:
+    """The feature table of an SAE as run `run` (a run id or prefix; None: the newest) computed it."""
     query.check()
-    sae = catalog.sae(model_id, sae_id)
+    sae, run = chosen_run(catalog, model_id, sae_id, run)
     vocab = token_texts(catalog.model(model_id))
     where = _table_conditions(sae, query, vocab)
     order = SORT_COLUMNS[query.sort]
@@ -73,7 +76,7 @@ def sae_view(catalog: Catalog, model_id: str, sae_id: str, query: FeatureQuery) 
         label, kind = label_or_auto(r.label, r.label_kind, peak_ids, r.logit_pos_ids, vocab)
         features.append({"index": r.feature, "label": label, "label_kind": kind, "density": r.density,
                          "max_act": r.max_act, "dead": r.n_firing == 0, "top_tokens": top_tokens(peak_ids, vocab)})
-    return {"sae": sae.as_dict(), "query": asdict(query), "total": total, "page": query.page, "pages": pages,
+    return {"sae": sae.as_dict(), "run": run, "runs": run_choices(catalog, sae), "query": asdict(query), "total": total, "page": query.page, "pages": pages,
             "features": features, "matched_token_ids": vocab.ids_for(query.token) if query.token else None,
             "density_histogram": density_histogram(sae)}
 
@@ -114,9 +117,10 @@ def density_histogram(sae: SAEInfo) -> DensityHistogram:
     return sae.file.cached(("density_histogram", sae.model_id, sae.id), build)
 
 
-def random_feature(catalog: Catalog, model_id: str, sae_id: str, rng: random.Random | None = None) -> int:
-    """A random feature that fired at least once (any feature when all are dead)."""
-    sae = catalog.sae(model_id, sae_id)
+def random_feature(catalog: Catalog, model_id: str, sae_id: str, rng: random.Random | None = None,
+                   run: str | None = None) -> int:
+    """A random feature that fired at least once in run `run` (None: the newest; any feature when all are dead)."""
+    sae = catalog.sae(model_id, sae_id, run)
 
     def build() -> list[int]:
         with sae.file.connect() as conn:
