@@ -16,7 +16,7 @@ Layout (a request goes routes -> views -> catalog/stored -> databases):
                      (tokens as HTML, the one highlighting rule), charts.py and graph.py (SVG)
     live.py          the live service: jobs, admission control; live_encoder.py its worker (models and SAEs
                      loaded once, requests micro-batched; the only module importing torch, only when live
-                     encoding is on); steering.py
+                     encoding is on); sae_cache.py (the SAEs it holds, LRU under --sae-memory-budget); steering.py
     urls.py (every URL), deps.py (shared dependencies), routes/ (one router per resource), security.py,
     serving.py (uvicorn workers); the Jinja2 templates and CSS/JS live in the top-level templates/ and static/.
 """

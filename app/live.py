@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featurescope.app.catalog import ModelInfo, SAEInfo
+from featurescope.app.sae_cache import SAECache, default_saes
 
 if TYPE_CHECKING:  # the worker and its torch load only when live encoding is on
     from featurescope.app.live_encoder import LiveModel
@@ -196,12 +197,14 @@ def resolve_source(source: str, data_dir: Path) -> str:
 
 # --------------------------------------------------------------------------------------------- service
 class LiveService:
-    """The LiveModels of a server, created on first use (or at start-up: `start`)."""
+    """The LiveModels of a server, created on first use (or at start-up: `start`), and the one SAE cache they
+    share (app/sae_cache.py: every model's SAEs under settings.sae_memory_budget)."""
 
     def __init__(self, settings: Any, preloaded: dict[str, LoadedModel] | None = None) -> None:
         self.settings = settings
         self.preloaded = dict(preloaded or {})
         self.models: dict[str, LiveModel] = {}
+        self.saes = SAECache(settings.sae_memory_budget, settings.device)
         self._lock = threading.Lock()
 
     @property
@@ -216,16 +219,21 @@ class LiveService:
             if live is None or live.info.source != info.source:
                 from featurescope.app.live_encoder import LiveModel
 
-                live = LiveModel(info, self.settings, self.preloaded.get(info.id))
+                live = LiveModel(info, self.settings, self.preloaded.get(info.id), self.saes)
                 self.models[info.id] = live
             elif live.info is not info:
                 live.info = info  # a newer publication of the same model: same weights, newer SAE list
         return live
 
+    def default_saes(self, info: ModelInfo) -> list[SAEInfo]:
+        """The SAEs a model's encode page uses when its URL names none (app/sae_cache.py: default_saes)."""
+        return default_saes(list(info.saes.values()), self.saes.budget_bytes if self.enabled else None)
+
     def start(self, models: list[ModelInfo]) -> None:
-        """Load every model and its SAEs now, in the background (featurescope serve --load startup)."""
+        """Load every model and its default SAEs now, in the background (featurescope serve --load startup)."""
         for info in models:
-            self.model(info).start(preload=list(info.saes.values()))
+            live = self.model(info)
+            live.start(preload=default_saes(list(info.saes.values()), self.settings.sae_memory_budget))
 
     def close(self) -> None:
         for live in self.models.values():

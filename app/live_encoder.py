@@ -1,5 +1,6 @@
-"""The live encoder's worker: one LiveModel per model holds the model and the SAEs requests asked for, and a
-thread that micro-batches encode jobs and runs steering jobs (app/live.py explains the scheme).
+"""The live encoder's worker: one LiveModel per model holds the model, and a thread that micro-batches encode
+jobs and runs steering jobs (app/live.py explains the scheme); the SAEs they use are leased from the server's
+SAE cache (app/sae_cache.py), under its memory budget.
 
 This is the only server module that imports torch: app/live.py's LiveService imports it when live encoding
 is on, so `featurescope serve --no-live` never loads torch.
@@ -18,6 +19,7 @@ import torch
 
 from featurescope.app.catalog import ModelInfo, SAEInfo
 from featurescope.app.stored import run_config
+from featurescope.app.sae_cache import SAECache, sae_bytes
 from featurescope.app.live import (PROMPT_TOP_K, TOKEN_TOP_K, AdmissionControl, EncodeJob, EncodeResult, LiveUnavailable,
                                    PromptRejected, SAEEncoding, ServiceBusy, SteerJob, SteerResult, resolve_source)
 from featurescope.app.steering import GenerationCancelled, SteeringVector, generate_pair
@@ -29,18 +31,19 @@ from featurescope.sites import parse_site
 
 
 class LiveModel:
-    """A model, the SAEs requests have asked for, and the worker thread that runs them."""
+    """A model and the worker thread that runs requests on it with the SAEs they lease from `cache` (by
+    default one of its own, under settings.sae_memory_budget)."""
 
-    def __init__(self, info: ModelInfo, settings: Any, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, info: ModelInfo, settings: Any, loaded: LoadedModel | None = None,
+                 cache: SAECache | None = None) -> None:
         self.info, self.settings = info, settings
         self.lm: LoadedModel | None = loaded
         self.error: str | None = None
-        self.saes: dict[tuple[str, str], JumpReLUSAE] = {}  # (id, source) -> SAE
+        self.cache = cache if cache is not None else SAECache(settings.sae_memory_budget, settings.device)
         self.queue: queue.Queue = queue.Queue(maxsize=settings.max_queue)
         self.ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._sae_lock = threading.Lock()  # the worker and feature_vectors (request threads) load SAEs
         self.admission = AdmissionControl(settings.max_wait_seconds, settings.max_steer_jobs)
         self.served = 0
 
@@ -82,9 +85,10 @@ class LiveModel:
         except Exception as exc:  # noqa: BLE001 - a model that cannot load is the reason every request gets
             self.error = f"Live encoding is unavailable for model {self.info.id!r}: {exc}"
         if self.error is None:
+            self.cache.budget_bytes  # a default budget is measured now that the model takes its memory
             for sae in preload:
                 try:
-                    self._sae(sae)
+                    self.cache.lease(self.info.id, [sae], self._load_sae).release()
                 except LiveUnavailable:
                     pass  # only the requests for this SAE fail, each with the reason
         self.ready.set()
@@ -134,27 +138,21 @@ class LiveModel:
             raise LiveUnavailable(f"The live encoder of {self.info.id} is still loading; try again shortly.")
         if self.error is not None:
             raise LiveUnavailable(self.error)
-        sae = self._sae(info)
-        with torch.no_grad():
+        with self.cache.lease(self.info.id, [info], self._load_sae) as saes, torch.no_grad():
+            sae = saes[info.id]
             return {"decoder": sae.W_dec[index].float().cpu().numpy(), "encoder": sae.W_enc[:, index].float().cpu().numpy(),
                     "threshold": float(sae.threshold[index]), "b_enc": float(sae.b_enc[index])}
 
-    def _sae(self, info: SAEInfo) -> JumpReLUSAE:
-        with self._sae_lock:
-            return self._load_sae(info)
-
     def _load_sae(self, info: SAEInfo) -> JumpReLUSAE:
-        key = (info.id, info.source)
-        if key not in self.saes:
-            try:
-                sae = load_sae(resolve_source(info.source, self.settings.data_dir))
-            except Exception as exc:  # noqa: BLE001 - missing file, no network, bad format: say which SAE and why
-                raise LiveUnavailable(f"SAE {info.id!r} could not be loaded from {info.source!r} for live encoding: {exc}")
-            if (sae.d_in, sae.d_sae) != (info.d_in, info.d_sae):
-                raise LiveUnavailable(f"SAE {info.id!r}: {info.source} has shape {sae.d_in} x {sae.d_sae}, but the "
-                                      f"published data was computed with {info.d_in} x {info.d_sae}.")
-            self.saes[key] = sae.to(self.lm.device)
-        return self.saes[key]
+        """The SAE on the model's device (the cache calls this on first use, and again after an eviction)."""
+        try:
+            sae = load_sae(resolve_source(info.source, self.settings.data_dir))
+        except Exception as exc:  # noqa: BLE001 - missing file, no network, bad format: say which SAE and why
+            raise LiveUnavailable(f"SAE {info.id!r} could not be loaded from {info.source!r} for live encoding: {exc}")
+        if (sae.d_in, sae.d_sae) != (info.d_in, info.d_sae):
+            raise LiveUnavailable(f"SAE {info.id!r}: {info.source} has shape {sae.d_in} x {sae.d_sae}, but the "
+                                  f"published data was computed with {info.d_in} x {info.d_sae}.")
+        return sae.to(self.lm.device)
 
     def _encode(self, jobs: list[EncodeJob]) -> None:
         started = time.perf_counter()
@@ -169,32 +167,58 @@ class LiveModel:
             job.future.set_result(result)
 
     def _encode_jobs(self, jobs: list[EncodeJob], started: float) -> list[tuple[EncodeJob, EncodeResult]]:
-        """Runs the batch; returns each served request's result ([]: nothing worth timing), failures delivered."""
+        """Runs the batch, in as few forward passes as the SAE budget allows; returns each served request's result
+        ([]: nothing worth timing), failures delivered."""
         live = []
         for job in jobs:
             if not job.future.set_running_or_notify_cancel():
                 continue  # the client went away while it waited
             try:
                 ids = self._prompt_ids(job.text, job.token_ids)
-                saes = {s.id: self._sae(s) for s in job.saes}
+                self.cache.check(job.saes)
             except Exception as exc:  # noqa: BLE001 - delivered to the one request it concerns
                 job.future.set_exception(exc)
                 continue
-            live.append((job, ids, saes))
-        if not live:
-            return []
+            live.append((job, ids))
+        return [answer for group in self._fitting_groups(live) for answer in self._encode_group(group, started)]
+
+    def _fitting_groups(self, live: list[tuple[EncodeJob, list[int]]]) -> list[list[tuple[EncodeJob, list[int]]]]:
+        """Consecutive jobs whose SAEs fit the budget together: each group is one forward pass."""
+        budget = self.cache.budget_bytes
+        groups: list[list[tuple[EncodeJob, list[int]]]] = []
+        held: dict[str, SAEInfo] = {}
+        for job, ids in live:
+            wanted = {**held, **{s.id: s for s in job.saes}}
+            if groups and sum(sae_bytes(s) for s in wanted.values()) <= budget:
+                groups[-1].append((job, ids))
+                held = wanted
+            else:
+                groups.append([(job, ids)])
+                held = {s.id: s for s in job.saes}
+        return groups
+
+    def _encode_group(self, group: list[tuple[EncodeJob, list[int]]], started: float) -> list[tuple[EncodeJob, EncodeResult]]:
+        union = list({s.id: s for job, _ in group for s in job.saes}.values())
         try:
-            results = self._encode_batch(live)
-        except Exception as exc:  # noqa: BLE001
-            for job, _, _ in live:
-                job.future.set_exception(exc)
+            lease = self.cache.lease(self.info.id, union, self._load_sae)
+        except Exception as exc:  # noqa: BLE001 - an SAE that cannot load fails only the requests that name it
+            if len(group) > 1:
+                return [answer for one in group for answer in self._encode_group([one], started)]
+            group[0][0].future.set_exception(exc)
             return []
+        with lease as saes:
+            try:
+                results = self._encode_batch([(job, ids, {s.id: saes[s.id] for s in job.saes}) for job, ids in group])
+            except Exception as exc:  # noqa: BLE001
+                for job, _ in group:
+                    job.future.set_exception(exc)
+                return []
         elapsed = time.perf_counter() - started
-        for (job, _, _), result in zip(live, results):
+        for (job, _), result in zip(group, results):
             result.queue_ms = (started - job.submitted) * 1000
             result.model_ms = elapsed * 1000
             self.served += 1
-        return [(job, result) for (job, _, _), result in zip(live, results)]
+        return [(job, result) for (job, _), result in zip(group, results)]
 
     @torch.no_grad()
     def _encode_batch(self, live: list[tuple[EncodeJob, list[int], dict[str, JumpReLUSAE]]]) -> list[EncodeResult]:
@@ -259,10 +283,9 @@ class LiveModel:
             return None
         try:
             ids = self._prompt_ids(job.text, None)
-            steering = []
-            for info, index, strength in job.features:
-                sae = self._sae(info)
-                steering.append(SteeringVector(parse_site(info.hook_name), strength * sae.W_dec[index]))
+            with self.cache.lease(self.info.id, [info for info, _, _ in job.features], self._load_sae) as saes:
+                steering = [SteeringVector(parse_site(info.hook_name), strength * saes[info.id].W_dec[index])
+                            for info, index, strength in job.features]  # copies: the SAEs are free once made
             default, steered = generate_pair(self.lm, ids, steering, job.n_tokens, job.temperature, job.seed,
                                              should_stop=job.cancelled.is_set)
         except GenerationCancelled:

@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from featurescope.app.filters import count, link_groups, number, percent
+from featurescope.memory import format_bytes
 from featurescope.app.stored import TokenStrings
 from featurescope.app.settings import Settings
 from featurescope.app.token_html import highlight_scale, live_token, token_html, visible
@@ -61,7 +62,7 @@ class Renderer:
         self.env.globals.update(urls=urls, settings=settings, htmx_integrity=settings.htmx_integrity, token_html=token_html,
                                 live_token=live_token, highlight_scale=highlight_scale)
         self.env.filters.update(percent=percent, number=number, count=count, visible=visible,
-                                link_groups=link_groups)
+                                link_groups=link_groups, bytes=format_bytes)
 
     def html(self, template: str, status: int = 200, **context: Any) -> HTMLResponse:
         return HTMLResponse(self.env.get_template(template).render(**context), status_code=status,

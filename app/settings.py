@@ -38,6 +38,9 @@ class Settings:
     device: str = setting("auto", "auto, cpu, cuda or mps.")
     dtype: str | None = setting(None, "Model dtype for live encoding (default: the one the precompute run used, so "
                                 "live values equal stored ones).")
+    sae_memory_budget: int | None = setting(None, "Memory for the SAEs live encoding holds, e.g. 4GB (default: half the "
+                                            "device's free memory once the model is loaded, which holds every SAE when "
+                                            "they fit); SAEs load on first use and the least recently used make room.")
     max_prompt_tokens: int = setting(512, "Longest prompt live encoding accepts, in tokens (BOS included).", min=2)
     max_batch: int = setting(16, "Concurrent requests that share one forward pass.", min=1)
     max_queue: int = setting(64, "Requests waiting per model before the server answers 503 + Retry-After.", min=1)

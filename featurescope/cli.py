@@ -450,7 +450,7 @@ def db_current(path: Annotated[str, typer.Argument(help="The DuckDB file.")]) ->
 
 
 @app.command()
-@options_from(Settings)
+@options_from(Settings, parsers={"sae_memory_budget": parse_bytes})
 def serve(
     local_htmx: Annotated[bool, typer.Option("--local-htmx", help="Serve the local htmx copy in node_modules/ (npm install htmx.org@2) instead of the CDN's.")] = False,
     htmx_file: Annotated[Path | None, typer.Option(help="Serve this htmx.min.js instead of the CDN's.")] = None,

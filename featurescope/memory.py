@@ -4,6 +4,7 @@
     parse_bytes("8GB") -> 8589934592          # K, M, G, T are powers of 1024, with or without "B" or "iB"
     format_bytes(8589934592) -> "8.0 GiB"
     free_memory_bytes("cuda")                 # what the GPU has free now; MemAvailable for the CPU
+    sae_weight_bytes(2304, 16384) -> 302130176    # an SAE's float32 weights (precompute plans and the server count it)
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ def format_bytes(n: int) -> str:
     """Bytes in the largest unit that keeps the number >= 1: 1536 -> '1.5 KiB'."""
     unit = next(u for u in ("T", "G", "M", "K", "") if abs(n) >= _UNITS[u] or u == "")
     return f"{n} B" if unit == "" else f"{n / _UNITS[unit]:.1f} {unit}iB"
+
+
+def sae_weight_bytes(d_in: int, d_sae: int) -> int:
+    """The float32 weights of a JumpReLU SAE: W_enc, W_dec, b_enc, threshold, b_dec."""
+    return 4 * (2 * d_in * d_sae + 2 * d_sae + d_in)
 
 
 def free_memory_bytes(device: str | torch.device = "auto") -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from featurescope.errors import FeatureScopeError
 from featurescope.flow import flow_key
-from featurescope.memory import format_bytes, free_memory_bytes
+from featurescope.memory import format_bytes, free_memory_bytes, sae_weight_bytes
 from featurescope.site_names import Site
 
 DEFAULT_BUDGET_SHARE = 0.5  # of the device's free memory: the rest stays for the model, the allocator, other work
@@ -44,7 +44,7 @@ class SAESpec:
     @property
     def weight_bytes(self) -> int:
         """float32 W_enc, W_dec, b_enc, threshold, b_dec."""
-        return 4 * (2 * self.d_in * self.d_sae + 2 * self.d_sae + self.d_in)
+        return sae_weight_bytes(self.d_in, self.d_sae)
 
 
 @dataclass(frozen=True)

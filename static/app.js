@@ -1,4 +1,4 @@
-// FeatureScope's only script besides htmx: copy-link and copy-embed buttons, and the contrast form's file pickers. Pages work without it;
+// FeatureScope's only script besides htmx: copy-link and copy-embed buttons, the contrast form's file pickers and the encode form's SAE budget total. Pages work without it;
 // the link and the embed code are also shown in read-only fields.
 (function () {
   "use strict";
@@ -72,6 +72,28 @@
       if (status) status.textContent = file.name + " loaded.";
     };
     reader.readAsText(file);
+  });
+
+  // featurescope/memory.py's format_bytes: 1536 -> "1.5 KiB".
+  function formatBytes(n) {
+    var units = ["TiB", "GiB", "MiB", "KiB"];
+    for (var i = 0; i < units.length; i++) {
+      var size = Math.pow(1024, units.length - i);
+      if (n >= size) return (n / size).toFixed(1) + " " + units[i];
+    }
+    return n + " B";
+  }
+
+  // The encode form: the chosen SAEs' weights beside the server's SAE memory budget, kept up to date as boxes change.
+  document.addEventListener("change", function (event) {
+    var picks = event.target.closest(".sae-picks");
+    if (!picks) return;
+    var total = 0;
+    picks.querySelectorAll("input[data-bytes]:checked").forEach(function (box) { total += Number(box.getAttribute("data-bytes")); });
+    var shown = picks.querySelector(".sae-total");
+    shown.textContent = formatBytes(total);
+    var budget = picks.getAttribute("data-budget");
+    shown.classList.toggle("over", budget !== "" && total > Number(budget));
   });
 
   // After htmx swaps examples or pushes a new URL, keep the read-only share field in step with the address bar.

@@ -87,3 +87,21 @@ def test_search_via_inference_swaps_its_table_and_keeps_the_url(page, server, ti
     assert densities and densities == sorted(densities)
     assert page.evaluate("window.__sameDocument === true"), "the search reloaded the page instead of swapping its table"
     assert page.problems == []
+
+
+def test_choosing_saes_in_the_layer_grid_updates_their_total_and_encodes_only_them(page, server, tiny_gemma2):  # noqa: F811
+    from featurescope.memory import format_bytes
+
+    one = 4 * (2 * 64 * 48 + 2 * 48 + 64)  # an SAE of the run: float32 weights, 64 x 48
+    page.goto(f"{server}/{tiny_gemma2.name}/-/encode")
+    total = page.locator(".sae-picks .sae-total")
+    assert total.inner_text() == format_bytes(3 * one)  # the run's three SAEs fit the default budget: all chosen
+    page.locator(".sae-grid input[value='2-mlp-b']").uncheck()
+    page.locator(".sae-grid input[value='3-res-c']").uncheck()
+    assert total.inner_text() == format_bytes(one)  # app.js recounts as boxes change
+    page.fill("#encode-text", PROMPT)
+    page.locator("#encode-form button[type=submit]").click()
+    page.wait_for_url(lambda url: parse_qs(urlsplit(url).query).get("saes") == ["1-res-a"])
+    page.wait_for_selector("#encode-result table.layer-grid")
+    assert page.locator("table.layer-grid tbody tr").count() == 1
+    assert page.problems == []

@@ -142,3 +142,17 @@ def test_precompute_takes_an_sae_list_instead_of_sae_flags_and_a_memory_budget_i
     assert built[0].run_id() == PrecomputeConfig(saes=[]).run_id()
     result = CliRunner().invoke(app, ["precompute", "--sae", "a", "--memory-budget", "lots"])
     assert result.exit_code == 2 and "'lots' is not a memory" in result.output
+
+
+def test_serve_takes_an_sae_memory_budget_in_bytes(monkeypatch, tmp_path):
+    import featurescope.cli
+
+    served = []
+    monkeypatch.setattr(featurescope.cli, "_serve", lambda settings, preloaded=None: served.append(settings))
+    result = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path), "--sae-memory-budget", "4GB"])
+    assert result.exit_code == 0, result.output
+    assert served[0].sae_memory_budget == 4 << 30
+    result = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0 and served[1].sae_memory_budget is None  # a share of the device's free memory
+    result = CliRunner().invoke(app, ["serve", "--sae-memory-budget", "lots"])
+    assert result.exit_code == 2 and "'lots' is not a memory" in result.output

@@ -233,7 +233,7 @@ def test_server_loads_the_model_and_saes_itself_at_startup(live_data_dir, model_
     with TestClient(create_app(settings, service)) as client:
         live = service.models[model_id]
         assert live.ready.wait(60) and live.error is None
-        assert {key[0] for key in live.saes} == set(SAE_IDS)
+        assert {sae_id for _, sae_id, _ in service.saes.resident()} == set(SAE_IDS)
         assert client.get(f"/{model_id}/-/encode.json", params={"text": "hello"}).status_code == 200
 
 

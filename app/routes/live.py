@@ -21,7 +21,8 @@ from fastapi.responses import Response
 from featurescope.app.catalog import SAEInfo, check_index
 from featurescope.app.stored import feature_briefs, token_texts
 from featurescope.app.token_html import display_form, display_forms
-from featurescope.app.views.encode import EncodeQuery, Metric, SearchScope, SearchSort, encode_view, linked_keys, selected_saes
+from featurescope.app.views.encode import (EncodeQuery, Metric, SearchScope, SearchSort, encode_view, linked_keys, sae_picker,
+                                           selected_saes)
 from featurescope.app.views.feature import feature_links
 from featurescope.app.views.feature_test import feature_test_view
 from featurescope.schema import DENSE_THRESHOLD
@@ -29,13 +30,11 @@ from featurescope.app.views.steer import steer_view
 from featurescope.app.deps import CatalogDep, RendererDep, SettingsDep, UrlsDep
 from featurescope.app.errors import InvalidParameter
 from featurescope.app.live import TOKEN_TOP_K, EncodeJob, LiveUnavailable, PromptRejected, SteerJob
+from featurescope.app.sae_cache import OverBudget
 from featurescope.app.routes.saes import OptionalDensity
 from featurescope.app.twin_models import LIVE_ERROR_RESPONSES, EncodeView, FeatureTestView, SteerView
 from featurescope.app.twins import page, wants_json
 from featurescope.app.urls import APP_PREFIX
-
-if TYPE_CHECKING:
-    from featurescope.app.live_encoder import LiveModel
 
 if TYPE_CHECKING:
     from featurescope.app.live_encoder import LiveModel
@@ -70,6 +69,8 @@ async def run_job(request: Request, live: LiveModel, job: EncodeJob | SteerJob, 
         raise ClientGone
     except PromptRejected as exc:
         raise InvalidParameter(exc.param, exc.message)
+    except OverBudget as exc:
+        raise InvalidParameter("feature" if isinstance(job, SteerJob) else "saes", exc.message)
     finally:
         if not future.done():
             future.cancel()
@@ -98,7 +99,9 @@ async def encode(
     request: Request, model_id: str, catalog: CatalogDep, render: RendererDep, urls: UrlsDep, settings: SettingsDep,
     text: Annotated[str | None, Query(description="The prompt. BOS is added in front.")] = None,
     ids: Annotated[str, Query(description="Comma-separated token ids instead of text (BOS first), e.g. a stored context.")] = "",
-    saes: Annotated[list[str], Query(description="SAEs to encode with (repeatable); default: all of the model's.")] = [],  # noqa: B006
+    saes: Annotated[list[str], Query(description="SAEs to encode with (repeatable); default: all of a small run's, else "
+                                                 "the residual SAEs of every 4th layer, as many as the SAE memory budget "
+                                                 "holds.")] = [],  # noqa: B006
     token: Annotated[int | None, Query(ge=0, description="Position of the selected token; default: the last.")] = None,
     top: Annotated[int, Query(ge=1, le=TOKEN_TOP_K, description="Features shown per SAE.")] = 10,
     metric: Annotated[Metric, Query(description="Token x layer view: count of active features or summed activation.")] = "count",
@@ -112,14 +115,18 @@ async def encode(
     as_json = wants_json(request)
     model = catalog.model(model_id)
     query = EncodeQuery(text or "", ids, tuple(saes), token, top, metric, include_special, feature, scope, sort, max_density)
-    chosen = selected_saes(catalog, model_id, query.saes)
+    service = request.app.state.live
+    default = service.default_saes(model)
+    chosen = selected_saes(catalog, model_id, query.saes, default)
     token_ids = query.token_ids()
     highlighted = query.highlighted(model)
-    if set(query.saes) == set(model.saes):
-        query = replace(query, saes=())  # all of them: the default, kept out of the URL
+    if set(query.saes) == {s.id for s in default}:
+        query = replace(query, saes=())  # the default, kept out of the URL
     kept = query.params(scope="text", sort="activation", max_density=DENSE_THRESHOLD)
+    budget = service.saes.budget_bytes if service.enabled else None
+    loaded = {sae_id for m, sae_id, _ in service.saes.resident() if m == model_id}
     page = {"model": model.as_dict(), "query": query, "urls_for": _encode_urls(urls, model_id, query),
-            "all_saes": list(model.saes.values()), "chosen": {s.id for s in chosen},
+            "picker": sae_picker(list(model.saes.values()), {s.id for s in chosen}, budget, loaded),
             "forms": display_forms(token_texts(model), model.special_token_ids),
             "hidden_params": [(k, v) for k, vs in kept.items() for v in (vs if isinstance(vs, list) else [vs])]}
     if text is None and token_ids is None:
@@ -141,7 +148,7 @@ async def encode(
             for link in group:
                 if link["sae_id"] in served:
                     columns.setdefault(link["sae_id"], []).append(link["feature"])
-    live = request.app.state.live.model(model)
+    live = service.model(model)
     job = EncodeJob(saes=chosen, text=query.text, token_ids=token_ids, columns=columns, include_special=include_special)
     result = await run_job(request, live, job, settings.live_timeout_seconds)
     view = encode_view(model, chosen, result, query, settings.max_prompt_tokens, links)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from featurescope.app.catalog import Catalog, ModelInfo, SAEInfo
 from featurescope.app.errors import InvalidParameter, NotFound
 from featurescope.app.live import EncodeResult
+from featurescope.app.sae_cache import sae_bytes
 from featurescope.app.stored import feature_briefs, token_texts
 from featurescope.app.twin_models import EncodeView, LiveFeature
 from featurescope.schema import DENSE_THRESHOLD
@@ -28,7 +29,7 @@ class EncodeQuery:
     """Everything the encode page shows is chosen by its URL; these are its parameters."""
     text: str = ""
     ids: str = ""  # comma-separated token ids instead of text (BOS included), e.g. a stored context
-    saes: tuple[str, ...] = ()  # empty: every SAE of the model
+    saes: tuple[str, ...] = ()  # empty: the model's default SAEs (app/sae_cache.py: default_saes)
     token: int | None = None  # selected position; None: the last token
     top: int = 10  # features shown per SAE for the selected token
     metric: Metric = "count"  # token x layer view: number of active features, or their summed activation
@@ -82,11 +83,27 @@ class EncodeQuery:
         return sae, int(index)
 
 
-def selected_saes(catalog: Catalog, model_id: str, wanted: tuple[str, ...]) -> list[SAEInfo]:
-    model = catalog.model(model_id)
+def selected_saes(catalog: Catalog, model_id: str, wanted: tuple[str, ...], default: list[SAEInfo]) -> list[SAEInfo]:
+    """The SAEs the URL names (in its order, each once), or `default` when it names none."""
     if not wanted:
-        return list(model.saes.values())
+        return list(default)
     return [catalog.sae(model_id, sae_id) for sae_id in dict.fromkeys(wanted)]
+
+
+def sae_picker(saes: list[SAEInfo], chosen: set[str], budget_bytes: int | None, loaded: set[str]) -> dict[str, Any]:
+    """The encode form's choice of SAEs from the whole release: a layer x site grid (att, mlp, res), each cell the
+    SAEs of that site with their weight size and whether they are loaded now, and the chosen ones' total beside
+    the server's SAE memory budget (None: no budget, live encoding off)."""
+    kinds = [k for k in ("att", "mlp", "res") if any(s.site_kind == k for s in saes)]
+    rows: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    for sae in sorted(saes, key=lambda s: (s.layer, s.d_sae, s.id)):
+        cell = rows.setdefault(sae.layer, {k: [] for k in kinds})[sae.site_kind]
+        cell.append({"id": sae.id, "d_sae": sae.d_sae, "bytes": sae_bytes(sae), "chosen": sae.id in chosen,
+                     "loaded": sae.id in loaded})
+    chosen_bytes = sum(sae_bytes(s) for s in saes if s.id in chosen)
+    return {"kinds": kinds, "rows": [{"layer": layer, "cells": cells} for layer, cells in sorted(rows.items())],
+            "budget_bytes": budget_bytes, "chosen_bytes": chosen_bytes,
+            "over_budget": budget_bytes is not None and chosen_bytes > budget_bytes}
 
 
 def live_feature(sae: SAEInfo, index: int, activation: float) -> LiveFeature:
