@@ -313,9 +313,11 @@ class FeatureStats:
         return dict(d_sae=self.d_sae, context_len=self.context_len, top_k=self.top_k, n_intervals=self.n_intervals,
                     examples_per_interval=self.examples_per_interval, hist_bins=self.hist_bins, seed=self.seed)
 
-    def state_dict(self) -> dict:
-        """Settings and a copy of the state tensors (on their device); torch.save it for a checkpoint."""
-        return {"settings": self._settings(), **{name: getattr(self, name).clone() for name in STATE_TENSORS}}
+    def state_dict(self, copy: bool = True) -> dict:
+        """Settings and a copy of the state tensors (on their device); torch.save it for a checkpoint.
+        copy=False hands out the tensors themselves, for a save that must not double the memory."""
+        return {"settings": self._settings(),
+                **{name: getattr(self, name).clone() if copy else getattr(self, name) for name in STATE_TENSORS}}
 
     def load_state_dict(self, state: dict) -> None:
         if state["settings"] != self._settings():

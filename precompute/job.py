@@ -224,7 +224,7 @@ def _stream_group(cfg, encode: _Encode, saes: dict, groups: list[list[str]], g: 
         log(f"First batches: {per_batch:.2f} s per batch -> ~{_duration(per_batch * batches)} for this pass"
             + (f", ~{_duration(rest)} for the {len(features)} passes left (scaled by their features)." if len(features) > 1 else "."))
     seconds = _stream(cfg, encode, encoder, stats, next_context, last, checkpoint, desc, estimate)
-    _atomic_save({"seconds": previous + seconds, "stats": {name: s.state_dict() for name, s in stats.items()}}, done)
+    _atomic_save({"seconds": previous + seconds, "stats": {name: s.state_dict(copy=False) for name, s in stats.items()}}, done)
     checkpoint.unlink(missing_ok=True)
     finals = {name: s.finalize() for name, s in stats.items()}
     _release(encoder)
@@ -354,7 +354,7 @@ def _stream(cfg, encode: _Encode, encoder: FeatureEncoder, stats: dict, start: i
             on_measured((time.time() - warm) / MEASURED_BATCHES)
         if cfg.checkpoint_every and batch_no % cfg.checkpoint_every == 0 and rows.stop < stop:
             _atomic_save({"next_context": rows.stop, "elapsed": time.time() - started,
-                          "stats": {name: s.state_dict() for name, s in stats.items()}}, checkpoint)
+                          "stats": {name: s.state_dict(copy=False) for name, s in stats.items()}}, checkpoint)
     bar.close()
     return time.time() - started
 
