@@ -135,19 +135,17 @@ class _SparseCoact:
 
     def top(self, average: torch.Tensor, top_act: torch.Tensor, n: int) -> torch.Tensor:
         """[b, n] other features by (mean - their average) / their max, highest first, only those above 0;
-        -1 pads. Ties: the lower feature id first."""
+        -1 pads. Each feature's few candidates go into a [b, most candidates] tile for one topk (no sort of
+        all the pairs)."""
         rel = (self.mean - average[self.col]) / top_act[self.col]
-        pick = (rel > 0).nonzero().squeeze(1)
-        row, col, rel = self.row[pick], self.col[pick], rel[pick]
-        order = torch.argsort(-rel, stable=True)  # keys are sorted, so ties keep the lower id first
-        order = order[torch.argsort(row[order], stable=True)]
-        row, col = row[order], col[order]
-        counts = torch.bincount(row, minlength=self.b)
-        rank = torch.arange(len(row), device=row.device) - (counts.cumsum(0) - counts)[row]
-        out = torch.full((self.b, n), -1, dtype=torch.int64, device=row.device)
-        keep = rank < n
-        out[row[keep], rank[keep]] = col[keep]
-        return out
+        counts = torch.bincount(self.row, minlength=self.b)
+        slot = torch.arange(len(self.row), device=rel.device) - (counts.cumsum(0) - counts)[self.row]
+        width = max(int(counts.max()) if len(self.row) else 0, n)
+        tile = torch.full((self.b, width), -torch.inf, device=rel.device)
+        cols = torch.full((self.b, width), -1, dtype=torch.int64, device=rel.device)
+        tile[self.row, slot], cols[self.row, slot] = rel, self.col
+        best = tile.topk(n, 1)
+        return torch.where(best.values > 0, cols.gather(1, best.indices), -1)
 
     def at(self, cols: torch.Tensor) -> torch.Tensor:
         """Mean activation of other features `cols` [b, m] over each feature's peaks (0 where they never met)."""
