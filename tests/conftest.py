@@ -107,6 +107,14 @@ def require_test_tool(present: bool, message: str) -> None:
     pytest.skip(message)
 
 
+def live_app(settings, lm):
+    """The explorer app whose live encoder already holds `lm` (no second model load per test module)."""
+    from featurescope.app import create_app
+    from featurescope.app.live import LiveService
+
+    return create_app(settings, LiveService(settings, preloaded={lm.name: lm}))
+
+
 def random_sae_params(d_in: int, d_sae: int, seed: int = 0, threshold: float = 0.05) -> dict:
     """Float32 arrays in the Gemma Scope params.npz layout."""
     import numpy as np

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from conftest import require_test_tool
+from conftest import live_app, require_test_tool
 from factories import shared_data_dir
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -64,6 +64,19 @@ def serving(app, port: int) -> Iterator[str]:
     finally:
         uvicorn_server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def live_server(data_dir: Path, lm, **settings) -> Iterator[str]:
+    """A real uvicorn serving data_dir with a live encoder holding `lm` and the local htmx; yields its base URL."""
+    from featurescope.app import Settings
+    from featurescope.app.settings import DEFAULT_LOCAL_HTMX
+
+    require_browser_tools()
+    port = free_port()
+    app_settings = Settings(data_dir=data_dir, port=port, local_htmx=DEFAULT_LOCAL_HTMX, device="cpu", **settings)
+    with serving(live_app(app_settings, lm), port) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

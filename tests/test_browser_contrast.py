@@ -10,20 +10,13 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from test_browser import ARTIFACTS, browser, free_port, page, require_browser_tools, serving  # noqa: F401 - shared browser fixtures
+from test_browser import ARTIFACTS, browser, live_server, page  # noqa: F401 - shared browser fixtures
 from test_contrast import CODE, PROSE
 
 
 @pytest.fixture(scope="module")
 def server(live_data_dir, tiny_gemma2):
-    from featurescope.app import Settings, create_app
-    from featurescope.app.live import LiveService
-    from featurescope.app.settings import DEFAULT_LOCAL_HTMX
-
-    require_browser_tools()
-    port = free_port()
-    settings = Settings(data_dir=live_data_dir, port=port, local_htmx=DEFAULT_LOCAL_HTMX, device="cpu", max_batch=2)
-    with serving(create_app(settings, LiveService(settings, preloaded={tiny_gemma2.name: tiny_gemma2})), port) as url:
+    with live_server(live_data_dir, tiny_gemma2, max_batch=2) as url:
         yield url
 
 

@@ -9,21 +9,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from test_browser import ARTIFACTS, browser, free_port, page, require_browser_tools, serving  # noqa: F401 - shared browser fixtures
+from test_browser import ARTIFACTS, browser, live_server, page  # noqa: F401 - shared browser fixtures
 
 PROMPT = "The capital of France is Paris."
 
 
 @pytest.fixture(scope="module")
 def server(live_data_dir, tiny_gemma2):
-    from featurescope.app import Settings, create_app
-    from featurescope.app.live import LiveService
-    from featurescope.app.settings import DEFAULT_LOCAL_HTMX
-
-    require_browser_tools()
-    port = free_port()
-    settings = Settings(data_dir=live_data_dir, port=port, local_htmx=DEFAULT_LOCAL_HTMX, device="cpu", max_new_tokens=16)
-    with serving(create_app(settings, LiveService(settings, preloaded={tiny_gemma2.name: tiny_gemma2})), port) as url:
+    with live_server(live_data_dir, tiny_gemma2, max_new_tokens=16) as url:
         yield url
 
 

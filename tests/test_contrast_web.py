@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from featurescope.app import Settings, create_app
+from conftest import live_app
+from featurescope.app import Settings
 from featurescope.app.contrast import auroc
-from featurescope.app.live import LiveService
 from factories import parse_html
 from featurescope.sae_loading import load_sae
 from test_contrast import CODE, PROSE
@@ -24,8 +24,7 @@ def client(live_data_dir, tiny_gemma2):
     from fastapi.testclient import TestClient
 
     settings = Settings(data_dir=live_data_dir, device="cpu", max_prompt_tokens=40, max_contrast_prompts=12, max_batch=4)
-    app = create_app(settings, LiveService(settings, preloaded={tiny_gemma2.name: tiny_gemma2}))
-    with TestClient(app) as client:
+    with TestClient(live_app(settings, tiny_gemma2)) as client:
         yield client
 
 

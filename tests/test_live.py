@@ -12,6 +12,7 @@ import duckdb
 import numpy as np
 import pytest
 
+from conftest import live_app
 from featurescope.app import Settings, create_app
 from featurescope.app.catalog import CatalogSource
 from featurescope.app.databases import DataDir
@@ -35,8 +36,7 @@ def settings(live_data_dir) -> Settings:
 def client(settings, tiny_gemma2):
     from fastapi.testclient import TestClient
 
-    app = create_app(settings, LiveService(settings, preloaded={tiny_gemma2.name: tiny_gemma2}))
-    with TestClient(app) as client:
+    with TestClient(live_app(settings, tiny_gemma2)) as client:
         yield client
 
 
