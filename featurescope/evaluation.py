@@ -29,7 +29,7 @@ from featurescope.positions import counted_positions, norm_limit, sae_max_norm
 from featurescope.sae import JumpReLUSAE
 from featurescope.sae_loading import CARD_FILE
 from featurescope.schema import DENSE_THRESHOLD
-from featurescope.sites import Site, site_hooks
+from featurescope.sites import Site, record_layer_outputs, replay_layers, site_hooks
 
 
 @dataclass
@@ -111,6 +111,7 @@ def evaluate_saes(lm: LoadedModel, saes: dict[str, JumpReLUSAE], contexts: torch
                   max_tokens: int | None = None, batch_size: int = 8, max_norm_ratio: float | None = None,
                   progress: bool = False) -> dict[str, SAEMetrics]:
     """Metrics per SAE on `contexts` [n, T] (each row starting with BOS): one clean pass, one spliced pass per SAE.
+    A spliced pass replays the clean pass's outputs of the layers before the SAE's instead of running them.
 
     Tokens whose activation norm at the SAE's site is above the SAE's max_norm (attention sinks, see
     featurescope/positions.py) are left out of the statistics and not spliced, like BOS. max_norm_ratio
@@ -134,7 +135,8 @@ def evaluate_saes(lm: LoadedModel, saes: dict[str, JumpReLUSAE], contexts: torch
         def keep(site: Site):
             return lambda act: captured.__setitem__(site, act.float())  # (B, T, d_in)
 
-        with site_hooks(lm, {s: keep(s) for s in set(sites.values())}):
+        with site_hooks(lm, {s: keep(s) for s in set(sites.values())}), \
+                record_layer_outputs(lm, range(max(s.layer for s in sites.values()))) as clean_outputs:
             nll, n = next_token_nll(lm.model(input_ids=ids, use_cache=False).logits, ids, mask)
         clean_nll, n_targets = clean_nll + nll, n_targets + n
         for name, sae in saes.items():
@@ -145,7 +147,8 @@ def evaluate_saes(lm: LoadedModel, saes: dict[str, JumpReLUSAE], contexts: torch
             x = captured[sites[name]][site_mask]  # (n, d_in)
             acts = sae.encode(x)
             accs[name].add(x, acts, sae.decode(acts))
-            with site_hooks(lm, {sites[name]: _splicer(sae, site_mask)}):
+            unchanged = {i: out for i, out in clean_outputs.items() if i < sites[name].layer}
+            with replay_layers(lm, unchanged), site_hooks(lm, {sites[name]: _splicer(sae, site_mask)}):
                 accs[name].spliced_nll += next_token_nll(lm.model(input_ids=ids, use_cache=False).logits, ids, mask)[0]
     return {name: acc.result(clean_nll, n_targets, contexts.shape[0], contexts.shape[1], limits[name])
             for name, acc in accs.items()}

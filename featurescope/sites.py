@@ -101,6 +101,34 @@ def stop_after_layer(lm: LoadedModel, layer: int):
         handle.remove()
 
 
+@contextmanager
+def record_layer_outputs(lm: LoadedModel, layers: Iterable[int]):
+    """Yield {layer: output} filled by the next forward pass: what each of `layers` returned, as returned."""
+    outputs: dict[int, object] = {}
+    handles = [lm.layers[i].register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out))
+               for i in layers]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def replay_layers(lm: LoadedModel, outputs: dict[int, object]):
+    """Layers in `outputs` return their recorded output instead of running: a pass that changes nothing before
+    layer L (an SAE spliced in at layer L) then costs only the layers from L on. The recorded outputs must come
+    from the same inputs (record_layer_outputs on the clean pass), so the result is the full pass's, bit for bit."""
+    replaced = [lm.layers[i] for i in outputs]
+    for i, out in outputs.items():
+        lm.layers[i].forward = lambda *_a, out=out, **_k: out
+    try:
+        yield
+    finally:
+        for module in replaced:
+            del module.forward  # back to the class's forward
+
+
 def run_truncated(lm: LoadedModel, input_ids: torch.Tensor, last_layer: int, attention_mask: torch.Tensor | None = None):
     """Forward pass that runs only layers 0..last_layer (the bare baseline every benchmark compares to)."""
     with stop_after_layer(lm, last_layer):

@@ -57,7 +57,9 @@ def demo_estimate(lm: LoadedModel, cfg, train: bool, eval_tokens: int, precomput
         parts["model pass"] = n_train * pass_s
         parts["training"] = cfg.n_steps * step_s
     if eval_tokens:
-        parts["evaluation"] = (len(sites) + 1) * (eval_tokens / (T - 1)) * full_s
+        # one clean pass, then one spliced pass per SAE that replays the layers before the SAE's
+        passes = 1 + sum((lm.n_layers - s.layer) / lm.n_layers for s in sites)
+        parts["evaluation"] = passes * (eval_tokens / (T - 1)) * full_s
     n_pre = precompute_tokens // (T - 1)
     batches = n_pre / PRECOMPUTE_BATCH
     parts["precompute"] = ((0 if reuse_pass else n_pre * pass_s)

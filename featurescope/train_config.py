@@ -58,6 +58,8 @@ class TrainConfig:
     resample_stop_frac: float = setting(0.7, "No resampling after this share of the steps (let them settle).")
     resample_fire_rate: float = setting(0.01, "Share of tokens a resampled latent starts firing on.")
     # bookkeeping
+    autocast: bool = setting(False, "Run the SAEs' matmuls in bfloat16 (weights, Adam state, thresholds and the "
+                             "JumpReLU window stay float32): ~2x faster steps on GPUs and on CPUs with AMX or AVX512-BF16.")
     seed: int = setting(0, "Seed of the init and the data order.")
     checkpoint_every: int = setting(100, "Steps between checkpoints in OUT/checkpoint.pt (0: only on Ctrl-C).")
     progress: bool = setting(True, cli=False)

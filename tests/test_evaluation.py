@@ -5,6 +5,7 @@ Run: .venv/bin/pytest tests/test_evaluation.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -104,6 +105,16 @@ def test_several_saes_share_the_clean_pass_and_match_single_runs(tiny_gemma2, ge
     alone = evaluate_saes(tiny_gemma2, {"b": b}, gemma_contexts)
     assert both["b"].to_dict() == pytest.approx(alone["b"].to_dict())
     assert both["a"].clean_loss == both["b"].clean_loss
+
+
+def test_spliced_passes_that_replay_the_clean_layers_equal_full_passes(tiny_gemma2, gemma_contexts, monkeypatch):
+    saes = {"res": make_sae(64, 128, "blocks.1.hook_resid_post", 1), "mlp": make_sae(64, 128, "blocks.2.hook_mlp_out", 3),
+            "att": make_sae(96, 128, "blocks.3.attn.hook_z", 2, 0.02)}
+    replayed = evaluate_saes(tiny_gemma2, saes, gemma_contexts, batch_size=4)
+    monkeypatch.setattr("featurescope.evaluation.replay_layers", lambda _lm, _outputs: contextlib.nullcontext())
+    full = evaluate_saes(tiny_gemma2, saes, gemma_contexts, batch_size=4)
+    assert {n: m.to_dict() for n, m in replayed.items()} == {n: m.to_dict() for n, m in full.items()}
+    assert all(m.delta_loss != 0 for m in full.values())  # the splices change the loss, so replay could show
 
 
 def test_token_budget_takes_whole_contexts(tiny_gemma2, gemma_contexts):

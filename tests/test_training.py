@@ -151,6 +151,19 @@ def test_short_run_lowers_loss_and_reaches_requested_l0(tiny_llama, tmp_path):
     assert trained.cfg.metadata["training_metrics"]["l0"] == pytest.approx(12, rel=0.5)
 
 
+def test_autocast_training_reaches_the_float32_quality_and_saves_float32_weights(tiny_llama, tmp_path):
+    lm, contexts = tiny_llama, tiny_contexts(tiny_llama)
+    cfg = tiny_config(target_l0=12, train_tokens=256 * 250)
+    runs = {autocast: load_sae(str(train_saes(lm, replace(cfg, autocast=autocast), tmp_path / str(autocast),
+                                              contexts=contexts)[parse_site("1-res")]))
+            for autocast in (False, True)}
+    metrics = evaluate_saes(lm, {str(k): sae for k, sae in runs.items()}, contexts)
+    assert metrics["True"].fvu == pytest.approx(metrics["False"].fvu, rel=0.1)
+    assert metrics["True"].l0 == pytest.approx(metrics["False"].l0, rel=0.2)
+    assert runs[True].W_enc.dtype == torch.float32
+    assert not torch.equal(runs[True].W_enc, runs[False].W_enc)  # the matmuls really ran in bfloat16
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_llama, tmp_path):
     lm, contexts = tiny_llama, tiny_contexts(tiny_llama)
     # several chunks and epochs, resampling and the L0 controller: every piece of state must survive
