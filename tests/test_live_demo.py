@@ -53,5 +53,8 @@ def test_live_encoding_equals_precompute_for_every_demo_sae(smollm2, tmp_path):
                 stored = np.zeros(len(token_ids))
                 stored[list(positions)] = acts
                 live = np.array(body["highlight"]["acts"])
-                np.testing.assert_allclose(live[counted], stored[counted], rtol=1e-5, atol=1e-5)
+                # fp32 throughout, but a context alone and inside the training pass's batch take different GEMM blockings
+                # through up to 24 layers: CI's CPU measured 3.6e-5 relative on a 50.6 activation. A wrong
+                # position, SAE or site is off by whole units.
+                np.testing.assert_allclose(live[counted], stored[counted], rtol=2e-4, atol=1e-4)
                 assert not stored[~counted].any()
