@@ -4,6 +4,7 @@ running app without a restart."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import sqlalchemy as sa
 from conftest import require_test_tool
 from factories import SAESpec, make_app_client, make_db
 from featurescope import db as fsdb
+from featurescope.app.databases import DataDir
 from featurescope.labels import auto_label, token_for_label
 from featurescope.schema import metadata
 
@@ -115,6 +117,28 @@ def test_new_and_replaced_databases_appear_without_restart(tmp_path):
         assert client.get("/first/2-res-12/11.json").json()["index"] == 11
         (tmp_path / "data" / "db" / "run.duckdb").unlink()
         assert client.get("/.json").json()["models"] == []
+
+
+def test_a_replaced_file_stays_readable_while_used_and_is_detached_once_released(tmp_path):
+    folder, staging = tmp_path / "db", tmp_path / "staging"
+    make_db(folder / "run.duckdb", model_id="first", saes=(SAESpec("1-res-8", 1, "res", 8),))
+    data_dir = DataDir(folder, rescan_seconds=0)
+    (old,) = data_dir.files()[0]
+    make_db(staging / "b.duckdb", model_id="first", saes=(SAESpec("2-res-12", 2, "res", 12),), seed=5)
+    publish(staging / "b.duckdb", folder / "run.duckdb")
+    (new,) = data_dir.files()[0]
+    assert new is not old and new.alias != old.alias
+    sae_ids = "SELECT id FROM saes"
+    with old.connect() as conn:  # a request that began on the old file reads the old file to its end
+        assert conn.execute(sa.text(sae_ids)).scalars().all() == ["1-res-8"]
+    with new.connect() as conn:
+        assert conn.execute(sa.text(sae_ids)).scalars().all() == ["2-res-12"]
+    old_alias = old.alias
+    del old
+    gc.collect()
+    with new.connect() as conn:
+        attached = set(conn.execute(sa.text("SELECT database_name FROM duckdb_databases()")).scalars())
+    assert new.alias in attached and old_alias not in attached
 
 
 def test_outdated_or_broken_files_are_reported_not_served(tmp_path):
