@@ -77,8 +77,9 @@ def counted_positions(lm: LoadedModel, input_ids: torch.Tensor, site_acts: torch
     return mask
 
 
-def warmup_positions(starts_document: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Bool [batch, seq_len]: True at positions 1 to WARMUP_POSITIONS of the rows that do not start a document."""
+def warmup_positions(starts_document: torch.Tensor, seq_len: int, n: int = WARMUP_POSITIONS) -> torch.Tensor:
+    """Bool [batch, seq_len]: True at positions 1 to n of the rows that do not start a document (n other than
+    WARMUP_POSITIONS only to measure the rule, bench/position_share.py)."""
     pos = torch.arange(seq_len, device=starts_document.device)
-    first = (pos >= 1) & (pos <= WARMUP_POSITIONS)  # [seq_len]
+    first = (pos >= 1) & (pos <= n)  # [seq_len]
     return first[None, :] & ~starts_document.bool()[:, None]
