@@ -395,3 +395,21 @@ def test_an_sae_that_cannot_be_loaded_fails_only_its_own_requests_with_the_reaso
         failing.result(timeout=60)
     assert live.submit(EncodeJob(saes=[model.saes["1-res-a"]], text="hello")).result(timeout=60).saes
     live.close()
+
+
+def test_the_feature_page_greys_the_warm_up_of_top_examples_cut_mid_document(client, live_data_dir, model_id):
+    con = duckdb.connect(str(_published(live_data_dir)), read_only=True)
+    starts = dict(con.execute("SELECT context_id, starts_document FROM contexts").fetchall())
+    (feature,) = con.execute("SELECT e.feature FROM examples e JOIN contexts c USING (run_id, context_id) WHERE e.sae_id = "
+                             "'1-res-a' AND e.kind = 'top' GROUP BY e.feature HAVING bool_or(c.starts_document) AND "
+                             "bool_or(NOT c.starts_document) ORDER BY e.feature LIMIT 1").fetchone()
+    con.close()
+    top = client.get(f"/{model_id}/1-res-a/{feature}.json").json()["top_examples"]
+    assert [e["warmup"] for e in top] == [0 if starts[e["context_id"]] else WARMUP_POSITIONS for e in top]
+    page = parse_html(client.get(f"/{model_id}/1-res-a/{feature}", params={"context": "full"}).text)
+    rows = page.find_all("li", cls="example")[:len(top)]  # the top examples come first
+    for row, e in zip(rows, top):
+        tokens = row.find("span", cls="ctx").find_all("span", cls="t")
+        assert len(tokens) == len(e["token_ids"])
+        assert [i for i, t in enumerate(tokens) if "warmup" in t.attrs["class"].split()] == list(range(1, e["warmup"] + 1))
+    assert all(e["max_pos"] > e["warmup"] for e in top)  # no top example peaks in a warm-up
