@@ -33,7 +33,7 @@ from featurescope.corpus import content_mask
 from featurescope.models import LoadedModel
 from featurescope.sae import JumpReLUSAE
 
-WARMUP_POSITIONS = 4  # tokens after BOS not counted in a context that starts mid-document (bench/position_share.py)
+WARMUP_POSITIONS = 1  # tokens after BOS not counted in a context that starts mid-document (bench/position_share.py)
 
 
 def norm_limit(site_acts: torch.Tensor, mask: torch.Tensor, max_norm_ratio: float | None) -> float | None:
