@@ -108,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="data", help="Where `featurescope demo` put the demo SAEs (DATA_DIR/saes).")
     parser.add_argument("--tokens", type=int, default=40_000, help="Corpus tokens per corpus (its first ones).")
-    parser.add_argument("--warmups", default=f"0,1,2,{WARMUP_POSITIONS},8",
+    parser.add_argument("--warmups", default="0,1,2,4,8",
                         help="Warm-up lengths to compare; 0 is the rule before (every position after BOS counts).")
     parser.add_argument("--context-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -126,5 +126,5 @@ def test_warm_up_tokens_of_a_context_cut_mid_document_are_greyed_like_bos(page, 
     tokens = page.locator("#encode-result .prompt-tokens a.t")
     warm = [("warmup" in (tokens.nth(i).get_attribute("class") or "")) for i in range(WARMUP_POSITIONS + 2)]
     assert warm == [False] + [True] * WARMUP_POSITIONS + [False]
-    assert tokens.nth(2).evaluate(colour) == grey
+    assert tokens.nth(WARMUP_POSITIONS).evaluate(colour) == grey
     assert not page.problems
