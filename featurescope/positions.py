@@ -14,8 +14,9 @@ in the SAE's card.
 
 A context cut from the middle of a document is a second case: the model has not seen its first tokens'
 left context and treats the first one after BOS as an attention sink, so top examples piled up at
-position 1 (4-9% of them on 0.8% of the positions, bench/position_share.py). Such a context's first
+position 1 (3-5% of them on 0.8% of the positions, bench/position_share.py). Such a context's first
 WARMUP_POSITIONS tokens after BOS are encoded (the model reads them) but never counted: the warm-up.
+Measured, the excess sits at position 1 alone (position 2 holds its share), so the warm-up is 1.
 A context that starts a document (and every live prompt, which is its own document) counts from
 position 1. Which contexts start a document is known when the corpus is packed (corpus.pack_documents)
 and stored with each context (contexts.starts_document), so live encoding of a stored context
