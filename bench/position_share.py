@@ -14,7 +14,8 @@ the same activations, so the rules differ only in which positions count. Printed
 (1, or warm-up + 1 in a mid-document context); "pos@first" the first counted positions' share of all counted
 positions, what top@first would be if position did not matter; "lost" the share of content positions the
 warm-up leaves out. Rows are pooled over the four SAEs and every feature with a top example; a last line gives
-the top examples' share at each of positions 1-8 before, to show how far the excess reaches.
+the top examples' share at each of positions 1-8 before, to show how far the excess reaches, and another
+top@1 per SAE before and with the rule.
 """
 
 from __future__ import annotations
@@ -88,10 +89,12 @@ def measure(lm, saes: dict, spec: CorpusSpec, tokens: int, warmups: list[int], c
         firsts = first_counted(counted)  # [n]
         at1 = at_first = total = 0
         profile = torch.zeros(PROFILE + 1, dtype=torch.long)
+        per_sae = {}
         for name in saes:
             final = stats[name, w].finalize()
             ctx, pos = final["top_ctx"], final["top_pos"]  # [F, k]
             found = ctx >= 0
+            per_sae[name] = float((found & (pos == 1)).sum() / found.sum().clamp(min=1))
             total += int(found.sum())
             profile += torch.bincount(pos[found].clamp(max=PROFILE).long(), minlength=PROFILE + 1)
             at1 += int((found & (pos == 1)).sum())
@@ -100,7 +103,7 @@ def measure(lm, saes: dict, spec: CorpusSpec, tokens: int, warmups: list[int], c
                            "pos@1": float(counted[:, 1].sum() / counted.sum()),
                            "pos@first": float((firsts < T).sum() / counted.sum()),
                            "lost": 1 - float(counted.sum() / content.sum()), "examples": total,
-                           "profile": (profile[1:PROFILE] / max(total, 1)).tolist()}
+                           "profile": (profile[1:PROFILE] / max(total, 1)).tolist(), "per_sae": per_sae}
     return out
 
 
@@ -134,6 +137,9 @@ def main() -> None:
             before = r["rules"][0]["profile"]
             print(f"  before, top examples at positions 1-{PROFILE - 1}: {' '.join(f'{p:.2%}' for p in before)} "
                   f"(each position: ~{r['rules'][0]['pos@1']:.2%} of the counted ones)")
+            rule = r["rules"][WARMUP_POSITIONS]["per_sae"]
+            print("  top@1 per SAE, before -> the rule: " + ", ".join(
+                f"{name} {share:.2%} -> {rule[name]:.2%}" for name, share in r["rules"][0]["per_sae"].items()))
 
 
 if __name__ == "__main__":
