@@ -71,6 +71,8 @@ class EncodeJob:
     token_ids: list[int] | None = None  # instead of text, e.g. a stored context (BOS included)
     columns: dict[str, list[int]] = field(default_factory=dict)  # sae id -> features whose every activation is wanted
     include_special: bool = False  # let BOS and norm outliers into the prompt's top features
+    starts_document: bool = True  # False: the tokens continue a document (a stored context cut mid-document),
+    # so its first positions after BOS are warm-up and do not count (featurescope/positions.py)
     pool: str | None = None  # "max" or "mean": every feature pooled over the counted tokens (contrast, detectors)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     submitted: float = 0.0
@@ -106,6 +108,7 @@ class EncodeResult:
     batch_size: int  # how many requests shared the forward pass
     queue_ms: float
     model_ms: float
+    warmup: list[bool] = field(default_factory=list)  # per position: warm-up of a prompt that continues a document
 
 
 @dataclass

@@ -25,6 +25,7 @@ from featurescope.app.live import (PROMPT_TOP_K, TOKEN_TOP_K, AdmissionControl, 
 from featurescope.app.steering import GenerationCancelled, SteeringVector, generate_pair
 from featurescope.encoder import FeatureEncoder
 from featurescope.models import LoadedModel, load_model
+from featurescope.positions import warmup_positions
 from featurescope.sae import JumpReLUSAE
 from featurescope.sae_loading import load_sae
 from featurescope.sites import parse_site
@@ -235,14 +236,16 @@ class LiveModel:
         attention_mask = None
         if min(lengths) != width:
             attention_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
-        acts, masks = FeatureEncoder(lm, union).encode_with_masks(input_ids, attention_mask)
+        starts = torch.tensor([job.starts_document for job, _, _ in live])
+        acts, masks = FeatureEncoder(lm, union).encode_with_masks(input_ids, attention_mask, starts_document=starts)
+        warmup = warmup_positions(starts, width)  # [B, width], featurescope/positions.py
         results = []
         for row, (job, ids, saes) in enumerate(live):
             n = len(ids)
             per_sae = {name: (_pool if job.pool else _reduce)(acts[name][row, :n], masks[name][row, :n],
                                                                job.columns.get(name, []), job.include_special, job.pool)
                        for name in saes}
-            results.append(EncodeResult(ids, per_sae, len(live), 0.0, 0.0))
+            results.append(EncodeResult(ids, per_sae, len(live), 0.0, 0.0, warmup[row, :n].tolist()))
         return results
 
     def _pad_id(self) -> int:

@@ -95,9 +95,12 @@ class ContextStore:
     """Token ids of every stored context of a run, held in memory (4 bytes a token) once per file: a
     context lookup is then an array slice instead of a DuckDB scan of the contexts table."""
 
-    def __init__(self, context_ids: np.ndarray, flat: np.ndarray, offsets: np.ndarray) -> None:
+    def __init__(self, context_ids: np.ndarray, flat: np.ndarray, offsets: np.ndarray,
+                 mid_document: np.ndarray | None = None, warmup_positions: int = 0) -> None:
         self.flat, self.offsets = flat, offsets
         self.row_of = {int(c): i for i, c in enumerate(context_ids)}
+        self.mid_document = np.zeros(len(context_ids), dtype=bool) if mid_document is None else mid_document
+        self.warmup_positions = warmup_positions
 
     def tokens(self, context_id: int) -> list[int]:
         row = self.row_of.get(context_id)
@@ -105,17 +108,25 @@ class ContextStore:
             return []
         return self.flat[self.offsets[row]:self.offsets[row + 1]].tolist()
 
+    def warmup(self, context_id: int) -> int:
+        """How many positions after BOS did not count in this context: the run's warm-up when it starts
+        mid-document (featurescope/positions.py), else 0."""
+        row = self.row_of.get(context_id)
+        return self.warmup_positions if row is not None and self.mid_document[row] else 0
+
 
 def context_store(sae: SAEInfo) -> ContextStore:
     def build() -> ContextStore:
         with sae.file.connect() as conn:
-            result = conn.execute(sa.select(Context.context_id, Context.token_ids).where(Context.run_id == sae.run_id))
+            result = conn.execute(sa.select(Context.context_id, Context.token_ids, Context.starts_document)
+                                  .where(Context.run_id == sae.run_id))
             with warnings.catch_warnings():  # "Arrow output on a DB-API result makes an extra copy": once per file
                 warnings.simplefilter("ignore")
                 table = result.cursor.to_arrow_table()
         lists = table.column(1).combine_chunks()
+        mid_document = ~table.column(2).fill_null(True).to_numpy(zero_copy_only=False).astype(bool)  # NULL: before 0005
         return ContextStore(table.column(0).to_numpy(), lists.values.to_numpy(zero_copy_only=False).astype(np.int32),
-                            lists.offsets.to_numpy())
+                            lists.offsets.to_numpy(), mid_document, int(run_config(sae).get("warmup_positions", 0)))
 
     return sae.file.cached(("contexts", sae.run_id), build)
 

@@ -24,7 +24,8 @@ from featurescope.app.stored import TokenTexts
 
 ContextMode = Literal["snippet", "full"]
 SNIPPET_BEFORE, SNIPPET_AFTER = 12, 4  # tokens shown around an example's maximum in snippet mode
-LEFT_OUT = "left out of statistics (BOS, EOS or a norm outlier)"
+LEFT_OUT = "left out of statistics (BOS, EOS, a warm-up position or a norm outlier)"
+WARMUP = "warm-up: this context starts mid-document, so its first tokens after BOS do not count"
 _UNKNOWN = '<span class="t special">&lt;unk {}&gt;</span>'  # a token id outside the vocabulary
 _MARKS = str.maketrans({" ": "·", "\n": "↵", "\t": "⇥", "\r": "↵"})
 
@@ -125,6 +126,8 @@ def token_spans(example: dict[str, Any], scale: float, mode: ContextMode, forms:
     quiet, n_forms = forms.quiet, len(forms.quiet)
     parts = [quiet[t] if 0 <= t < n_forms else _UNKNOWN.format(int(t)) for t in token_ids[start:stop]]
     acts = dict(zip(example["positions"], example["acts"]))
+    for pos in range(max(start, 1), min(stop, example.get("warmup", 0) + 1)):  # encoded, not counted: no activation stored
+        parts[pos - start] = token_html(forms, token_ids[pos], extra="warmup", title=WARMUP)
     for pos, act in acts.items():
         if act > 0 and start <= pos < stop and pos != max_pos:
             parts[pos - start] = token_html(forms, token_ids[pos], act, scale)

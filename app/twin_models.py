@@ -175,6 +175,7 @@ class Example(TypedDict):
     tokens: Sequence[str]  # texts of token_ids
     positions: list[int]  # where the feature fires, with its activation there
     acts: list[float | None]
+    warmup: int  # positions 1 to warmup did not count: the context starts mid-document (featurescope/positions.py)
 
 
 @closed
@@ -346,6 +347,7 @@ class PromptToken(TypedDict):
     token_id: int
     text: str
     special: bool
+    warmup: bool  # a warm-up position of a prompt that continues a document: encoded, not counted
 
 
 @closed

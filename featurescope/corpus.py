@@ -5,6 +5,7 @@ Works with no network: the text comes from `pydoc_data.topics` (the language ref
 
     texts = list(python_docs_corpus())                     # deterministic order
     ids = pack_contexts(lm, texts, context_len=128)        # [n_contexts, 128], each row starts with BOS
+    ids, starts = pack_documents(lm, texts, 128)           # and bool [n_contexts]: the row starts a document
     mask = content_mask(lm, ids)                           # True where a position counts in statistics
     sample, rest = pick_spread(ids, 100)                   # 100 contexts spread over the corpus, and the others
 """
@@ -15,6 +16,7 @@ import importlib
 import inspect
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -85,6 +87,11 @@ def _public_members(module, module_name: str) -> list:
     return members
 
 
+class PackedContexts(NamedTuple):
+    ids: torch.Tensor  # [n_contexts, context_len] long, BOS first
+    starts_document: torch.Tensor  # [n_contexts] bool: the row's first corpus token begins a document
+
+
 def pack_contexts(lm: LoadedModel, texts: Iterable[str], context_len: int = 128,
                   max_tokens: int | None = None) -> torch.Tensor:
     """Tokenise, join documents with EOS, cut into rows of BOS + (context_len - 1) corpus tokens.
@@ -92,12 +99,22 @@ def pack_contexts(lm: LoadedModel, texts: Iterable[str], context_len: int = 128,
     Returns a LongTensor [n_contexts, context_len]; the incomplete last row is dropped. `max_tokens`
     caps the corpus tokens used (BOS not counted), so a budget stops tokenising early.
     """
+    return pack_documents(lm, texts, context_len, max_tokens).ids
+
+
+def pack_documents(lm: LoadedModel, texts: Iterable[str], context_len: int = 128,
+                   max_tokens: int | None = None) -> PackedContexts:
+    """pack_contexts' rows, and for each whether it starts a document: its first corpus token is a document's
+    first, or the EOS that ends the previous one. The other rows start mid-document, which decides their
+    warm-up (featurescope/positions.py)."""
     if context_len < 2:
         raise ValueError(f"context_len must be at least 2 (BOS + one token), got {context_len}.")
     eos = lm.tokenizer.eos_token_id
     body = context_len - 1
     stream: list[int] = []
+    doc_starts: list[int] = []  # offsets in stream of each document's first token
     for text in texts:
+        doc_starts.append(len(stream))
         stream.extend(lm.tokenize(text, prepend_bos=False))
         if eos is not None:
             stream.append(int(eos))
@@ -108,7 +125,10 @@ def pack_contexts(lm: LoadedModel, texts: Iterable[str], context_len: int = 128,
     n = len(stream) // body
     rows = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)  # (n, context_len - 1)
     bos = torch.full((n, 1), lm.bos_token_id, dtype=torch.long)
-    return torch.cat([bos, rows], dim=1)  # (n, context_len)
+    starts = torch.isin(torch.arange(n) * body, torch.tensor(doc_starts, dtype=torch.long))
+    if eos is not None:
+        starts |= rows[:, 0] == eos
+    return PackedContexts(torch.cat([bos, rows], dim=1), starts)  # (n, context_len), (n,)
 
 
 def content_mask(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:

@@ -55,20 +55,22 @@ class FeatureEncoder:
 
     @torch.no_grad()
     def encode_with_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                          site_acts: dict[Site, torch.Tensor] | None = None
+                          site_acts: dict[Site, torch.Tensor] | None = None, starts_document: torch.Tensor | None = None
                           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Feature activations as __call__, plus per SAE the bool [batch, seq] mask of positions that count.
 
         `site_acts` ({site: [batch, seq, d_in]}, captured earlier for these ids by capture_sites, see
-        SiteActivations) replaces the model's forward pass; the SAEs and masks are the same code."""
+        SiteActivations) replaces the model's forward pass; the SAEs and masks are the same code.
+        `starts_document` (bool [batch]; None: every row does) decides the rows' warm-up positions."""
         acts, masks = {}, {}
-        for name, sae_acts, mask in self.encode_each(input_ids, attention_mask, site_acts):
+        for name, sae_acts, mask in self.encode_each(input_ids, attention_mask, site_acts, starts_document):
             acts[name], masks[name] = sae_acts, mask
         return acts, masks
 
     @torch.no_grad()
     def encode_each(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    site_acts: dict[Site, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+                    site_acts: dict[Site, torch.Tensor] | None = None, starts_document: torch.Tensor | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """(name, [batch, seq, d_sae] acts, [batch, seq] mask) for one SAE after the other, from one model
         pass: a caller that drops each SAE's acts before the next holds one SAE's activations at a time."""
         if site_acts is None:
@@ -78,4 +80,4 @@ class FeatureEncoder:
         ids = input_ids.to(self.lm.device)
         for name, sae in self.saes.items():
             site = site_acts[self.sites[name]]
-            yield name, sae.encode(site), counted_positions(self.lm, ids, site, self.max_norms[name])
+            yield name, sae.encode(site), counted_positions(self.lm, ids, site, self.max_norms[name], starts_document)

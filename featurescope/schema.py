@@ -119,6 +119,9 @@ class Context(Base):
     run_id: Mapped[str] = _key()
     context_id: Mapped[int] = _key(sa.Integer)
     token_ids = mapped_column(IntList)  # BOS first
+    # False: cut from the middle of a document, its warm-up positions did not count (featurescope/positions.py);
+    # NULL in files from before schema 0005, whose runs counted every position after BOS
+    starts_document = mapped_column(sa.Boolean)
 
 
 class Feature(Base):

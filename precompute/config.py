@@ -14,8 +14,9 @@ from featurescope.cli_options import setting
 from featurescope.precompute.corpus_sources import CorpusSpec
 
 # Part of every run id: bump it when a code change alters what a run stores, so old runs are not reused.
-RESULTS_VERSION = 6  # 3: cross-layer links; 4: one row per feature (schema 0004); 5: id of every result field;
-# 6: bounded streaming state (128-sub-bin histograms, examples re-encoded)
+RESULTS_VERSION = 7  # 3: cross-layer links; 4: one row per feature (schema 0004); 5: id of every result field;
+# 6: bounded streaming state (128-sub-bin histograms, examples re-encoded); 7: warm-up positions of contexts
+# that start mid-document do not count (featurescope/positions.py, schema 0005)
 # Metadata of a field that cannot change what a run stores: it stays out of the run's id.
 SAME_RESULT = {"result": False}
 SAMPLES = ("first", "spread")

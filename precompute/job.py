@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from featurescope.corpus import content_mask, pack_contexts, pick_spread
+from featurescope.corpus import PackedContexts, content_mask, pack_documents, spread_rows
 from featurescope.encoder import FeatureEncoder, check_sae_fits
 from featurescope.errors import FeatureScopeError
 from featurescope.models import LoadedModel, load_model
+from featurescope.positions import WARMUP_POSITIONS
 from featurescope.sae import JumpReLUSAE
 from featurescope.sae_loading import load_sae
 from featurescope.sae_sources import SAELoadError, expand_sae_sources, is_pattern, width_label
@@ -100,11 +101,11 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     if target.exists() and not cfg.force:
         log(f"Already complete: {target} (run {cfg.run_id()}). Pass --force to recompute.")
         return target
-    contexts = _contexts(cfg, lm)
+    contexts, starts_document = _contexts(cfg, lm)
     if site_acts is not None and not torch.equal(site_acts.contexts, contexts):
         raise PrecomputeError(f"The activations given are for {len(site_acts.contexts)} other contexts, "
                               f"not this run's {len(contexts)}: run it without them.")
-    encode = _Encode(lm, contexts, site_acts)
+    encode = _Encode(lm, contexts, starts_document, site_acts)
     work_dir = Path(cfg.data_dir) / "runs" / cfg.run_id()
     work_dir.mkdir(parents=True, exist_ok=True)
     groups = _plan_groups(cfg, lm, saes, work_dir, log)
@@ -128,7 +129,7 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     staging = work_dir / "staging.duckdb"
     run_seconds = lambda: previous_seconds + (time.time() - started)  # noqa: E731  (read once the SAEs are written)
     write_run_db(staging, model_row=_model_row(lm), vocab=lm.token_strings(range(lm.vocab_size)), contexts=contexts.numpy(),
-                 run_row=lambda: _run_row(cfg, lm, contexts, run_seconds()), sae_ids=list(saes),
+                 starts_document=starts_document.numpy(), run_row=lambda: _run_row(cfg, lm, contexts, run_seconds()), sae_ids=list(saes),
                  saes=_finish(cfg, lm, encode, saes, groups, finals, phases))
     write_seconds = time.time() - write_started - phases["finish"]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +264,7 @@ def _merge_shard_files(cfg, work_dir: Path, saes: dict, groups: list[list[str]],
     return finals, seconds
 
 
-def _contexts(cfg: PrecomputeConfig, lm: LoadedModel) -> torch.Tensor:
+def _contexts(cfg: PrecomputeConfig, lm: LoadedModel) -> PackedContexts:
     if cfg.context_len > lm.max_context:
         raise PrecomputeError(f"Context length {cfg.context_len} is over model {lm.name!r}'s limit of {lm.max_context} tokens.")
     if cfg.sample not in SAMPLES:
@@ -273,16 +274,17 @@ def _contexts(cfg: PrecomputeConfig, lm: LoadedModel) -> torch.Tensor:
                               "not with a streamed hf: dataset.")
     try:
         if cfg.sample == "spread":
-            contexts = pack_contexts(lm, iter_texts(cfg.corpus), cfg.context_len)
-            n = min(len(contexts), cfg.max_tokens // (cfg.context_len - 1))
-            contexts = pick_spread(contexts, n)[0] if n > 0 else contexts[:0]
+            packed = pack_documents(lm, iter_texts(cfg.corpus), cfg.context_len)
+            n = min(len(packed.ids), cfg.max_tokens // (cfg.context_len - 1))
+            rows = spread_rows(len(packed.ids), n) if n > 0 else torch.zeros(0, dtype=torch.long)
+            packed = PackedContexts(packed.ids[rows], packed.starts_document[rows])  # corpus.pick_spread's rows
         else:
-            contexts = pack_contexts(lm, iter_texts(cfg.corpus), cfg.context_len, cfg.max_tokens)
+            packed = pack_documents(lm, iter_texts(cfg.corpus), cfg.context_len, cfg.max_tokens)
     except CorpusError as exc:
         raise PrecomputeError(str(exc)) from exc
-    if len(contexts) == 0:
+    if len(packed.ids) == 0:
         raise PrecomputeError(f"Corpus {cfg.corpus.describe()!r} gave no complete context of {cfg.context_len} tokens: it is empty or too short.")
-    return contexts
+    return packed
 
 
 def _new_stats(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> dict[str, FeatureStats]:
@@ -321,12 +323,13 @@ class _Encode:
     the encoder's forward pass, or the site activations a caller captured for these contexts (the same SAE
     code either way)."""
 
-    def __init__(self, lm: LoadedModel, contexts: torch.Tensor, site_acts: SiteActivations | None):
-        self.lm, self.contexts, self.site_acts = lm, contexts, site_acts
+    def __init__(self, lm: LoadedModel, contexts: torch.Tensor, starts_document: torch.Tensor,
+                 site_acts: SiteActivations | None):
+        self.lm, self.contexts, self.starts_document, self.site_acts = lm, contexts, starts_document, site_acts
 
     def __call__(self, encoder: FeatureEncoder, index: slice | torch.Tensor) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         given = None if self.site_acts is None else self.site_acts.rows(index, encoder.sites.values())
-        return encoder.encode_each(self.contexts[index], site_acts=given)
+        return encoder.encode_each(self.contexts[index], site_acts=given, starts_document=self.starts_document[index])
 
 
 def _stream(cfg, encode: _Encode, encoder: FeatureEncoder, stats: dict, start: int, stop: int, checkpoint: Path,
@@ -445,7 +448,9 @@ def _run_row(cfg, lm, contexts: torch.Tensor, seconds: float) -> dict:
     n_tokens = int(content_mask(lm, contexts).sum())  # each SAE's density counts its own positions (features.n_firing)
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     return dict(id=cfg.run_id(), model_id=lm.name, corpus=cfg.corpus.describe(), n_contexts=len(contexts),
-                context_len=cfg.context_len, n_tokens=n_tokens, config=json.dumps(cfg.result_config()), status="complete",
+                context_len=cfg.context_len, n_tokens=n_tokens, status="complete",
+                # the warm-up of contexts that start mid-document (featurescope/positions.py), which pages grey out
+                config=json.dumps({**cfg.result_config(), "warmup_positions": WARMUP_POSITIONS}),
                 started_at=now - dt.timedelta(seconds=seconds), finished_at=now, seconds=seconds)
 
 

@@ -169,11 +169,13 @@ def links_table(model_id: str, sae_id: str, links: list) -> pa.Table:
 
 
 def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict | Callable[[], dict],
-                 contexts: np.ndarray, saes: Iterable[SAEResult], sae_ids: list[str] | None = None) -> None:
+                 contexts: np.ndarray, saes: Iterable[SAEResult], sae_ids: list[str] | None = None,
+                 starts_document: np.ndarray | None = None) -> None:
     """Create `path` at the newest schema and fill it with one run. `path` must not be published yet.
     `saes` may be a generator: each result is written and dropped before the next is drawn, so memory holds
     one group's results at a time; then `sae_ids` (all of them) fixes each SAE's number up front, and
-    `run_row` may be a function, called once every SAE is written (its run time includes theirs)."""
+    `run_row` may be a function, called once every SAE is written (its run time includes theirs).
+    `starts_document` [n_contexts] bool: which contexts start a document (None: unknown, stored as NULL)."""
     path = Path(path)
     path.unlink(missing_ok=True)
     db.upgrade(path)
@@ -191,7 +193,9 @@ def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict
         run = run_row() if callable(run_row) else run_row
         _insert(con, "contexts", pa.table({"run_id": [run["id"]] * len(contexts),
                                            "context_id": np.arange(len(contexts), dtype=np.int32),
-                                           "token_ids": list_column(contexts.astype(np.int32), pa.int32())}))
+                                           "token_ids": list_column(contexts.astype(np.int32), pa.int32()),
+                                           "starts_document": pa.nulls(len(contexts), pa.bool_()) if starts_document is None
+                                           else pa.array(starts_document.astype(bool))}))
         for result in saes:
             sae_id = result.row["id"]
             _insert(con, "saes", pa.Table.from_pylist([{**result.row, "number": number_of[sae_id]}]))

@@ -66,6 +66,23 @@ def test_migration_0002_keeps_rows_written_at_0001(tmp_path):
         (0, 0.0, [0, 1], None, None), (1, 0.1, [1, 2], None, None), (2, 0.2, [2, 3], None, None)]
 
 
+def test_migration_0005_leaves_contexts_of_older_runs_without_a_document_flag(tmp_path):
+    path = tmp_path / "old.duckdb"
+    assert fsdb.upgrade(path, "0004") == "0004"
+    contexts = sa.table("contexts", sa.column("run_id"), sa.column("context_id"), sa.column("token_ids"))
+    engine = fsdb.engine_for(path)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(contexts), [{"run_id": "r", "context_id": i, "token_ids": [2, 10 + i, 11]} for i in range(2)])
+    engine.dispose()
+    assert fsdb.upgrade(path) == fsdb.head_revision()
+    engine = fsdb.engine_for(path, read_only=True)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT context_id, token_ids, starts_document FROM contexts ORDER BY context_id")).all()
+    engine.dispose()
+    # NULL: such a run counted every position after BOS, and its pages grey no warm-up (app/stored.py)
+    assert [(r[0], list(r[1]), r[2]) for r in rows] == [(0, [2, 10, 11], None), (1, [2, 11, 11], None)]
+
+
 # ------------------------------------------------------------------------------------------------ labels
 def test_auto_label_counts_peaks_and_lists_promoted_tokens():
     assert auto_label([" Paris", " Rome", " Paris", " London"], [" France", " Italy", " France", " Spain", " x"]) == \

@@ -9,6 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from featurescope.positions import WARMUP_POSITIONS
 from test_browser import ARTIFACTS, browser, live_server, page  # noqa: F401 - shared browser fixtures
 
 PROMPT = "The capital of France is Paris."
@@ -98,3 +99,32 @@ def test_choosing_saes_in_the_layer_grid_updates_their_total_and_encodes_only_th
     page.wait_for_selector("#encode-result table.layer-grid")
     assert page.locator("table.layer-grid tbody tr").count() == 1
     assert page.problems == []
+
+
+def test_warm_up_tokens_of_a_context_cut_mid_document_are_greyed_like_bos(page, server, live_data_dir, tiny_gemma2):  # noqa: F811
+    import duckdb
+
+    (path,) = sorted((live_data_dir / "db").glob("*.duckdb"))
+    con = duckdb.connect(str(path), read_only=True)
+    feature, token_ids = con.execute(
+        "SELECT e.feature, c.token_ids FROM examples e JOIN contexts c USING (run_id, context_id) WHERE e.sae_id = '3-res-c' "
+        "AND e.kind = 'top' AND e.rank = 0 AND NOT c.starts_document ORDER BY e.feature LIMIT 1").fetchone()
+    con.close()
+    model = tiny_gemma2.name
+    grey = "color: rgb(156, 163, 175)"  # static/app.css: BOS and the warm-up
+    colour = "el => 'color: ' + getComputedStyle(el).color"
+
+    page.goto(f"{server}/{model}/3-res-c/{feature}?context=full")
+    first = page.locator("ol li.example").first.locator(".ctx > .t")
+    assert first.nth(0).evaluate(colour) == grey  # BOS
+    for pos in range(1, WARMUP_POSITIONS + 1):
+        assert "warmup" in first.nth(pos).get_attribute("class") and first.nth(pos).evaluate(colour) == grey
+        assert "mid-document" in first.nth(pos).get_attribute("title")
+    assert "warmup" not in first.nth(WARMUP_POSITIONS + 1).get_attribute("class")
+
+    page.goto(f"{server}/{model}/-/encode?ids={','.join(map(str, token_ids))}&mid_document=1&saes=3-res-c&feature=3-res-c:{feature}")
+    tokens = page.locator("#encode-result .prompt-tokens a.t")
+    warm = [("warmup" in (tokens.nth(i).get_attribute("class") or "")) for i in range(WARMUP_POSITIONS + 2)]
+    assert warm == [False] + [True] * WARMUP_POSITIONS + [False]
+    assert tokens.nth(WARMUP_POSITIONS).evaluate(colour) == grey
+    assert not page.problems

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featurescope.corpus import content_mask, module_docstrings, pack_contexts, python_docs_corpus, split_contexts
+from featurescope.corpus import (content_mask, module_docstrings, pack_contexts, pack_documents, python_docs_corpus,
+                                 split_contexts)
 
 
 def test_builtin_corpus_is_deterministic_and_holds_topics_and_docstrings():
@@ -34,6 +35,20 @@ def test_pack_contexts_starts_every_row_with_bos_and_joins_documents_with_eos(ti
     assert ids[:, 1:].reshape(-1).tolist() == stream[: ids.shape[0] * 15]
     assert len(stream) - ids.shape[0] * 15 < 15  # only the incomplete last row is dropped
     assert torch.equal(ids, pack_contexts(lm, texts, context_len=16))
+
+
+def test_pack_documents_marks_the_rows_whose_first_token_begins_a_document(tiny_llama):
+    lm = tiny_llama
+    texts = ["The capital of France is Paris, a city on the Seine.", "def add(a, b):\n    return a + b\n"] * 6
+    ids, starts = pack_documents(lm, texts, context_len=8)
+    assert torch.equal(ids, pack_contexts(lm, texts, context_len=8))
+    stream, begins = [], set()
+    for t in texts:
+        begins.add(len(stream))
+        stream += lm.tokenize(t, prepend_bos=False) + [lm.tokenizer.eos_token_id]
+    expected = [r * 7 in begins or stream[r * 7] == lm.tokenizer.eos_token_id for r in range(len(ids))]
+    assert starts.tolist() == expected
+    assert starts[0] and not starts.all()  # the corpus's first row starts a document; most rows do not
 
 
 def test_pack_contexts_max_tokens_caps_corpus_tokens(tiny_llama):

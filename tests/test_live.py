@@ -23,6 +23,7 @@ from factories import parse_html
 from featurescope.sae_loading import load_sae
 from featurescope.sites import parse_site
 from featurescope.app.steering import GenerationCancelled, SteeringVector, generate_pair
+from featurescope.positions import WARMUP_POSITIONS
 
 SAE_IDS = ("1-res-a", "2-mlp-b", "3-res-c")
 
@@ -54,7 +55,7 @@ def _stored_examples(data_dir: Path, sae_id: str, limit: int = 12) -> list[tuple
     con = duckdb.connect(str(_published(data_dir)), read_only=True)
     try:
         return con.execute(
-            "SELECT e.feature, e.positions, e.acts, c.token_ids FROM examples e JOIN contexts c USING (run_id, context_id) "
+            "SELECT e.feature, e.positions, e.acts, c.token_ids, c.starts_document FROM examples e JOIN contexts c USING (run_id, context_id) "
             "WHERE e.sae_id = ? AND e.kind = 'top' ORDER BY e.feature, e.rank LIMIT ?", [sae_id, limit]).fetchall()
     finally:
         con.close()
@@ -70,14 +71,19 @@ def _dense(positions, acts, n) -> np.ndarray:
 @pytest.mark.parametrize("sae_id", SAE_IDS)
 def test_live_activations_of_a_stored_context_equal_the_precomputed_ones(client, live_data_dir, model_id, sae_id):
     rows = _stored_examples(live_data_dir, sae_id)
-    assert rows
-    for feature, positions, acts, token_ids in rows:
+    assert rows and not all(r[4] for r in rows), "no example from a context that starts mid-document"
+    for feature, positions, acts, token_ids, starts_document in rows:
         ids = ",".join(map(str, token_ids))
-        body = client.get(f"/{model_id}/-/encode.json", params={"ids": ids, "feature": f"{sae_id}:{feature}"}).json()
+        body = client.get(f"/{model_id}/-/encode.json", params={"ids": ids, "feature": f"{sae_id}:{feature}",
+                                                                "mid_document": int(not starts_document)}).json()
         assert body["ids"] == list(token_ids)
-        counted = [not t["special"] for t in body["tokens"]]  # statistics never count BOS/EOS/pad
-        live = np.array(body["highlight"]["acts"])[counted]
-        np.testing.assert_allclose(live, _dense(positions, acts, len(token_ids))[counted], rtol=1e-5, atol=1e-6)
+        counted = np.array(body["highlight"]["counted"])  # never BOS/EOS/pad, nor a mid-document context's warm-up
+        assert [t["warmup"] for t in body["tokens"]] == [not starts_document and 1 <= i <= WARMUP_POSITIONS
+                                                         for i in range(len(token_ids))]
+        assert not any(c for c, t in zip(counted, body["tokens"]) if t["special"] or t["warmup"])
+        live, stored = np.array(body["highlight"]["acts"]), _dense(positions, acts, len(token_ids))
+        np.testing.assert_allclose(live[counted], stored[counted], rtol=1e-5, atol=1e-6)
+        assert not stored[~counted].any()  # what did not count is not stored either
 
 
 def test_concurrent_requests_share_one_forward_pass_and_keep_their_own_values(settings, live_data_dir, tiny_gemma2):
@@ -87,9 +93,10 @@ def test_concurrent_requests_share_one_forward_pass_and_keep_their_own_values(se
     rows = _stored_examples(live_data_dir, "3-res-c", limit=8)
     live = LiveModel(model, settings, loaded=tiny_gemma2)
     jobs = []
-    for i, (feature, positions, acts, token_ids) in enumerate(rows):
+    for i, (feature, positions, acts, token_ids, starts_document) in enumerate(rows):
         cut = len(token_ids) - 3 * i  # different lengths: the batch is padded, causal prefixes keep their values
-        jobs.append((EncodeJob(saes=[sae], token_ids=list(token_ids[:cut]), columns={sae.id: [feature]}),
+        jobs.append((EncodeJob(saes=[sae], token_ids=list(token_ids[:cut]), columns={sae.id: [feature]},
+                               starts_document=starts_document),
                      _dense(positions, acts, len(token_ids))[:cut], feature))
     for job, _, _ in jobs:
         live.queue.put_nowait(job)  # all queued before the worker starts: it takes them as one batch
@@ -388,3 +395,21 @@ def test_an_sae_that_cannot_be_loaded_fails_only_its_own_requests_with_the_reaso
         failing.result(timeout=60)
     assert live.submit(EncodeJob(saes=[model.saes["1-res-a"]], text="hello")).result(timeout=60).saes
     live.close()
+
+
+def test_the_feature_page_greys_the_warm_up_of_top_examples_cut_mid_document(client, live_data_dir, model_id):
+    con = duckdb.connect(str(_published(live_data_dir)), read_only=True)
+    starts = dict(con.execute("SELECT context_id, starts_document FROM contexts").fetchall())
+    (feature,) = con.execute("SELECT e.feature FROM examples e JOIN contexts c USING (run_id, context_id) WHERE e.sae_id = "
+                             "'1-res-a' AND e.kind = 'top' GROUP BY e.feature HAVING bool_or(c.starts_document) AND "
+                             "bool_or(NOT c.starts_document) ORDER BY e.feature LIMIT 1").fetchone()
+    con.close()
+    top = client.get(f"/{model_id}/1-res-a/{feature}.json").json()["top_examples"]
+    assert [e["warmup"] for e in top] == [0 if starts[e["context_id"]] else WARMUP_POSITIONS for e in top]
+    page = parse_html(client.get(f"/{model_id}/1-res-a/{feature}", params={"context": "full"}).text)
+    rows = page.find_all("li", cls="example")[:len(top)]  # the top examples come first
+    for row, e in zip(rows, top):
+        tokens = row.find("span", cls="ctx").find_all("span", cls="t")
+        assert len(tokens) == len(e["token_ids"])
+        assert [i for i, t in enumerate(tokens) if "warmup" in t.attrs["class"].split()] == list(range(1, e["warmup"] + 1))
+    assert all(e["max_pos"] > e["warmup"] for e in top)  # no top example peaks in a warm-up

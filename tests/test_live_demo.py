@@ -33,7 +33,7 @@ def test_live_encoding_equals_precompute_for_every_demo_sae(smollm2, tmp_path):
     published = run_precompute(run, lm=smollm2, log=lambda *_: None, site_acts=stream.site_activations())
     con = duckdb.connect(str(published), read_only=True)
     sae_ids = [r[0] for r in con.execute("SELECT id FROM saes ORDER BY layer").fetchall()]
-    rows = con.execute("SELECT e.sae_id, e.feature, e.positions, e.acts, c.token_ids FROM examples e "
+    rows = con.execute("SELECT e.sae_id, e.feature, e.positions, e.acts, c.token_ids, c.starts_document FROM examples e "
                        "JOIN contexts c USING (run_id, context_id) WHERE e.kind = 'top' AND e.rank = 0 "
                        "ORDER BY e.sae_id, e.max_act DESC").fetchall()
     con.close()
@@ -45,11 +45,13 @@ def test_live_encoding_equals_precompute_for_every_demo_sae(smollm2, tmp_path):
         for sae_id in sae_ids:
             mine = [r for r in rows if r[0] == sae_id][:4]
             assert mine, f"{sae_id} stored no examples"
-            for _, feature, positions, acts, token_ids in mine:
+            for _, feature, positions, acts, token_ids, starts_document in mine:
                 body = client.get("/smollm2-135m/-/encode.json", params={
-                    "ids": ",".join(map(str, token_ids)), "saes": [sae_id], "feature": f"{sae_id}:{feature}"}).json()
+                    "ids": ",".join(map(str, token_ids)), "saes": [sae_id], "feature": f"{sae_id}:{feature}",
+                    "mid_document": int(not starts_document)}).json()
                 (layer,) = body["layers"]
-                counted = np.array(layer["counted"])  # BOS, EOS and attention-sink outliers never count
+                # BOS, EOS, attention-sink outliers and a mid-document context's warm-up never count
+                counted = np.array(layer["counted"])
                 stored = np.zeros(len(token_ids))
                 stored[list(positions)] = acts
                 live = np.array(body["highlight"]["acts"])

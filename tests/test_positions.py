@@ -1,5 +1,6 @@
 """One rule for the positions that count (featurescope/positions.py): training, evaluation, the precompute
-job and live encoding leave out the same positions of the same contexts, norm outliers included."""
+job and live encoding leave out the same positions of the same contexts, norm outliers included; the
+precompute and live encoding also leave out the warm-up of a context that starts mid-document."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from featurescope import training
 from featurescope.corpus import content_mask, pack_contexts
 from featurescope.evaluation import evaluate_saes
-from featurescope.positions import counted_positions, norm_limit, sae_max_norm
+from featurescope.positions import WARMUP_POSITIONS, counted_positions, norm_limit, sae_max_norm, warmup_positions
 from featurescope.precompute.corpus_sources import CorpusSpec
 from featurescope.precompute.job import PrecomputeConfig, run_precompute
 from featurescope.sae_loading import load_sae
@@ -33,6 +34,19 @@ def test_max_norm_is_fixed_per_sae_so_a_position_counts_whatever_shares_its_batc
     assert 0 < int(together.sum()) < int(content_mask(tiny_gemma2, ids).sum())
     assert norm_limit(acts, content_mask(tiny_gemma2, ids), 0) is None
     assert torch.equal(counted_positions(tiny_gemma2, ids, acts * 100, None), content_mask(tiny_gemma2, ids))
+
+
+def test_a_context_cut_mid_document_does_not_count_its_warm_up_and_one_at_a_document_start_counts_from_position_1(tiny_gemma2):
+    lm = tiny_gemma2
+    ids = torch.randint(max(lm.special_token_ids) + 1, lm.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = lm.bos_token_id  # BOS + 23 ordinary tokens: only BOS and the warm-up can be left out
+    acts = torch.ones(*ids.shape, 8)
+    mask = counted_positions(lm, ids, acts, None, starts_document=torch.tensor([True, False]))
+    assert mask[0].tolist() == [False] + [True] * 23  # only BOS left out
+    assert mask[1].tolist() == [False] * (1 + WARMUP_POSITIONS) + [True] * (23 - WARMUP_POSITIONS)
+    assert torch.equal(counted_positions(lm, ids, acts, None), content_mask(lm, ids))  # no flags: prompts, training
+    assert torch.equal(mask, torch.cat([counted_positions(lm, ids[i:i + 1], acts[i:i + 1], None,
+                                                          torch.tensor([i == 0])) for i in range(2)]))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +75,8 @@ def test_training_evaluation_precompute_and_live_encoding_count_the_same_positio
                            max_tokens=2000, context_len=32, batch_size=4, top_k=3, n_intervals=2, examples_per_interval=1,
                            links=False, device="cpu", data_dir=str(tmp_path / "data"), progress=False)
     con = duckdb.connect(str(run_precompute(cfg, lm=lm, log=lambda *_: None)), read_only=True)
-    contexts = torch.tensor([r[0] for r in con.execute("SELECT token_ids FROM contexts ORDER BY context_id").fetchall()])
+    rows = con.execute("SELECT token_ids, starts_document FROM contexts ORDER BY context_id").fetchall()
+    contexts, starts = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
     stored_firing = np.array([r[0] for r in con.execute("SELECT n_firing FROM features ORDER BY feature").fetchall()])
     con.close()
 
@@ -74,10 +89,14 @@ def test_training_evaluation_precompute_and_live_encoding_count_the_same_positio
     content = content_mask(lm, contexts)
     assert (content & ~counted).any() and counted.any(), "no ordinary token is an outlier: the test would prove nothing"
 
-    # precompute: each feature's firing count is over exactly these positions
+    # precompute: each feature's firing count is over exactly these positions, less the warm-up of the
+    # contexts that start mid-document
+    warm = warmup_positions(starts, contexts.shape[1])
+    assert warm.any() and starts.any()
+    precomputed = counted & ~warm
     x = captured.acts[SITE]  # [n, T, d_in]
     fires = sae.encode(x) > 0  # [n, T, d_sae]
-    np.testing.assert_array_equal(stored_firing, fires[counted].sum(0).numpy())
+    np.testing.assert_array_equal(stored_firing, fires[precomputed].sum(0).numpy())
 
     # evaluation: statistics over the same positions (their count and their reconstruction error)
     metrics = evaluate_saes(lm, {"t": sae}, contexts, batch_size=4)["t"]
@@ -87,11 +106,13 @@ def test_training_evaluation_precompute_and_live_encoding_count_the_same_positio
     assert metrics.n_tokens == int(counted.sum()) and metrics.max_norm == stream.max_norm(SITE)
     assert metrics.fvu == pytest.approx(float(err / variance), rel=1e-5)
 
-    # live encoding: one context at a time, as the server's encoder batches a prompt
+    # live encoding: one context at a time, as the server's encoder batches a prompt; a stored context with
+    # its document flag counts the precompute's positions, the same tokens as a prompt of their own count
+    # from position 1
     settings = Settings(data_dir=tmp_path / "data", device="cpu")
     with TestClient(create_app(settings, LiveService(settings, preloaded={lm.name: lm}))) as client:
         for i in range(0, len(contexts), max(1, len(contexts) // 4)):
-            body = client.get(f"/{lm.name}/encode.json", params={"ids": ",".join(map(str, contexts[i].tolist())),
-                                                                  "saes": ["1-res-t"]}).json()
-            (layer,) = body["layers"]
-            assert layer["counted"] == counted[i].tolist()
+            params = {"ids": ",".join(map(str, contexts[i].tolist())), "saes": ["1-res-t"]}
+            (stored,) = client.get(f"/{lm.name}/encode.json", params={**params, "mid_document": int(not starts[i])}).json()["layers"]
+            (prompt,) = client.get(f"/{lm.name}/encode.json", params=params).json()["layers"]
+            assert stored["counted"] == precomputed[i].tolist() and prompt["counted"] == counted[i].tolist()

@@ -17,6 +17,7 @@ import torch
 
 from conftest import random_sae_params
 from featurescope.encoder import FeatureEncoder
+from featurescope.positions import WARMUP_POSITIONS, warmup_positions
 from featurescope.sae_loading import load_sae, save_sae
 from featurescope.precompute.corpus_sources import CorpusSpec
 from featurescope.precompute.job import PrecomputeConfig, PrecomputeError, run_precompute
@@ -91,17 +92,17 @@ def test_stored_per_token_activations_equal_the_live_encoder(one_run, tiny_gemma
     lm = tiny_gemma2
     encoder = FeatureEncoder(lm, {"1-res-a": load_sae(cfg.saes[0]), "3-res-b": load_sae(cfg.saes[1])})
     con = duckdb.connect(str(path), read_only=True)
-    rows = con.execute("SELECT e.sae_id, e.feature, e.kind, e.max_act, e.max_pos, e.positions, e.acts, c.token_ids "
-                       "FROM examples e JOIN contexts c USING (run_id, context_id) ORDER BY random() LIMIT 200").fetchall()
+    rows = con.execute("SELECT e.sae_id, e.feature, e.kind, e.max_act, e.max_pos, e.positions, e.acts, c.starts_document, "
+                       "c.token_ids FROM examples e JOIN contexts c USING (run_id, context_id) ORDER BY random() LIMIT 200").fetchall()
     con.close()
     assert {r[2] for r in rows} == {"top", "interval"}
-    special = torch.tensor(sorted(lm.special_token_ids))
-    contexts = torch.tensor([r[-1] for r in rows])
-    encoded = [encoder(contexts[i:i + 32]) for i in range(0, len(rows), 32)]
-    for i, (sae_id, feature, kind, max_act, max_pos, positions, acts, token_ids) in enumerate(rows):
-        ids = contexts[i:i + 1]
-        live = encoded[i // 32][sae_id][i % 32, :, feature].clone()  # [T]
-        live[torch.isin(ids[0], special)] = 0.0
+    contexts, starts = torch.tensor([r[-1] for r in rows]), torch.tensor([r[-2] for r in rows])
+    assert starts.any() and not starts.all()
+    encoded = [encoder.encode_with_masks(contexts[i:i + 32], starts_document=starts[i:i + 32]) for i in range(0, len(rows), 32)]
+    for i, (sae_id, feature, kind, max_act, max_pos, positions, acts, _, token_ids) in enumerate(rows):
+        acts_of, masks = encoded[i // 32]
+        live = acts_of[sae_id][i % 32, :, feature].clone()  # [T]
+        live[~masks[sae_id][i % 32]] = 0.0  # BOS/EOS/pad and the warm-up of a mid-document context do not count
         stored = torch.zeros_like(live)
         stored[torch.tensor(positions, dtype=torch.long)] = torch.tensor(acts, dtype=torch.float32)
         torch.testing.assert_close(stored, live, rtol=1e-5, atol=1e-6)
@@ -130,20 +131,23 @@ def test_top_examples_are_the_strongest_contexts(one_run, tiny_gemma2):
     lm = tiny_gemma2
     encoder = FeatureEncoder(lm, {"1-res-a": load_sae(cfg.saes[0])})
     con = duckdb.connect(str(path), read_only=True)
-    contexts = torch.tensor([r[0] for r in con.execute("SELECT token_ids FROM contexts ORDER BY context_id").fetchall()])
-    top = con.execute("SELECT feature, list(max_act ORDER BY rank) FROM examples WHERE sae_id = '1-res-a' AND kind = 'top' "
-                      "GROUP BY feature").fetchall()
+    rows = con.execute("SELECT token_ids, starts_document FROM contexts ORDER BY context_id").fetchall()
+    contexts, starts = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+    top = con.execute("SELECT feature, list(max_act ORDER BY rank), list(max_pos ORDER BY rank), list(context_id ORDER BY rank) "
+                      "FROM examples WHERE sae_id = '1-res-a' AND kind = 'top' GROUP BY feature").fetchall()
     density = dict(con.execute("SELECT feature, density FROM features WHERE sae_id = '1-res-a'").fetchall())
     con.close()
     acts = torch.cat([encoder(contexts[i:i + 16])["1-res-a"] for i in range(0, len(contexts), 16)])  # [N, T, F]
-    acts[torch.isin(contexts, torch.tensor(sorted(lm.special_token_ids)))] = 0
+    # what counts: not BOS/EOS/pad, and not the warm-up of a context that starts mid-document
+    counted = ~torch.isin(contexts, torch.tensor(sorted(lm.special_token_ids))) & ~warmup_positions(starts, contexts.shape[1])
+    acts[~counted] = 0
     per_context_max = acts.amax(1)  # [N, F]
-    for feature, maxima in top:
+    for feature, maxima, peaks, context_ids in top:
         expected = per_context_max[:, feature].topk(len(maxima)).values
         torch.testing.assert_close(torch.tensor(maxima), expected, rtol=1e-5, atol=1e-6)
+        assert all(starts[c] or p > WARMUP_POSITIONS for p, c in zip(peaks, context_ids))
         firing = (acts[:, :, feature] > 0).sum().item()
-        content = (~torch.isin(contexts, torch.tensor(sorted(lm.special_token_ids)))).sum().item()
-        assert density[feature] == pytest.approx(firing / content, rel=1e-5)
+        assert density[feature] == pytest.approx(firing / counted.sum().item(), rel=1e-5)
 
 
 def test_a_finished_run_is_a_no_op_and_force_redoes_it(one_run, tiny_gemma2):
@@ -288,7 +292,7 @@ def test_given_site_activations_of_the_runs_contexts_give_the_same_database_as_t
 
     cfg, path = one_run
     again = _config(tmp_path, sae_dirs, model=cfg.model, saes=cfg.saes, sae_ids=cfg.sae_ids)
-    contexts = _contexts(again, tiny_gemma2)
+    contexts = _contexts(again, tiny_gemma2).ids
     captured = capture_contexts(tiny_gemma2, contexts, [parse_site("1-res"), parse_site("3-res")], cfg.batch_size)
     given = run_precompute(again, lm=tiny_gemma2, log=lambda *_: None, site_acts=captured)
     assert _tables(given) == _tables(path)
@@ -304,10 +308,10 @@ def test_spread_sample_reads_the_contexts_training_takes_from_the_corpus(tiny_ge
     spread = _config(tmp_path, sae_dirs, sample="spread", max_tokens=31 * 20)
     train, held = default_contexts(tiny_gemma2, TrainConfig(sites=("1-res",), context_len=32, corpus_tokens=31 * 20,
                                                             held_out_contexts=5))
-    contexts = _contexts(spread, tiny_gemma2)
+    contexts = _contexts(spread, tiny_gemma2).ids
     assert torch.equal(contexts, train) and len(contexts) == 20
     assert not any(torch.equal(h, c) for h in held for c in contexts)  # held-out contexts are never trained on
-    first = _contexts(_config(tmp_path, sae_dirs, max_tokens=31 * 20), tiny_gemma2)
+    first = _contexts(_config(tmp_path, sae_dirs, max_tokens=31 * 20), tiny_gemma2).ids
     assert torch.equal(first[0], contexts[0]) and not torch.equal(first, contexts)  # spread over the whole corpus
     assert spread.run_id() != _config(tmp_path, sae_dirs, max_tokens=31 * 20).run_id()
 

@@ -99,6 +99,9 @@ async def encode(
     request: Request, model_id: str, catalog: CatalogDep, render: RendererDep, urls: UrlsDep, settings: SettingsDep,
     text: Annotated[str | None, Query(description="The prompt. BOS is added in front.")] = None,
     ids: Annotated[str, Query(description="Comma-separated token ids instead of text (BOS first), e.g. a stored context.")] = "",
+    mid_document: Annotated[bool, Query(description="The prompt continues a document (a stored context that starts "
+                                                    "mid-document): its first positions after BOS are warm-up and do "
+                                                    "not count, as in the precompute.")] = False,
     saes: Annotated[list[str], Query(description="SAEs to encode with (repeatable); default: all of a small run's, else "
                                                  "the residual SAEs of every 4th layer, as many as the SAE memory budget "
                                                  "holds.")] = [],  # noqa: B006
@@ -114,7 +117,8 @@ async def encode(
     started = time.perf_counter()
     as_json = wants_json(request)
     model = catalog.model(model_id)
-    query = EncodeQuery(text or "", ids, tuple(saes), token, top, metric, include_special, feature, scope, sort, max_density)
+    query = EncodeQuery(text or "", ids, mid_document, tuple(saes), token, top, metric, include_special, feature, scope, sort,
+                        max_density)
     service = request.app.state.live
     default = service.default_saes(model)
     chosen = selected_saes(catalog, model_id, query.saes, default)
@@ -149,7 +153,8 @@ async def encode(
                 if link["sae_id"] in served:
                     columns.setdefault(link["sae_id"], []).append(link["feature"])
     live = service.model(model)
-    job = EncodeJob(saes=chosen, text=query.text, token_ids=token_ids, columns=columns, include_special=include_special)
+    job = EncodeJob(saes=chosen, text=query.text, token_ids=token_ids, columns=columns, include_special=include_special,
+                    starts_document=not mid_document)
     result = await run_job(request, live, job, settings.live_timeout_seconds)
     view = encode_view(model, chosen, result, query, settings.max_prompt_tokens, links)
     if as_json:

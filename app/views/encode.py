@@ -29,6 +29,7 @@ class EncodeQuery:
     """Everything the encode page shows is chosen by its URL; these are its parameters."""
     text: str = ""
     ids: str = ""  # comma-separated token ids instead of text (BOS included), e.g. a stored context
+    mid_document: bool = False  # the prompt continues a document: its warm-up positions do not count
     saes: tuple[str, ...] = ()  # empty: the model's default SAEs (app/sae_cache.py: default_saes)
     token: int | None = None  # selected position; None: the last token
     top: int = 10  # features shown per SAE for the selected token
@@ -126,7 +127,9 @@ def encode_view(model: ModelInfo, saes: list[SAEInfo], result: EncodeResult, que
     selected = n - 1 if query.token is None else query.token
     if not 0 <= selected < n:
         raise InvalidParameter("token", f"token must be a position from 0 to {n - 1} of this {n}-token prompt (got {selected}).")
-    tokens = [{"pos": i, "token_id": t, "text": vocab[t], "special": t in special} for i, t in enumerate(ids)]
+    warmup = result.warmup or [False] * n
+    tokens = [{"pos": i, "token_id": t, "text": vocab[t], "special": t in special, "warmup": w}
+              for i, (t, w) in enumerate(zip(ids, warmup))]
 
     layers, token_features, prompt_features = [], [], []
     for sae in saes:

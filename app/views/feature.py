@@ -111,7 +111,8 @@ def _read_feature(sae: SAEInfo, vocab: TokenTexts, index: int) -> StoredFeature:
 def _example(e: dict[str, Any], contexts: ContextStore, vocab: TokenTexts) -> Example:
     token_ids = contexts.tokens(e["context_id"])
     return {"context_id": e["context_id"], "max_act": e["max_act"], "max_pos": e["max_pos"], "token_ids": token_ids,
-            "tokens": TokenStrings(vocab, token_ids), "positions": e["positions"], "acts": e["acts"]}
+            "tokens": TokenStrings(vocab, token_ids), "positions": e["positions"], "acts": e["acts"],
+            "warmup": contexts.warmup(e["context_id"])}
 
 
 def _intervals(row: sa.RowMapping, examples: list[Example], stored: list[dict[str, Any]]) -> list[Interval]:
