@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -115,6 +116,7 @@ def _connect(ray, address: str) -> bool:
     """Connect to (or start) the cluster; False if this process was connected already (then it stays so)."""
     if ray.is_initialized():
         return False
+    _check_reachable(address)
     options = dict(log_to_driver=False, logging_level="warning")
     if address == LOCAL:
         options.update(include_dashboard=False)
@@ -125,6 +127,19 @@ def _connect(ray, address: str) -> bool:
         raise PrecomputeError(f"Cannot reach a Ray cluster at {address!r} ({reason}): start one with "
                               "`ray start --head`, or pass --ray alone for a local one.") from None
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A quick TCP connect to HOST:PORT first: Ray itself retries an unreachable cluster for minutes."""
+    if address in (LOCAL, "auto"):
+        return  # ray.init answers these at once (it starts one, or finds none on this machine)
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise PrecomputeError(f"Cannot reach a Ray cluster at {address!r} ({reason.lower()}): start one with "
+                              "`ray start --head`, or pass --ray alone for a local one.") from None
 
 
 def _start_workers(ray, cfg: PrecomputeConfig, run: Run) -> list:

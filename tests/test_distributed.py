@@ -189,3 +189,15 @@ def test_an_unknown_sae_fails_before_any_task(cluster, tiny_gemma2, tiny_gemma2_
         run_precompute(_config(tiny_gemma2_path, [*sae_dirs, str(tmp_path / "no-such-sae")], tmp_path, ray=cluster.address),
                        lm=tiny_gemma2, log=lambda *_: None)
     assert not ray.is_initialized()  # the driver never connected: nothing was scheduled
+
+
+@pytest.mark.parametrize("argv, value", [(["--ray"], "local"), (["--ray", "auto"], "auto"),
+                                         (["--ray", "ray://head:10001"], "ray://head:10001"), ([], None)])
+def test_the_ray_option_takes_an_optional_address(argv, value):
+    from typer.main import get_command
+
+    from featurescope.cli import app, with_optional_values
+
+    command = get_command(app).commands["precompute"]
+    for args in (["--sae", "x", *argv], [*argv, "--sae", "x"]):
+        assert command.make_context("precompute", with_optional_values(args)).params["ray"] == value
