@@ -105,9 +105,10 @@ def report(runs: dict, round_trip: float, args, lm) -> None:
         print(f"{name:<18} {t['stream']:>9.1f} {t['stream'] / single['stream']:>9.2f} {t['total']:>7.1f} "
               f"{t['total'] / single['total']:>9.2f} {tasks or '-':>6} {overhead:>14}  {tables(path) == reference}")
     state = 2 * expected_memory_bytes(args.width, 20, 5)
-    tokens_per_task = n_tokens // max(runs["Ray, 2 workers"][0]["tasks"] // 1, 1)
-    print(f"bytes per task: tokens in {tokens_per_task * 8 / 1e3:.0f} kB (int64), statistics back {state / 1e6:.1f} MB "
-          f"(2,004 bytes per feature x {2 * args.width:,} features, whatever the task's length)")
+    two = runs["Ray, 2 workers"][0]
+    print(f"bytes per task: tokens in {n_tokens // two['tasks'] * 8 / 1e3:.0f} kB (int64, {two['tasks']} tasks), "
+          f"statistics back {state / 1e6:.1f} MB (2,004 bytes per feature x {2 * args.width:,} features, whatever the "
+          f"task's length); the driver merged each in {two['merge_seconds'] / two['tasks'] * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":

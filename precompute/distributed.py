@@ -83,6 +83,8 @@ def run_on_ray(cfg: PrecomputeConfig, lm=None, log=print, timings: dict | None =
         stream_started = time.time()
         finals, seconds = driver.run()
         stream_seconds = time.time() - stream_started
+        for actor in actors:  # the finish step runs here: free the workers' devices for other work
+            ray.kill(actor)
     finally:
         if ours:
             ray.shutdown()
@@ -90,7 +92,7 @@ def run_on_ray(cfg: PrecomputeConfig, lm=None, log=print, timings: dict | None =
     driver.summary()
     if timings is not None:
         timings.update(stream=stream_seconds, tasks=driver.n_tasks, task_seconds=driver.task_seconds,
-                       retried=driver.retried, workers=len(actors))
+                       merge_seconds=driver.merge_seconds, retried=driver.retried, workers=len(actors))
     return published
 
 
@@ -193,7 +195,7 @@ class _Driver:
 
     def __init__(self, ray, cfg: PrecomputeConfig, run: Run, groups: list[list[str]], actors: list, log: Callable):
         self.ray, self.cfg, self.run_, self.groups, self.actors, self.log = ray, cfg, run, groups, actors, log
-        self.retried, self.task_seconds, self.n_tasks = 0, 0.0, 0
+        self.retried, self.task_seconds, self.merge_seconds, self.n_tasks = 0, 0.0, 0.0, 0
         self.per_worker: dict[str, list[float]] = {}  # worker -> [tokens, seconds]
         self.failures = {id(a): 0 for a in actors}
         self.n_closed = 0  # tasks of the groups finished in this attempt
@@ -243,8 +245,8 @@ class _Driver:
                 if self.failures[id(actor)] <= MAX_RESTARTS:
                     idle.append(actor)  # at the back: another idle worker takes the task first
                 elif not idle and not running:
-                    raise PrecomputeError(f"Every Ray worker died more than {MAX_RESTARTS} times; the merged "
-                                          "state is checkpointed: run the same command again to resume.") from None
+                    raise PrecomputeError(f"Every Ray worker died more than {MAX_RESTARTS} times: run the same "
+                                          "command again to resume from the last checkpoint.") from None
                 continue
             idle.append(actor)
             self._merge(task, result, finals)
@@ -309,9 +311,10 @@ class _GroupState:
         return len(self.done) == len(self.tasks)
 
     def add(self, task: Task, result: dict) -> None:
-        device = self.driver.run_.lm.device
+        device, started = self.driver.run_.lm.device, time.time()
         for name, s in self.stats.items():
             s.merge(FeatureStats.from_state_dict(result["stats"][name], device=device))
+        self.driver.merge_seconds += time.time() - started
         self.done.add(task)
         self.seconds += result["seconds"]
         self.unsaved_batches += -(-(task.last - task.first) // self.driver.cfg.batch_size)
