@@ -96,7 +96,8 @@ def report(runs: dict, round_trip: float, args, lm) -> None:
     reference = tables(runs["single process"][1])
     n_tokens = args.tokens // (args.context_len - 1) * args.context_len
     print(f"SmolLM2-135M (fp32, CPU, {os.cpu_count()} cores), 2 SAEs of width {args.width:,} (6-res, 12-res), "
-          f"~{n_tokens:,} tokens, batch {args.batch_size}; bare Ray actor round trip {round_trip:.2f} ms")
+          f"~{n_tokens:,} tokens, batch {args.batch_size}; bare Ray actor round trip {round_trip:.2f} ms; "
+          f"load average at the end {os.getloadavg()[0]:.1f} (other jobs share the cores)")
     print(f"{'run':<18} {'stream s':>9} {'x single':>9} {'job s':>7} {'x single':>9} {'tasks':>6} "
           f"{'overhead/task':>14}  same DB")
     for name, (t, path) in runs.items():

@@ -28,7 +28,7 @@ except ImportError:  # the test install (scripts/install.sh test) has it: the `r
 
 pytestmark = pytest.mark.slow
 EXE = str(Path(sys.executable).parent / "featurescope")
-TOKENS = 12_000
+TOKENS = 6_000
 MEMORY_BUDGET = 650_000  # two model passes: (1-res, 2-res) and (3-res)
 
 
