@@ -149,11 +149,19 @@ def _start_workers(ray, cfg: PrecomputeConfig, run: Run) -> list:
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     n = cfg.ray_workers or gpus or int(resources.get("CPU", 1))
-    per_worker = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-    worker = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0, **per_worker)(PrecomputeWorker)
+    kind = "GPU" if gpus else "CPU"
+    if n > int(resources.get(kind, 0)):
+        raise PrecomputeError(f"--ray-workers {n} asks for more than the cluster's {int(resources.get(kind, 0))} "
+                              f"{kind}s (one per worker).")
+    worker = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0, **{f"num_{kind.lower()}s": 1})(PrecomputeWorker)
     sources = dict(zip(run.saes, cfg.saes))
     actors = [worker.remote(cfg, sources) for _ in range(n)]
-    ray.get([a.ready.remote() for a in actors])  # a model that does not load fails here, before any task
+    try:
+        ray.get([a.ready.remote() for a in actors])  # before any task
+    except ray.exceptions.RayError as exc:
+        cause = str(exc).strip().splitlines()[-1]
+        raise PrecomputeError(f"A Ray worker could not load model {cfg.model!r} ({cause}): every machine needs "
+                              "FeatureScope installed and the model and SAE sources under the same names.") from None
     return actors
 
 
@@ -280,13 +288,10 @@ class _GroupState:
 
     def __init__(self, driver: _Driver, group: int, tasks: list[Task]):
         self.driver, self.group, self.tasks, self.done = driver, group, tasks, set()
-        cfg, lm = driver.cfg, driver.run_.lm
-        names = driver.groups[group]
-        self.stats = {name: FeatureStats(driver.run_.saes[name].d_sae, cfg.context_len, top_k=cfg.top_k,
-                                         n_intervals=cfg.n_intervals, examples_per_interval=cfg.examples_per_interval,
-                                         device=lm.device) for name in names}
+        # Made from the first result: the driver holds only the state of the groups in flight (the memory plan's).
+        self.stats: dict[str, FeatureStats] | None = None
         self.seconds, self.unsaved_batches = 0.0, 0
-        done = group_path(cfg, driver.run_.work_dir, group, len(driver.groups))
+        done = group_path(driver.cfg, driver.run_.work_dir, group, len(driver.groups))
         self.done_path, self.checkpoint = done, done.with_name(f"ray-checkpoint-{done.name}")
 
     @classmethod
@@ -298,8 +303,7 @@ class _GroupState:
         state.tasks = [Task(group, a, b) for a, b in saved["tasks"]]  # the slicing of the first start
         state.done = {Task(group, a, b) for a, b in saved["done"]}
         state.seconds = saved["seconds"]
-        for name, s in state.stats.items():
-            s.load_state_dict(saved["stats"][name])
+        state.stats = {name: FeatureStats.from_state_dict(s, device=driver.run_.lm.device) for name, s in saved["stats"].items()}
         driver.log(f"Resuming group {group + 1}/{len(driver.groups)} of run {driver.cfg.run_id()}: "
                    f"{len(state.done)}/{len(state.tasks)} tasks merged before ({state.checkpoint.name}).")
         return state
@@ -312,8 +316,12 @@ class _GroupState:
 
     def add(self, task: Task, result: dict) -> None:
         device, started = self.driver.run_.lm.device, time.time()
-        for name, s in self.stats.items():
-            s.merge(FeatureStats.from_state_dict(result["stats"][name], device=device))
+        theirs = {name: FeatureStats.from_state_dict(s, device=device) for name, s in result["stats"].items()}
+        if self.stats is None:
+            self.stats = theirs
+        else:
+            for name, s in self.stats.items():
+                s.merge(theirs[name])
         self.driver.merge_seconds += time.time() - started
         self.done.add(task)
         self.seconds += result["seconds"]

@@ -201,3 +201,11 @@ def test_the_ray_option_takes_an_optional_address(argv, value):
     command = get_command(app).commands["precompute"]
     for args in (["--sae", "x", *argv], [*argv, "--sae", "x"]):
         assert command.make_context("precompute", with_optional_values(args)).params["ray"] == value
+
+
+def test_more_workers_than_the_cluster_has_cpus_fails_before_any_task(cluster, tiny_gemma2, tiny_gemma2_path,
+                                                                      sae_dirs, tmp_path):
+    cfg = _config(tiny_gemma2_path, sae_dirs, tmp_path, ray=cluster.address, ray_workers=3)
+    with pytest.raises(PrecomputeError, match=r"--ray-workers 3 asks for more than the cluster's 2 CPUs"):
+        run_precompute(cfg, lm=tiny_gemma2, log=lambda *_: None)
+    assert not list(tmp_path.glob("runs/*/*.pt")) and not (tmp_path / "db").exists()
