@@ -4,7 +4,7 @@
     .venv/bin/python bench/ray_precompute.py --tokens 65536 --width 8192
 
 Writes two Gemma Scope-layout SAEs (6-res, 12-res) calibrated on the embedded SmolLM2-135M
-(bench/synthetic_release.py), starts one local Ray instance with as many CPUs as the machine has, and runs
+(bench/synthetic_release.py, on 32 random contexts), starts one local Ray instance with as many CPUs as the machine has, and runs
 the same job three times: in this process, then on Ray with 1 and with 2 workers (one CPU and one model copy
 each). For each it prints the streaming pass's seconds (the Ray driver's: from the first task sent to the
 last state merged), the whole job's, their ratio to the single process, the tasks, and the scheduling
@@ -43,6 +43,11 @@ def tables(path: Path) -> dict:
         con.close()
 
 
+def same(tables_: dict, reference: dict) -> str:
+    differ = [name for name in reference if tables_[name] != reference[name]]
+    return "yes" if not differ else "NO: " + ", ".join(differ)
+
+
 def round_trip_ms(ray, calls: int = 200) -> float:
     @ray.remote(num_cpus=0)
     class Echo:
@@ -70,7 +75,8 @@ def main() -> None:
 
     lm = load_model("smollm2-135m", device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        written = write_release(Path(tmp) / "saes", lm, args.width, [Site(6, "res"), Site(12, "res")], log=lambda *_: None)
+        written = write_release(Path(tmp) / "saes", lm, args.width, [Site(6, "res"), Site(12, "res")],
+                                calibration_contexts=32, log=lambda *_: None)
         saes = [str(paths[0]) for _, paths in sorted(written.items())]
         base = dict(model="smollm2-135m", saes=saes, max_tokens=args.tokens, context_len=args.context_len,
                     batch_size=args.batch_size, device="cpu", progress=False)
@@ -104,7 +110,7 @@ def report(runs: dict, round_trip: float, args, lm) -> None:
         tasks = t.get("tasks")
         overhead = f"{(t['stream'] * t['workers'] - t['task_seconds']) / tasks * 1e3:.0f} ms" if tasks else "-"
         print(f"{name:<18} {t['stream']:>9.1f} {t['stream'] / single['stream']:>9.2f} {t['total']:>7.1f} "
-              f"{t['total'] / single['total']:>9.2f} {tasks or '-':>6} {overhead:>14}  {tables(path) == reference}")
+              f"{t['total'] / single['total']:>9.2f} {tasks or '-':>6} {overhead:>14}  {same(tables(path), reference)}")
     state = 2 * expected_memory_bytes(args.width, 20, 5)
     two = runs["Ray, 2 workers"][0]
     print(f"bytes per task: tokens in {n_tokens // two['tasks'] * 8 / 1e3:.0f} kB (int64, {two['tasks']} tasks), "

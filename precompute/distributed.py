@@ -155,7 +155,7 @@ def _start_workers(ray, cfg: PrecomputeConfig, run: Run) -> list:
                               f"{kind}s (one per worker).")
     worker = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0, **{f"num_{kind.lower()}s": 1})(PrecomputeWorker)
     sources = dict(zip(run.saes, cfg.saes))
-    actors = [worker.remote(cfg, sources) for _ in range(n)]
+    actors = [worker.remote(cfg, sources, torch.get_num_threads()) for _ in range(n)]
     try:
         ray.get([a.ready.remote() for a in actors])  # before any task
     except ray.exceptions.RayError as exc:
@@ -168,10 +168,15 @@ def _start_workers(ray, cfg: PrecomputeConfig, run: Run) -> list:
 class PrecomputeWorker:
     """A Ray actor on one device: the model once, the current group's SAEs once, any number of tasks."""
 
-    def __init__(self, cfg: PrecomputeConfig, sources: dict[str, str]):
+    def __init__(self, cfg: PrecomputeConfig, sources: dict[str, str], threads: int):
         self.cfg = dataclasses.replace(cfg, progress=False, checkpoint_every=0)
         self.sources = sources
         self.lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        if self.lm.device.type == "cpu":
+            # The driver's thread count, not Ray's one per CPU: fp32 matmuls on the CPU round differently with
+            # another thread count (SmolLM2's layer 12 did, in a batch of 2 contexts), and the result must be
+            # the single run's on the driver's machine.
+            torch.set_num_threads(threads)
         self.encoder: FeatureEncoder | None = None
         import ray
 
