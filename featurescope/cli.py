@@ -481,9 +481,23 @@ def _serve(settings, preloaded: dict | None = None) -> None:
     serve(settings, preloaded)
 
 
+# Options whose value may be left out, and what they mean alone (click options cannot have optional values).
+OPTIONAL_VALUES = {"--ray": "local"}
+
+
+def with_optional_values(argv: list[str]) -> list[str]:
+    """argv with each bare optional-value option (last, or followed by another option) given its default."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg in OPTIONAL_VALUES and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append(OPTIONAL_VALUES[arg])
+    return out
+
+
 def main() -> None:
     try:
-        app()
+        app(args=with_optional_values(sys.argv[1:]))
     except USER_ERRORS as exc:
         typer.secho(f"Error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)

@@ -62,6 +62,12 @@ class PrecomputeConfig:
     shard: tuple[int, int] | None = setting(None, "I/N: process only slice I of N of the contexts (e.g. 0/4) and save "
                                             "its statistics.", metadata=SAME_RESULT)
     merge_shards: int = setting(0, "N: merge the N saved shards of this run and publish it.", metadata=SAME_RESULT)
+    # `--ray` alone reads as `--ray local` (featurescope/cli.py: with_optional_values).
+    ray: str | None = setting(None, "Run on Ray (precompute/distributed.py): no value starts a local Ray instance, "
+                              "'auto' joins the running cluster (ray start), ray://HOST:PORT or HOST:PORT a remote one.",
+                              metadata=SAME_RESULT)
+    ray_workers: int | None = setting(None, "Ray workers, one model copy each (default: one per GPU of the cluster, "
+                                      "else one per CPU).", metadata=SAME_RESULT, min=1)
     progress: bool = setting(True, cli=False, metadata=SAME_RESULT)
 
     def result_config(self) -> dict:

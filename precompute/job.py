@@ -97,6 +97,50 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     links' own share of finish), and passes: [(SAE names, streaming seconds)] per group streamed now."""
     started = time.time()
     cfg = with_expanded_sources(cfg)
+    if cfg.ray is not None:
+        from featurescope.precompute.distributed import run_on_ray  # Ray is an optional extra
+
+        if site_acts is not None:
+            raise PrecomputeError("--ray runs the model on its workers: activations given here cannot be used with it.")
+        return run_on_ray(cfg, lm, log, timings)
+    run = open_run(cfg, lm, log, site_acts)
+    if isinstance(run, Path):
+        return run
+    groups = _plan_groups(cfg, run.lm, run.saes, run.work_dir, log)
+    if cfg.merge_shards:
+        finals, previous_seconds = _merge_shard_files(cfg, run.work_dir, run.saes, groups, run.lm.device)
+        stream_seconds, passes = 0.0, []
+    else:
+        finals, stream_seconds, previous_seconds, passes = {}, 0.0, 0.0, []
+        for g, names in enumerate(groups):
+            group_finals, streamed, previous = _stream_group(cfg, run.encode, run.saes, groups, g, run.work_dir, log)
+            finals.update(group_finals)
+            stream_seconds, previous_seconds = stream_seconds + streamed, previous_seconds + previous
+            passes.append((names, streamed))
+        if cfg.shard:
+            log(f"Saved shard {cfg.shard[0]}/{cfg.shard[1]} in {run.work_dir}; when all {cfg.shard[1]} are done, run "
+                f"the same command with --merge-shards {cfg.shard[1]}.")
+            return run.work_dir
+    published = publish(cfg, run, groups, finals, started, previous_seconds, log, timings)
+    if timings is not None:
+        timings.update(stream=stream_seconds, passes=passes)
+    return published
+
+
+@dataclasses.dataclass
+class Run:
+    """A run ready to stream: its model, SAEs by id, contexts, work folder and the file it publishes."""
+    lm: LoadedModel
+    saes: dict[str, JumpReLUSAE]
+    contexts: torch.Tensor  # [n_contexts, context_len] token ids
+    starts_document: torch.Tensor  # [n_contexts] bool: the context begins a document (no warm-up, positions.py)
+    encode: Encode
+    work_dir: Path
+    target: Path
+
+
+def open_run(cfg: PrecomputeConfig, lm: LoadedModel | None, log, site_acts: SiteActivations | None = None) -> Run | Path:
+    """Check the input (SAEs, model, corpus) and read the contexts; the published path if the run is complete."""
     lm, saes, target = _prepare(cfg, lm)
     if target.exists() and not cfg.force:
         log(f"Already complete: {target} (run {cfg.run_id()}). Pass --force to recompute.")
@@ -105,42 +149,32 @@ def run_precompute(cfg: PrecomputeConfig, lm: LoadedModel | None = None, log=pri
     if site_acts is not None and not torch.equal(site_acts.contexts, contexts):
         raise PrecomputeError(f"The activations given are for {len(site_acts.contexts)} other contexts, "
                               f"not this run's {len(contexts)}: run it without them.")
-    encode = _Encode(lm, contexts, starts_document, site_acts)
     work_dir = Path(cfg.data_dir) / "runs" / cfg.run_id()
     work_dir.mkdir(parents=True, exist_ok=True)
-    groups = _plan_groups(cfg, lm, saes, work_dir, log)
-    if cfg.merge_shards:
-        finals, previous_seconds = _merge_shard_files(cfg, work_dir, saes, groups, lm.device)
-        stream_seconds, passes = 0.0, []
-    else:
-        finals, stream_seconds, previous_seconds, passes = {}, 0.0, 0.0, []
-        for g, names in enumerate(groups):
-            group_finals, streamed, previous = _stream_group(cfg, encode, saes, groups, g, work_dir, log)
-            finals.update(group_finals)
-            stream_seconds, previous_seconds = stream_seconds + streamed, previous_seconds + previous
-            passes.append((names, streamed))
-        if cfg.shard:
-            log(f"Saved shard {cfg.shard[0]}/{cfg.shard[1]} in {work_dir}; when all {cfg.shard[1]} are done, run "
-                f"the same command with --merge-shards {cfg.shard[1]}.")
-            return work_dir
+    return Run(lm, saes, contexts, starts_document, Encode(lm, contexts, starts_document, site_acts), work_dir, target)
+
+
+def publish(cfg: PrecomputeConfig, run: Run, groups: list[list[str]], finals: dict[str, dict], started: float,
+            previous_seconds: float, log, timings: dict | None = None) -> Path:
+    """The finish step (examples, logit effects, neighbours, links), then the DuckDB file, published atomically."""
     log("Finishing: the examples' per-token activations, logit effects, neighbours ...")
     phases = {"finish": 0.0, "links": 0.0}
     write_started = time.time()
-    staging = work_dir / "staging.duckdb"
+    staging = run.work_dir / "staging.duckdb"
     run_seconds = lambda: previous_seconds + (time.time() - started)  # noqa: E731  (read once the SAEs are written)
+    lm, contexts = run.lm, run.contexts
     write_run_db(staging, model_row=_model_row(lm), vocab=lm.token_strings(range(lm.vocab_size)), contexts=contexts.numpy(),
-                 starts_document=starts_document.numpy(), run_row=lambda: _run_row(cfg, lm, contexts, run_seconds()), sae_ids=list(saes),
-                 saes=_finish(cfg, lm, encode, saes, groups, finals, phases))
+                 starts_document=run.starts_document.numpy(), run_row=lambda: _run_row(cfg, lm, contexts, run_seconds()),
+                 sae_ids=list(run.saes), saes=_finish(cfg, lm, run.encode, run.saes, groups, finals, phases))
     write_seconds = time.time() - write_started - phases["finish"]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, target)  # atomic publish: readers see the old file or the complete new one
-    for leftover in [*work_dir.glob("*.pt"), work_dir / PLAN_FILE]:
+    run.target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, run.target)  # atomic publish: readers see the old file or the complete new one
+    for leftover in [*run.work_dir.glob("*.pt"), run.work_dir / PLAN_FILE]:
         leftover.unlink(missing_ok=True)
-    _summary(log, target, contexts, finals, time.time() - started, write_seconds)
+    _summary(log, run.target, contexts, finals, time.time() - started, write_seconds)
     if timings is not None:
-        timings.update(stream=stream_seconds, finish=phases["finish"], write=write_seconds,
-                       total=time.time() - started, links=phases["links"], passes=passes)
-    return target
+        timings.update(finish=phases["finish"], write=write_seconds, total=time.time() - started, links=phases["links"])
+    return run.target
 
 
 def _prepare(cfg: PrecomputeConfig, lm: LoadedModel | None) -> tuple[LoadedModel, dict[str, JumpReLUSAE], Path]:
@@ -203,16 +237,16 @@ def _shard_range(cfg: PrecomputeConfig, n_contexts: int) -> tuple[int, int]:
     return i * n_contexts // n, (i + 1) * n_contexts // n
 
 
-def _stream_group(cfg, encode: _Encode, saes: dict, groups: list[list[str]], g: int, work_dir: Path,
+def _stream_group(cfg, encode: Encode, saes: dict, groups: list[list[str]], g: int, work_dir: Path,
                   log) -> tuple[dict[str, dict], float, float]:
     """Stream group g over this run's (or shard's) contexts, or load its saved statistics if it is done.
     Returns its SAEs' finalized statistics, the seconds streamed now and those of earlier attempts."""
-    part = _part_name(cfg, g, len(groups))
-    done, checkpoint = work_dir / f"{part}.pt", work_dir / f"checkpoint-{part}.pt"
+    done = group_path(cfg, work_dir, g, len(groups))
+    checkpoint = work_dir / f"checkpoint-{done.name}"
     if done.exists() and not cfg.force:
-        state = torch.load(done, map_location="cpu", weights_only=False)
         log(f"Group {g + 1}/{len(groups)} was done before ({done.name}).")
-        return {name: FeatureStats.from_state_dict(s).finalize() for name, s in state["stats"].items()}, 0.0, state["seconds"]
+        finals, previous = load_group(done)
+        return finals, 0.0, previous
     encoder = FeatureEncoder(encode.lm, {name: saes[name] for name in groups[g]})
     first, last = _shard_range(cfg, len(encode.contexts))
     stats, next_context, previous = _start_or_resume(cfg, checkpoint, encoder, first, log)
@@ -224,12 +258,28 @@ def _stream_group(cfg, encode: _Encode, saes: dict, groups: list[list[str]], g: 
         rest = per_batch * batches * sum(features) / features[0]
         log(f"First batches: {per_batch:.2f} s per batch -> ~{_duration(per_batch * batches)} for this pass"
             + (f", ~{_duration(rest)} for the {len(features)} passes left (scaled by their features)." if len(features) > 1 else "."))
-    seconds = _stream(cfg, encode, encoder, stats, next_context, last, checkpoint, desc, estimate)
-    _atomic_save({"seconds": previous + seconds, "stats": {name: s.state_dict(copy=False) for name, s in stats.items()}}, done)
+    seconds = stream(cfg, encode, encoder, stats, next_context, last, checkpoint, desc, estimate)
+    finals = save_group(stats, previous + seconds, done)
     checkpoint.unlink(missing_ok=True)
-    finals = {name: s.finalize() for name, s in stats.items()}
     _release(encoder)
     return finals, seconds, previous
+
+
+def group_path(cfg: PrecomputeConfig, work_dir: Path, group: int, n_groups: int) -> Path:
+    """Where a finished group's statistics are kept until the run is published."""
+    return work_dir / f"{_part_name(cfg, group, n_groups)}.pt"
+
+
+def save_group(stats: dict[str, FeatureStats], seconds: float, path: Path) -> dict[str, dict]:
+    """Save a finished group's statistics (a resumed run skips the group); returns them finalized."""
+    _atomic_save({"seconds": seconds, "stats": {name: s.state_dict(copy=False) for name, s in stats.items()}}, path)
+    return {name: s.finalize() for name, s in stats.items()}
+
+
+def load_group(path: Path) -> tuple[dict[str, dict], float]:
+    """A finished group's finalized statistics and the seconds its streaming took."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return {name: FeatureStats.from_state_dict(s).finalize() for name, s in state["stats"].items()}, state["seconds"]
 
 
 def _duration(seconds: float) -> str:
@@ -287,7 +337,7 @@ def _contexts(cfg: PrecomputeConfig, lm: LoadedModel) -> PackedContexts:
     return packed
 
 
-def _new_stats(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> dict[str, FeatureStats]:
+def new_stats(cfg: PrecomputeConfig, encoder: FeatureEncoder) -> dict[str, FeatureStats]:
     return {name: FeatureStats(sae.d_sae, cfg.context_len, top_k=cfg.top_k, n_intervals=cfg.n_intervals,
                                examples_per_interval=cfg.examples_per_interval, device=encoder.lm.device)
             for name, sae in encoder.saes.items()}
@@ -302,7 +352,7 @@ def _link_plan(cfg: PrecomputeConfig, saes: dict[str, JumpReLUSAE]) -> LinkPlan 
 
 
 def _start_or_resume(cfg, checkpoint: Path, encoder: FeatureEncoder, first: int, log) -> tuple[dict, int, float]:
-    stats = _new_stats(cfg, encoder)
+    stats = new_stats(cfg, encoder)
     if not checkpoint.exists() or cfg.force:
         return stats, first, 0.0
     state = torch.load(checkpoint, map_location=encoder.lm.device, weights_only=False)
@@ -318,21 +368,22 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)  # a kill mid-save leaves the previous file intact
 
 
-class _Encode:
+class Encode:
     """Feature activations and counted positions of some of the run's contexts, one SAE after the other:
     the encoder's forward pass, or the site activations a caller captured for these contexts (the same SAE
     code either way)."""
 
     def __init__(self, lm: LoadedModel, contexts: torch.Tensor, starts_document: torch.Tensor,
-                 site_acts: SiteActivations | None):
+                 site_acts: SiteActivations | None, first_id: int = 0):
         self.lm, self.contexts, self.starts_document, self.site_acts = lm, contexts, starts_document, site_acts
+        self.first_id = first_id  # context id of row 0: a Ray task holds only its slice of the run's contexts
 
     def __call__(self, encoder: FeatureEncoder, index: slice | torch.Tensor) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         given = None if self.site_acts is None else self.site_acts.rows(index, encoder.sites.values())
         return encoder.encode_each(self.contexts[index], site_acts=given, starts_document=self.starts_document[index])
 
 
-def _stream(cfg, encode: _Encode, encoder: FeatureEncoder, stats: dict, start: int, stop: int, checkpoint: Path,
+def stream(cfg, encode: Encode, encoder: FeatureEncoder, stats: dict, start: int, stop: int, checkpoint: Path,
             desc: str, on_measured=None) -> float:
     """The main loop over contexts [start, stop): one forward per batch, every SAE's statistics updated from it.
     Returns the seconds it took. on_measured(seconds per batch), if given, is called once after the first
@@ -346,7 +397,7 @@ def _stream(cfg, encode: _Encode, encoder: FeatureEncoder, stats: dict, start: i
     started = time.time()
     for batch_no, first in enumerate(range(start, stop, cfg.batch_size), start=1):
         rows = slice(first, min(first + cfg.batch_size, stop))
-        context_ids = torch.arange(rows.start, rows.stop, device=encoder.lm.device)
+        context_ids = torch.arange(rows.start, rows.stop, device=encoder.lm.device) + encode.first_id
         # Per SAE: [B, T, d_sae] acts and the positions that count (never BOS/EOS/pad or norm outliers)
         for name, acts, mask in encode(encoder, rows):
             stats[name].update(acts, context_ids, mask)
@@ -363,7 +414,7 @@ def _stream(cfg, encode: _Encode, encoder: FeatureEncoder, stats: dict, start: i
 
 
 @torch.no_grad()
-def _finish(cfg, lm: LoadedModel, encode: _Encode, saes: dict[str, JumpReLUSAE], groups: list[list[str]],
+def _finish(cfg, lm: LoadedModel, encode: Encode, saes: dict[str, JumpReLUSAE], groups: list[list[str]],
             finals: dict[str, dict], phases: dict) -> Iterator[SAEResult]:
     """Each SAE's complete result, a chunk of SAEs at a time (the writer stores and drops one chunk before the
     next is computed); phases["finish"] and phases["links"] accumulate the seconds spent here."""
@@ -399,7 +450,7 @@ def _example_chunks(names: list[str], saes: dict[str, JumpReLUSAE]) -> Iterator[
     yield chunk
 
 
-def _example_pass(cfg, encode: _Encode, saes: dict[str, JumpReLUSAE], names: list[str], finals: dict,
+def _example_pass(cfg, encode: Encode, saes: dict[str, JumpReLUSAE], names: list[str], finals: dict,
                   plan: LinkPlan | None, phases: dict) -> tuple[dict[str, dict], dict[str, list]]:
     """Re-encode the contexts some example of SAEs `names` names, with the same encoder (the values the live
     encoder gives): every example's per-token acts (precompute/examples.py), and the peaks of the SAEs they

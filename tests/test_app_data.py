@@ -197,6 +197,24 @@ def test_docker_compose_file_is_valid():
     assert "HF_TOKEN: hf_test" in config and "/-/health" in config and "/data:ro" in config
 
 
+def test_docker_compose_has_a_ray_head_and_a_gpu_worker_that_joins_it():
+    import yaml
+
+    binary = shutil.which("docker-compose")
+    require_test_tool(binary is not None, "docker-compose is not installed (bash scripts/install_test_tools.sh installs it)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([binary, "-f", os.path.join(root, "docker-compose.yml"), "--profile", "ray", "config"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    head, worker = services["ray-head"], services["ray-worker"]
+    assert "ray start --head --port 6379" in " ".join(head["command"]) and "[ray]" in " ".join(head["command"])
+    assert worker["command"][1:] == ["start", "--address", "ray-head:6379", "--block"]
+    assert worker["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert any(v.endswith("/data:/data:rw") for v in head["volumes"])  # the driver publishes on the head
+
+
 def test_a_files_cached_result_is_built_once_however_many_threads_ask_at_once(tmp_path):
     """DataFile.cached, the one per-file cache (vocab, contexts, histograms, the catalog...): concurrent first
     requests wait for one build instead of each running the query."""
