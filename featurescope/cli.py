@@ -20,6 +20,7 @@ import typer
 from featurescope.app.settings import Settings
 from featurescope.cli_options import options_from
 from featurescope.errors import FeatureScopeError
+from featurescope.explain_config import ExplainConfig
 from featurescope.memory import parse_bytes
 from featurescope.precompute.config import PrecomputeConfig
 from featurescope.site_names import parse_site
@@ -421,6 +422,28 @@ def precompute(**config) -> None:
     from featurescope.precompute.job import run_precompute
 
     run_precompute(PrecomputeConfig(**config), log=typer.echo)
+
+
+@app.command()
+@options_from(ExplainConfig)
+def explain(**config) -> None:
+    """Explain features with an LLM behind any OpenAI-compatible endpoint and score the explanations.
+
+    Explanations and scores go to the run's side file, <run>.explanations.duckdb, one batch at a time
+    (the published run file is never changed); the same command again skips what is done."""
+    from featurescope.explain import run_explain
+
+    try:
+        cfg = ExplainConfig(**config)
+        cfg.scorers
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    result = run_explain(cfg, log=typer.echo)
+    usage = result.usage
+    per_minute = 60 * result.explained / result.seconds if result.seconds else 0.0
+    typer.echo(f"{result.explained} explained, {result.skipped} already done, {len(result.failed)} failed in "
+               f"{result.seconds:.1f} s ({per_minute:.1f} per minute); {usage.requests} requests, {usage.retries} "
+               f"retries, {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens -> {result.side_file}")
 
 
 db_app = typer.Typer(help="Create and migrate FeatureScope DuckDB files (Alembic).", no_args_is_help=True)

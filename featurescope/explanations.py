@@ -1,0 +1,256 @@
+"""Explanations and their scores, in a side file next to a published run: `<run>.explanations.duckdb`.
+
+A published run file never changes (its readers rely on that), so `featurescope explain` writes here. The
+side file has its own small schema (SCHEMA_VERSION below, kept in its `meta` table; a newer version adds a
+step to MIGRATIONS) and is published like a run: each batch is written into a hidden copy that replaces the
+side file with os.replace, so a reader (the server, which attaches it read-only) sees every batch whole or
+not at all, and a killed or interrupted `explain` leaves the last published batch intact.
+
+    store = ExplanationStore.for_run("data/db/run.duckdb")
+    store.write_batch([Explanation(...)], [Score(...)])
+    search_explanations(conn, "python code")          # ranked: conn has the side file attached (see SEARCH_SQL)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import duckdb
+
+SUFFIX = ".explanations.duckdb"
+SCHEMA_VERSION = 1
+METHODS = ("detection", "fuzz")  # scorers
+
+# Version 1. Explanations are keyed by (model, SAE, feature, explainer model, method, prompt version): a
+# re-run with the same explainer and prompt skips what is there, another explainer adds its own row.
+SCHEMA_V1 = """
+CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE explanations (
+    id INTEGER PRIMARY KEY, model_id VARCHAR, sae_id VARCHAR, feature INTEGER, run_id VARCHAR,
+    explainer VARCHAR, method VARCHAR, prompt_version VARCHAR, text VARCHAR,
+    prompt_tokens INTEGER, completion_tokens INTEGER, created_at TIMESTAMP,
+    UNIQUE (model_id, sae_id, feature, explainer, method, prompt_version));
+CREATE TABLE scores (
+    explanation_id INTEGER, scorer VARCHAR, kind VARCHAR, score DOUBLE, n_pos INTEGER, n_neg INTEGER,
+    correct_pos INTEGER, correct_neg INTEGER, created_at TIMESTAMP, PRIMARY KEY (explanation_id, scorer, kind));
+-- The search index: each distinct word of an explanation once (search_explanations ranks by them).
+CREATE TABLE terms (term VARCHAR, explanation_id INTEGER);
+"""
+MIGRATIONS = {1: SCHEMA_V1}  # version -> the DDL that brings the previous version to it
+
+
+class ExplanationError(Exception):
+    """A side file that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    model_id: str
+    sae_id: str
+    feature: int
+    run_id: str
+    explainer: str  # the explainer model's name, as the endpoint was asked for it
+    method: str  # how the prompt was built, e.g. "max-act+logits"
+    prompt_version: str
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    scores: tuple["Score", ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Score:
+    scorer: str  # the scorer model's name
+    kind: str  # one of METHODS
+    score: float  # balanced accuracy in [0, 1]
+    n_pos: int
+    n_neg: int
+    correct_pos: int
+    correct_neg: int
+
+
+def side_path(run_path: str | Path) -> Path:
+    """data/db/run.duckdb -> data/db/run.explanations.duckdb"""
+    run_path = Path(run_path)
+    return run_path.with_name(run_path.name.removesuffix(".duckdb") + SUFFIX)
+
+
+def is_side_file(name: str) -> bool:
+    return name.endswith(SUFFIX)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+class ExplanationStore:
+    """The writer of one side file. Not for concurrent writers: `explain` is the one writer of a run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+
+    @classmethod
+    def for_run(cls, run_path: str | Path) -> "ExplanationStore":
+        return cls(side_path(run_path))
+
+    def done(self, explainer: str, method: str, prompt_version: str, sae_id: str) -> set[int]:
+        """Features of an SAE already explained by this explainer, method and prompt version."""
+        if not self.path.exists():
+            return set()
+        with self._read() as conn:
+            rows = conn.execute("SELECT feature FROM explanations WHERE explainer = ? AND method = ? AND "
+                                "prompt_version = ? AND sae_id = ?", [explainer, method, prompt_version, sae_id]).fetchall()
+        return {r[0] for r in rows}
+
+    def write_batch(self, explanations: Sequence[Explanation]) -> None:
+        """Add explanations (with their scores) and publish the file atomically."""
+        if not explanations:
+            return
+        if self.path.exists():
+            shutil.copyfile(self.path, self._tmp)
+        else:
+            self._tmp.unlink(missing_ok=True)
+        try:
+            conn = duckdb.connect(str(self._tmp))
+            try:
+                _migrate(conn)
+                conn.execute("BEGIN")
+                _insert(conn, explanations)
+                conn.execute("COMMIT")
+                conn.execute("CHECKPOINT")
+            finally:
+                conn.close()
+            os.replace(self._tmp, self.path)
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def _read(self) -> duckdb.DuckDBPyConnection:
+        conn = duckdb.connect(":memory:")
+        conn.execute("ATTACH ? AS x (READ_ONLY)", [str(self.path)])
+        conn.execute("USE x")
+        return conn
+
+
+def _migrate(conn: duckdb.DuckDBPyConnection) -> None:
+    has_meta = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'").fetchone()[0]
+    version = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) if has_meta else 0
+    if version > SCHEMA_VERSION:
+        raise ExplanationError(f"The explanations file has schema version {version}; this featurescope writes "
+                               f"{SCHEMA_VERSION}: upgrade featurescope.")
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute(MIGRATIONS[step])
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(step)])
+
+
+def _insert(conn: duckdb.DuckDBPyConnection, explanations: Sequence[Explanation]) -> None:
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    next_id = conn.execute("SELECT coalesce(max(id), -1) + 1 FROM explanations").fetchone()[0]
+    for e in explanations:
+        key = [e.model_id, e.sae_id, e.feature, e.explainer, e.method, e.prompt_version]
+        old = conn.execute("SELECT id FROM explanations WHERE model_id = ? AND sae_id = ? AND feature = ? AND "
+                           "explainer = ? AND method = ? AND prompt_version = ?", key).fetchone()
+        if old is not None:  # the same explainer again (--force): replace it
+            for table, column in (("scores", "explanation_id"), ("terms", "explanation_id"), ("explanations", "id")):
+                conn.execute(f"DELETE FROM {table} WHERE {column} = ?", [old[0]])
+        conn.execute("INSERT INTO explanations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     [next_id, e.model_id, e.sae_id, e.feature, e.run_id, e.explainer, e.method, e.prompt_version,
+                      e.text, e.prompt_tokens, e.completion_tokens, now])
+        terms = sorted(set(words(e.text)))
+        if terms:
+            conn.executemany("INSERT INTO terms VALUES (?, ?)", [[t, next_id] for t in terms])
+        for s in e.scores:
+            conn.execute("INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         [next_id, s.scorer, s.kind, s.score, s.n_pos, s.n_neg, s.correct_pos, s.correct_neg, now])
+        next_id += 1
+
+
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    """The search terms of a text: lower-cased runs of letters and digits."""
+    return _WORD.findall(text.lower())
+
+
+# ------------------------------------------------------------------------------------------------ reading
+# A feature's explanations, best first: the highest mean score, unscored ones last, then the newest.
+BEST_FIRST = """
+SELECT e.id, e.model_id, e.sae_id, e.feature, e.explainer, e.method, e.prompt_version, e.text, e.created_at,
+       list({'scorer': s.scorer, 'kind': s.kind, 'score': s.score, 'n_pos': s.n_pos, 'n_neg': s.n_neg}
+            ORDER BY s.kind) FILTER (WHERE s.kind IS NOT NULL) AS scores,
+       avg(s.score) AS mean_score
+FROM {db}.explanations e LEFT JOIN {db}.scores s ON s.explanation_id = e.id
+WHERE {where}
+GROUP BY ALL
+ORDER BY e.model_id, e.sae_id, e.feature, mean_score DESC NULLS LAST, e.created_at DESC, e.id DESC
+"""
+
+
+def explanations_of(conn: duckdb.DuckDBPyConnection, db: str, model_id: str, sae_id: str,
+                    features: Iterable[int] | None = None) -> dict[int, list[dict]]:
+    """Every explanation of these features (None: all of the SAE), best first, by feature."""
+    where, params = "e.model_id = ? AND e.sae_id = ?", [model_id, sae_id]
+    if features is not None:
+        features = sorted(set(features))
+        if not features:
+            return {}
+        where += f" AND e.feature IN ({', '.join('?' * len(features))})"
+        params += features
+    cursor = conn.execute(BEST_FIRST.format(db=db, where=where), params)
+    names = [d[0] for d in cursor.description]
+    out: dict[int, list[dict]] = {}
+    for row in cursor.fetchall():
+        item = dict(zip(names, row))
+        item["scores"] = item["scores"] or []
+        out.setdefault(item["feature"], []).append(item)
+    return out
+
+
+# Ranked search: a query word matches a term equal to it (weight 1) or starting with it (weight 0.5), each
+# weighted by the term's inverse document frequency; an explanation's rank is the sum over the query's words,
+# then its mean score. A scan of the terms table (a few million short strings at 1M explanations) and a
+# join on integer ids: no extension needed (DuckDB's fts extension cannot be installed offline).
+SEARCH_SQL = """
+WITH q(word, pos) AS (VALUES {values}),
+     n AS (SELECT count(*)::DOUBLE AS docs FROM {db}.explanations),
+     m AS (SELECT t.explanation_id, t.term, q.pos, CASE WHEN t.term = q.word THEN 1.0 ELSE 0.5 END AS w
+           FROM {db}.terms t JOIN q ON starts_with(t.term, q.word)),
+     df AS (SELECT term, count(DISTINCT explanation_id) AS df FROM m GROUP BY term),
+     best AS (SELECT m.explanation_id, m.pos, max(m.w * ln(1 + (n.docs - df.df + 0.5) / (df.df + 0.5))) AS s
+              FROM m JOIN df USING (term) CROSS JOIN n GROUP BY m.explanation_id, m.pos),
+     ranked AS (SELECT explanation_id, sum(s) AS rank, count(*) AS matched FROM best GROUP BY explanation_id)
+SELECT e.model_id, e.sae_id, e.feature, e.explainer, e.method, e.text, r.rank, r.matched,
+       (SELECT avg(score) FROM {db}.scores s WHERE s.explanation_id = e.id) AS mean_score
+FROM ranked r JOIN {db}.explanations e ON e.id = r.explanation_id
+WHERE e.model_id = ?
+ORDER BY r.matched DESC, r.rank DESC, mean_score DESC NULLS LAST, e.sae_id, e.feature
+LIMIT ?
+"""
+
+
+def search_explanations(conn: duckdb.DuckDBPyConnection, db: str, model_id: str, query: str,
+                        limit: int = 50) -> list[dict]:
+    """Explanations of a model whose words match the query's, best match first (see SEARCH_SQL)."""
+    terms = list(dict.fromkeys(words(query)))[:16]
+    if not terms:
+        return []
+    values = ", ".join(f"(?, {i})" for i in range(len(terms)))
+    cursor = conn.execute(SEARCH_SQL.format(db=db, values=values), [*terms, model_id, limit])
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def balanced_accuracy(correct_pos: int, n_pos: int, correct_neg: int, n_neg: int) -> float:
+    """The mean of the true positive and true negative rates (0.5 is chance)."""
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    return 0.5 * (correct_pos / n_pos + correct_neg / n_neg)
+
+
+def as_row(e: Explanation) -> dict:
+    return {k: v for k, v in asdict(e).items() if k != "scores"}
