@@ -25,7 +25,10 @@ import duckdb
 import sqlalchemy as sa
 from duckdb_engine import ConnectionWrapper
 
+from featurescope.explanations import is_side_file, side_path
+
 ATTACHED_NAME = "data"
+EXPLANATIONS_NAME = "expl"  # the run's side file of explanations, attached beside it when it exists
 T = TypeVar("T")
 
 
@@ -34,10 +37,12 @@ class FileSignature:
     inode: int
     size: int
     mtime_ns: int
+    side: tuple[int, int, int] | None = None  # the run's explanations file (featurescope/explanations.py), if any
 
     @classmethod
-    def of(cls, stat: os.stat_result) -> "FileSignature":
-        return cls(stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    def of(cls, stat: os.stat_result, side: os.stat_result | None = None) -> "FileSignature":
+        return cls(stat.st_ino, stat.st_size, stat.st_mtime_ns,
+                   (side.st_ino, side.st_size, side.st_mtime_ns) if side is not None else None)
 
 
 class DataFile:
@@ -51,6 +56,14 @@ class DataFile:
         self._cache_lock = threading.RLock()  # a build may read another cached result of the same file
         root = duckdb.connect(":memory:", config={"threads": 1})
         root.execute(f"ATTACH ? AS {ATTACHED_NAME} (READ_ONLY)", [str(path)])
+        # Explanations are written beside a published run, never into it (`featurescope explain` replaces the
+        # side file atomically per batch): its signature is part of this file's, so a new batch is a new DataFile.
+        self.has_explanations = signature.side is not None
+        if self.has_explanations:
+            try:
+                root.execute(f"ATTACH ? AS {EXPLANATIONS_NAME} (READ_ONLY)", [str(side_path(path))])
+            except duckdb.Error:  # replaced between the listing and now: the next scan attaches the new one
+                self.has_explanations = False
         self._root = root
 
         def new_connection() -> ConnectionWrapper:
@@ -72,6 +85,12 @@ class DataFile:
 
     def connect(self) -> sa.Connection:
         return self.engine.connect()
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A plain DuckDB cursor on this file (and its explanations as `expl.*`); close it after use."""
+        cursor = self._root.cursor()
+        cursor.execute(f"USE {ATTACHED_NAME}")
+        return cursor
 
     def cached(self, key: Hashable, build: Callable[[], T]) -> T:
         """build() once per file and key, however many threads ask at once; later calls read it without a lock."""
@@ -163,11 +182,17 @@ def _listing(folder: Path) -> list[tuple[Path, FileSignature]]:
     except FileNotFoundError:
         return []
     for entry in entries:
-        if entry.name.startswith(".") or not entry.name.endswith(".duckdb") or not entry.is_file():
+        if entry.name.startswith(".") or not entry.name.endswith(".duckdb") or is_side_file(entry.name) \
+                or not entry.is_file():
             continue
         try:
-            found.append((Path(entry.path), FileSignature.of(entry.stat())))
+            stat = entry.stat()
         except FileNotFoundError:  # replaced or removed between scandir and stat
             continue
+        try:
+            side = os.stat(side_path(entry.path))
+        except FileNotFoundError:
+            side = None
+        found.append((Path(entry.path), FileSignature.of(stat, side)))
     found.sort(key=lambda item: (-item[1].mtime_ns, item[0].name))
     return found
