@@ -181,7 +181,7 @@ def words(text: str) -> list[str]:
 # A feature's explanations, best first: the highest mean score, unscored ones last, then the newest.
 BEST_FIRST = """
 SELECT e.id, e.model_id, e.sae_id, e.feature, e.explainer, e.method, e.prompt_version, e.text, e.created_at,
-       list({'scorer': s.scorer, 'kind': s.kind, 'score': s.score, 'n_pos': s.n_pos, 'n_neg': s.n_neg}
+       list({{'scorer': s.scorer, 'kind': s.kind, 'score': s.score, 'n_pos': s.n_pos, 'n_neg': s.n_neg}}
             ORDER BY s.kind) FILTER (WHERE s.kind IS NOT NULL) AS scores,
        avg(s.score) AS mean_score
 FROM {db}.explanations e LEFT JOIN {db}.scores s ON s.explanation_id = e.id
