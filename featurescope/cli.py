@@ -510,3 +510,7 @@ def main() -> None:
     except USER_ERRORS as exc:
         typer.secho(f"Error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
