@@ -254,6 +254,9 @@ def demo(
     tokens: Annotated[int, typer.Option(help="Corpus tokens the demo precompute reads (contexts spread over the corpus; the SAEs' training contexts at the default).")] = 100_000,
     port: Annotated[int, typer.Option(help="Port of the explorer.")] = 8000,
     serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the explorer when done.")] = True,
+    explain: Annotated[int, typer.Option("--explain", help="Also explain and score this many features of the first demo "
+                                         "SAE with the embedded SmolLM2 (`featurescope explain --endpoint local`; a few "
+                                         "seconds to a minute each on a CPU); 0: none.", min=0)] = 0,
     device: DeviceOpt = "auto",
 ) -> None:
     """The embedded default end to end: train (or reuse) the demo SAEs, precompute, serve at 127.0.0.1."""
@@ -285,6 +288,12 @@ def demo(
                + (", from the training pass's activations (no second model pass)" if site_acts is not None else "") + " ...")
     published = run_precompute(cfg, lm=lm, log=typer.echo, site_acts=site_acts)
     del site_acts
+    if explain:
+        from featurescope.explain import run_explain
+
+        first_sae = _sae_ids(published)[0]
+        typer.echo(f"      Explaining {explain} features of {first_sae} with the embedded SmolLM2 (a weak explainer) ...")
+        run_explain(ExplainConfig(run=published, sae=first_sae, features=f"0-{explain - 1}"), log=typer.echo)
     if not serve_after:
         typer.echo(f"Done: {published}. Serve it with: featurescope serve --data-dir {data_dir}")
         return
@@ -294,6 +303,13 @@ def demo(
     settings = Settings(data_dir=Path(data_dir).resolve(), port=port, device=device, load_models="startup",
                         local_htmx=local_htmx if local_htmx.is_file() else None)
     _serve(settings, preloaded={lm.name: lm})  # live encoding reuses the model loaded above
+
+
+def _sae_ids(run_file: Path) -> list[str]:
+    import duckdb
+
+    with duckdb.connect(str(run_file), read_only=True) as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM saes ORDER BY layer, id").fetchall()]
 
 
 def _first_run_estimate(lm, cfg, train: bool, precompute_tokens: int, reuse_pass: bool) -> str:
