@@ -382,6 +382,7 @@ class LiveFeature(TypedDict):
     density: float
     label: str
     label_kind: str | None
+    explanation: NotRequired[str]  # its best explanation (featurescope explain), when it has one
     pos: NotRequired[int]  # the token where it fires most (search and prompt lists)
     token: NotRequired[str]  # that token's text (prompt lists)
     strength: NotRequired[float]  # steering

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+import duckdb
+
 import pytest
 
 from featurescope.explanations import Explanation, ExplanationStore, Score, side_path
@@ -121,3 +123,60 @@ def test_a_new_batch_is_served_without_a_restart(client, data_dir):
     os.utime(side_path(data_dir / "db" / "tiny.duckdb"))
     assert client.get(f"/{MODEL}/2-res-64/9.json").json()["explanations"][0]["text"] == "closing brackets"
     assert client.get(f"/{MODEL}/-/explanations.json?q=bracket").json()["results"][0]["feature"] == 9
+
+
+@pytest.fixture(scope="module")
+def live_explained(live_data_dir, tmp_path_factory, tiny_gemma2):
+    """The live tests' real precompute run copied to its own data dir, every feature of 3-res-c explained."""
+    import shutil
+
+    from featurescope.app import Settings
+
+    root = tmp_path_factory.mktemp("live-explained")
+    (run,) = sorted((live_data_dir / "db").glob("*.duckdb"))
+    (root / "db").mkdir()
+    copied = root / "db" / run.name
+    shutil.copyfile(run, copied)
+    with duckdb.connect(str(copied), read_only=True) as conn:
+        run_id, d_sae = conn.execute("SELECT run_id, d_sae FROM saes WHERE id = '3-res-c'").fetchone()
+    ExplanationStore.for_run(copied).write_batch([
+        Explanation(tiny_gemma2.name, "3-res-c", f, run_id, "test-explainer", "max-act+logits", "v1", f"{HOSTILE} #{f}")
+        for f in range(d_sae)])
+    return Settings(data_dir=root, device="cpu", max_prompt_tokens=40)
+
+
+def test_encode_page_shows_explanations_beside_features(live_explained, tiny_gemma2):
+    from fastapi.testclient import TestClient
+
+    from conftest import live_app
+
+    with TestClient(live_app(live_explained, tiny_gemma2)) as c:
+        data = c.get(f"/{tiny_gemma2.name}/-/encode.json", params={"text": "The capital of France is Paris"}).json()
+        by_sae = {}
+        for f in _live_features(data):
+            by_sae.setdefault(f["sae_id"], []).append(f)
+        assert by_sae["3-res-c"] and all(f["explanation"] == f"{HOSTILE} #{f['index']}" for f in by_sae["3-res-c"])
+        assert all("explanation" not in f for f in by_sae.get("1-res-a", []))
+        page = c.get(f"/{tiny_gemma2.name}/-/encode", params={"text": "The capital of France is Paris"})
+        document = parse_html(page.text)
+        assert not document.find_all("img") and all(not s.text().strip() for s in document.find_all("script"))
+        assert not [n for e in document.iter() for n in e.attrs if n.lower().startswith("on")]
+        assert any(s.text().startswith(HOSTILE) for s in document.find_all("span", cls="explanation"))
+
+
+def _live_features(data) -> list[dict]:
+    """Every feature dict of an encode twin (the lists that carry sae_id, index and label)."""
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            if {"sae_id", "index", "label"} <= value.keys():
+                found.append(value)
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(data)
+    return found
