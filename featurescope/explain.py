@@ -3,10 +3,10 @@
     featurescope explain --run data/db/demo.duckdb --sae 12-res-2k --features 0-49 --endpoint local
     featurescope explain --sae 20-res-16k --all --endpoint https://api.openai.com/v1 --model gpt-4.1-nano
 
-For each feature: one chat completion whose prompt shows its top examples and interval samples of even rank
+For each feature: one chat completion whose prompt shows its top examples and one interval sample per interval
 (a window around each maximum, the firing tokens marked <<like this>> with their activations) and its
 promoted logit tokens; the answer is its explanation. Scorers (delphi's detection and fuzzing) then show the
-scorer model held-out activating windows (the other interval samples and the top examples not shown) mixed
+scorer model held-out activating windows (the other interval samples, then the top examples not shown) mixed
 with as many non-activating windows (random windows of the run's contexts that are none of the feature's
 examples), one per request, and ask yes or no; the score is balanced accuracy (0.5 = chance).
 Results go to the run's side file (featurescope/explanations.py), a batch at a time, so a killed run
@@ -101,8 +101,8 @@ class RunFile:
     def _feature(self, index: int, examples: list[dict], promoted: list[int], cfg: ExplainConfig) -> FeatureData:
         top = [e for e in examples if e["kind"] == "top"]
         intervals = [e for e in examples if e["kind"] == "interval"]
-        shown = top[:cfg.examples_shown] + [e for e in intervals if e["rank"] % 2 == 0]
-        held = [e for e in intervals if e["rank"] % 2 == 1] + top[cfg.examples_shown:]
+        shown = top[:cfg.examples_shown] + [e for e in intervals if e["rank"] == 0]
+        held = [e for e in intervals if e["rank"] > 0] + top[cfg.examples_shown:]
         return FeatureData(index, [self.window(e, cfg.window) for e in shown],
                            [self.window(e, cfg.window) for e in held], [self.vocab[t] for t in promoted[:8]],
                            frozenset(e["context_id"] for e in examples))

@@ -32,8 +32,8 @@ class ExplainConfig:
     retries: int = setting(5, "Retries of a request that got 429, 5xx, a timeout or a broken connection "
                            "(exponential backoff, Retry-After honoured).", min=0)
     timeout: float = setting(120.0, "Seconds a request may take.", flags=("--timeout",), min=1.0)
-    examples_shown: int = setting(8, "Top examples shown to the explainer (interval samples of even rank are "
-                                  "shown too; the rest are held out for scoring).", min=1)
+    examples_shown: int = setting(8, "Top examples shown to the explainer (with the first sample of each "
+                                  "activation interval; the other samples are held out for scoring).", min=1)
     window: int = setting(24, "Tokens of each example shown: around its maximum.", min=4)
     score: str = setting("detection,fuzz", "Scorers to run on each new explanation: detection, fuzz, both "
                          "(comma-separated) or none.")

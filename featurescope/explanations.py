@@ -213,36 +213,49 @@ def explanations_of(conn: duckdb.DuckDBPyConnection, db: str, model_id: str, sae
 
 # Ranked search: a query word matches a term equal to it (weight 1) or starting with it (weight 0.5), each
 # weighted by the term's inverse document frequency; an explanation's rank is the sum over the query's words,
-# then its mean score. A scan of the terms table (a few million short strings at 1M explanations) and a
-# join on integer ids: no extension needed (DuckDB's fts extension cannot be installed offline).
+# after the number of query words it matches, then its mean score. Each word is one range filter on the terms
+# table (term >= word AND term < word + U+10FFFF: what a prefix is for UTF-8 byte order), a scan of a few
+# million short strings at 1M explanations that DuckDB vectorises (bench/explain_search.py); no extension
+# needed (DuckDB's fts extension cannot be installed offline).
+_WORD_HITS = ("SELECT explanation_id, term, {pos} AS pos, CASE WHEN term = ? THEN 1.0 ELSE 0.5 END AS w "
+              "FROM {db}.terms WHERE term >= ? AND term < ?")
 SEARCH_SQL = """
-WITH q(word, pos) AS (VALUES {values}),
+WITH m AS ({hits}),
      n AS (SELECT count(*)::DOUBLE AS docs FROM {db}.explanations),
-     m AS (SELECT t.explanation_id, t.term, q.pos, CASE WHEN t.term = q.word THEN 1.0 ELSE 0.5 END AS w
-           FROM {db}.terms t JOIN q ON starts_with(t.term, q.word)),
-     df AS (SELECT term, count(DISTINCT explanation_id) AS df FROM m GROUP BY term),
+     df AS (SELECT term, count(*) AS df FROM m GROUP BY term),
      best AS (SELECT m.explanation_id, m.pos, max(m.w * ln(1 + (n.docs - df.df + 0.5) / (df.df + 0.5))) AS s
-              FROM m JOIN df USING (term) CROSS JOIN n GROUP BY m.explanation_id, m.pos),
-     ranked AS (SELECT explanation_id, sum(s) AS rank, count(*) AS matched FROM best GROUP BY explanation_id)
-SELECT e.model_id, e.sae_id, e.feature, e.explainer, e.method, e.text, r.rank, r.matched,
-       (SELECT avg(score) FROM {db}.scores s WHERE s.explanation_id = e.id) AS mean_score
-FROM ranked r JOIN {db}.explanations e ON e.id = r.explanation_id
-WHERE e.model_id = ?
-ORDER BY r.matched DESC, r.rank DESC, mean_score DESC NULLS LAST, e.sae_id, e.feature
-LIMIT ?
+              FROM m JOIN df USING (term) CROSS JOIN n GROUP BY m.explanation_id, m.pos)
+SELECT explanation_id, sum(s) AS rank, count(*) AS matched FROM best
+WHERE explanation_id IN (SELECT id FROM {db}.explanations WHERE model_id = ?)
+GROUP BY explanation_id ORDER BY matched DESC, rank DESC, explanation_id LIMIT ?
 """
+# The page's rows, fetched by id once the ranking has chosen them (never the text of every match).
+_HIT_ROWS = """
+SELECT e.id, e.model_id, e.sae_id, e.feature, e.explainer, e.method, e.text,
+       (SELECT avg(score) FROM {db}.scores s WHERE s.explanation_id = e.id) AS mean_score
+FROM {db}.explanations e WHERE e.id IN ({ids})
+"""
+_PREFIX_END = "\U0010ffff"
 
 
 def search_explanations(conn: duckdb.DuckDBPyConnection, db: str, model_id: str, query: str,
                         limit: int = 50) -> list[dict]:
-    """Explanations of a model whose words match the query's, best match first (see SEARCH_SQL)."""
+    """Explanations of a model whose words match the query's, best match first (see SEARCH_SQL); ties in
+    matched words and rank go to the better scored explanation."""
     terms = list(dict.fromkeys(words(query)))[:16]
     if not terms:
         return []
-    values = ", ".join(f"(?, {i})" for i in range(len(terms)))
-    cursor = conn.execute(SEARCH_SQL.format(db=db, values=values), [*terms, model_id, limit])
+    hits = " UNION ALL ".join(_WORD_HITS.format(pos=i, db=db) for i in range(len(terms)))
+    params = [p for t in terms for p in (t, t, t + _PREFIX_END)]
+    ranked = conn.execute(SEARCH_SQL.format(db=db, hits=hits), [*params, model_id, limit]).fetchall()
+    if not ranked:
+        return []
+    cursor = conn.execute(_HIT_ROWS.format(db=db, ids=", ".join(str(int(r[0])) for r in ranked)))
     names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row)) for row in cursor.fetchall()]
+    rows = {r[0]: dict(zip(names, r)) for r in cursor.fetchall()}
+    out = [{**rows[i], "rank": rank, "matched": matched} for i, rank, matched in ranked if i in rows]
+    out.sort(key=lambda h: (-h["matched"], -h["rank"], -(h["mean_score"] if h["mean_score"] is not None else -1)))
+    return out
 
 
 def balanced_accuracy(correct_pos: int, n_pos: int, correct_neg: int, n_neg: int) -> float:

@@ -166,7 +166,7 @@ def test_explainer_prompt_marks_firing_tokens_and_names_promoted_ones(run_file):
     feature = run.features([0], ExplainConfig(**SMALL))[0]
     text = explainer_messages(feature)[1]["content"]
     assert "<<" in text and ">>" in text and "Tokens it promotes next:" in text
-    assert len(feature.shown) == 2 + 5 and feature.held_out  # 2 top + the even-rank interval samples; the rest held out
+    assert len(feature.shown) == 2 + 5 and feature.held_out  # 2 top + one sample per interval; the rest held out
 
 
 def test_bad_feature_ranges_get_one_sentence():
