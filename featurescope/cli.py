@@ -447,8 +447,10 @@ def explain(**config) -> None:
 
     Explanations and scores go to the run's side file, <run>.explanations.duckdb, one batch at a time
     (the published run file is never changed); the same command again skips what is done."""
-    from featurescope.explain import run_explain
-
+    try:
+        from featurescope.explain import run_explain
+    except ModuleNotFoundError as exc:
+        raise FeatureScopeError(f"featurescope explain needs {exc.name}: pip install 'featurescope[explain]'.") from None
     try:
         cfg = ExplainConfig(**config)
         cfg.scorers
