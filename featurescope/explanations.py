@@ -225,15 +225,18 @@ WITH m AS ({hits}),
      df AS (SELECT term, count(*) AS df FROM m GROUP BY term),
      best AS (SELECT m.explanation_id, m.pos, max(m.w * ln(1 + (n.docs - df.df + 0.5) / (df.df + 0.5))) AS s
               FROM m JOIN df USING (term) CROSS JOIN n GROUP BY m.explanation_id, m.pos)
-SELECT explanation_id, sum(s) AS rank, count(*) AS matched FROM best
-WHERE explanation_id IN (SELECT id FROM {db}.explanations WHERE model_id = ?)
-GROUP BY explanation_id ORDER BY matched DESC, rank DESC, explanation_id LIMIT ?
+{ranked}
+ORDER BY matched DESC, rank DESC, explanation_id LIMIT ?
 """
-# The page's rows, fetched by id once the ranking has chosen them (never the text of every match).
+_RANKED_ONE_WORD = "SELECT explanation_id, s AS rank, 1 AS matched FROM best"
+_RANKED = "SELECT explanation_id, sum(s) AS rank, count(*) AS matched FROM best GROUP BY explanation_id"
+# The page's rows, fetched by id once the ranking has chosen them (never the text of every match). A side file
+# holds one run, so one model: the model is checked here rather than joined into the ranking (a semi-join over
+# every explanation id cost as much as the ranking itself).
 _HIT_ROWS = """
 SELECT e.id, e.model_id, e.sae_id, e.feature, e.explainer, e.method, e.text,
        (SELECT avg(score) FROM {db}.scores s WHERE s.explanation_id = e.id) AS mean_score
-FROM {db}.explanations e WHERE e.id IN ({ids})
+FROM {db}.explanations e WHERE e.id IN ({ids}) AND e.model_id = ?
 """
 _PREFIX_END = "\U0010ffff"
 
@@ -247,10 +250,11 @@ def search_explanations(conn: duckdb.DuckDBPyConnection, db: str, model_id: str,
         return []
     hits = " UNION ALL ".join(_WORD_HITS.format(pos=i, db=db) for i in range(len(terms)))
     params = [p for t in terms for p in (t, t, t + _PREFIX_END)]
-    ranked = conn.execute(SEARCH_SQL.format(db=db, hits=hits), [*params, model_id, limit]).fetchall()
+    sql = SEARCH_SQL.format(db=db, hits=hits, ranked=_RANKED_ONE_WORD if len(terms) == 1 else _RANKED)
+    ranked = conn.execute(sql, [*params, limit]).fetchall()
     if not ranked:
         return []
-    cursor = conn.execute(_HIT_ROWS.format(db=db, ids=", ".join(str(int(r[0])) for r in ranked)))
+    cursor = conn.execute(_HIT_ROWS.format(db=db, ids=", ".join(str(int(r[0])) for r in ranked)), [model_id])
     names = [d[0] for d in cursor.description]
     rows = {r[0]: dict(zip(names, r)) for r in cursor.fetchall()}
     out = [{**rows[i], "rank": rank, "matched": matched} for i, rank, matched in ranked if i in rows]
