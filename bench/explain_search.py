@@ -1,7 +1,8 @@
 """Ranked explanation search (featurescope/explanations.py: SEARCH_SQL) at scale: a side file with --n synthetic
 explanations (6-12 words each, drawn Zipf-like from the Python docs' vocabulary, spread over 78 SAEs), attached
 read-only as the server does; each query's median time against the baseline in the same process and file: an
-unranked `ILIKE '%word%'` scan of the explanation texts (what a LIKE search without an index costs).
+unranked `ILIKE '%word%'` scan of the explanation texts (what a LIKE search without an index costs; with LIMIT 50
+it stops at the 50th match, so a common word is nearly free for it).
 
     python bench/explain_search.py --n 1000000
 """
@@ -52,7 +53,7 @@ def build(path: Path, n: int, seed: int = 0) -> None:
     conn.execute("INSERT INTO explanations SELECT id, model_id, sae_id, feature, 'run', 'bench', 'max-act+logits', 'v1', "
                  "text, 0, 0, now() FROM src")
     conn.execute("INSERT INTO terms SELECT DISTINCT unnest(regexp_extract_all(lower(text), '[^\\W_]+')) AS term, id "
-                 "FROM explanations")
+                 "FROM explanations ORDER BY term, id")  # as ExplanationStore keeps it (_keep_terms_sorted)
     conn.execute("INSERT INTO scores SELECT id, 'bench', 'detection', random(), 4, 4, 2, 2, now() FROM explanations "
                  "WHERE id % 2 = 0")
     conn.execute("CHECKPOINT")

@@ -121,6 +121,7 @@ class ExplanationStore:
                 _migrate(conn)
                 conn.execute("BEGIN")
                 _insert(conn, explanations)
+                _keep_terms_sorted(conn)
                 conn.execute("COMMIT")
                 conn.execute("CHECKPOINT")
             finally:
@@ -167,6 +168,23 @@ def _insert(conn: duckdb.DuckDBPyConnection, explanations: Sequence[Explanation]
             conn.execute("INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          [next_id, s.scorer, s.kind, s.score, s.n_pos, s.n_neg, s.correct_pos, s.correct_neg, now])
         next_id += 1
+
+
+RESORT_SHARE = 0.1  # terms appended since the last sort, as a share of all, that trigger a new sort
+
+
+def _keep_terms_sorted(conn: duckdb.DuckDBPyConnection) -> None:
+    """Keep the terms table in term order, so each row group's min/max lets a search's range filter skip all
+    the row groups that cannot hold its word. Batches append unsorted rows; once they are more than
+    RESORT_SHARE of the table, it is rewritten sorted (amortised: a few sorts as the file grows tenfold)."""
+    total = conn.execute("SELECT count(*) FROM terms").fetchone()[0]
+    row = conn.execute("SELECT value FROM meta WHERE key = 'terms_sorted_rows'").fetchone()
+    if total - (int(row[0]) if row else 0) <= RESORT_SHARE * total:
+        return
+    conn.execute("CREATE TABLE terms_sorted AS SELECT * FROM terms ORDER BY term, explanation_id")
+    conn.execute("DROP TABLE terms")
+    conn.execute("ALTER TABLE terms_sorted RENAME TO terms")
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('terms_sorted_rows', ?)", [str(total)])
 
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
@@ -245,7 +263,7 @@ def search_explanations(conn: duckdb.DuckDBPyConnection, db: str, model_id: str,
                         limit: int = 50) -> list[dict]:
     """Explanations of a model whose words match the query's, best match first (see SEARCH_SQL); ties in
     matched words and rank go to the better scored explanation."""
-    terms = list(dict.fromkeys(words(query)))[:16]
+    terms = _informative(conn, db, list(dict.fromkeys(words(query)))[:16])
     if not terms:
         return []
     hits = " UNION ALL ".join(_WORD_HITS.format(pos=i, db=db) for i in range(len(terms)))
@@ -260,6 +278,20 @@ def search_explanations(conn: duckdb.DuckDBPyConnection, db: str, model_id: str,
     out = [{**rows[i], "rank": rank, "matched": matched} for i, rank, matched in ranked if i in rows]
     out.sort(key=lambda h: (-h["matched"], -h["rank"], -(h["mean_score"] if h["mean_score"] is not None else -1)))
     return out
+
+
+STOPWORD_SHARE = 0.25  # a query word in more than this share of explanations is left out, unless it is the only one
+
+
+def _informative(conn: duckdb.DuckDBPyConnection, db: str, terms: list[str]) -> list[str]:
+    """The query's words, less those (like "the") found in more than STOPWORD_SHARE of the explanations when
+    the query has rarer ones: they barely change the ranking and would cost a pass over most of the index."""
+    if len(terms) < 2:
+        return terms
+    docs = conn.execute(f"SELECT count(*) FROM {db}.explanations").fetchone()[0]
+    counts = [conn.execute(f"SELECT count(*) FROM {db}.terms WHERE term = ?", [t]).fetchone()[0] for t in terms]
+    kept = [t for t, c in zip(terms, counts) if c <= STOPWORD_SHARE * docs]
+    return kept or [min(zip(counts, terms))[1]]
 
 
 def balanced_accuracy(correct_pos: int, n_pos: int, correct_neg: int, n_neg: int) -> float:

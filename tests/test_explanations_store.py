@@ -79,3 +79,21 @@ def test_words_and_balanced_accuracy():
     assert words("Python's <script>alert(1)</script> error_messages") == ["python", "s", "script", "alert", "1",
                                                                         "script", "error", "messages"]
     assert balanced_accuracy(3, 4, 1, 4) == 0.5 and balanced_accuracy(4, 4, 4, 4) == 1.0
+
+
+def test_terms_stay_in_term_order_as_batches_grow_the_file(tmp_path):
+    store = ExplanationStore(tmp_path / "r.explanations.duckdb")
+    for batch in range(4):
+        store.write_batch([exp(10 * batch + i, f"zeta{batch} alpha{i} mid") for i in range(10)])
+    with duckdb.connect(str(store.path), read_only=True) as conn:
+        terms = [r[0] for r in conn.execute("SELECT term FROM terms").fetchall()]
+        sorted_rows = int(conn.execute("SELECT value FROM meta WHERE key = 'terms_sorted_rows'").fetchone()[0])
+    assert sorted_rows == len(terms) == 120  # each batch grew the table by more than a tenth: sorted each time
+    assert terms == sorted(terms)
+
+
+def test_a_word_in_most_explanations_is_left_out_when_the_query_has_rarer_ones(tmp_path):
+    store = ExplanationStore(tmp_path / "r.explanations.duckdb")
+    store.write_batch([exp(i, f"the token number{i}") for i in range(8)] + [exp(8, "python code")])
+    assert search(store.path, "the python") == [("s", 8)]
+    assert len(search(store.path, "the")) == 8
