@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -298,12 +299,15 @@ def local_endpoint(log: Callable[[str], None] = print, startup_timeout: float = 
                            "(transformers[serving]).")
     port = _free_port()
     log(f"Starting transformers serve with {LOCAL_MODEL_NAME} on 127.0.0.1:{port} ...")
+    # Its log goes to a file, not a pipe: it writes a line per request, and an undrained pipe would block it.
+    server_log = tempfile.TemporaryFile()
     process = subprocess.Popen([str(cli), "serve", folder, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                               stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ready(f"http://127.0.0.1:{port}/health", process, startup_timeout)
+        _wait_ready(f"http://127.0.0.1:{port}/health", process, startup_timeout, server_log)
         yield f"http://127.0.0.1:{port}/v1", folder
     finally:
+        server_log.close()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -313,11 +317,12 @@ def local_endpoint(log: Callable[[str], None] = print, startup_timeout: float = 
             process.wait()
 
 
-def _wait_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
+def _wait_ready(url: str, process: subprocess.Popen, timeout: float, server_log) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            err = process.stderr.read().decode(errors="replace")[-500:] if process.stderr else ""
+            server_log.seek(0)
+            err = server_log.read().decode(errors="replace")[-500:]
             raise ExplainError(f"transformers serve exited with {process.returncode}: {err}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=2).status_code == 200:
