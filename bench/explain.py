@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--examples-shown", type=int, default=8)
     parser.add_argument("--window", type=int, default=24)
     parser.add_argument("--score-examples", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
 
     from featurescope.explain import ChatClient, local_endpoint, run_explain
@@ -63,7 +65,8 @@ def main() -> None:
             client.close()
             cfg = ExplainConfig(run=run, sae=sae, features=args.features, endpoint=url, model=served,
                                 concurrency=args.concurrency, score=args.score, examples_shown=args.examples_shown,
-                                window=args.window, score_examples=args.score_examples, progress=False)
+                                window=args.window, score_examples=args.score_examples, max_tokens=args.max_tokens,
+                                batch_size=args.batch_size, progress=False)
             result = run_explain(cfg, log=lambda _: None)
         n = max(result.explained, 1)
         usage = result.usage
