@@ -8,7 +8,9 @@ Layout (a request goes routes -> views -> catalog/stored -> databases):
     databases.py     published files, read-only, reopened on publication; DataFile.cached, the one per-file cache
     catalog.py       every model and SAE of those files (Catalog, CatalogSource)
     stored.py        what pages read from a file besides a feature's row: vocab, contexts, labels, run config
-    views/           one module per page's view (home, sae, feature, links, lineage, encode, feature_test, steer)
+    explanations.py  LLM explanations and scores from each run's side file (attached by databases.py), and search
+    views/           one module per page's view (home, sae, feature, links, lineage, encode, feature_test, steer,
+                     explanations)
     twin_models.py   the typed shape of every view, i.e. of every JSON twin (documented in /-/openapi.json)
     twins.py         the one `.json` mechanism: page(router, path, twin=...) registers a page and its twin
     moved.py         308s from the app pages' old addresses to their /-/ ones

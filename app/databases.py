@@ -29,6 +29,8 @@ import duckdb
 import sqlalchemy as sa
 from duckdb_engine import ConnectionWrapper
 
+from featurescope.explanations import is_side_file, side_path
+
 T = TypeVar("T")
 
 
@@ -71,10 +73,12 @@ class FileSignature:
     inode: int
     size: int
     mtime_ns: int
+    side: tuple[int, int, int] | None = None  # the run's explanations file (featurescope/explanations.py), if any
 
     @classmethod
-    def of(cls, stat: os.stat_result) -> "FileSignature":
-        return cls(stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    def of(cls, stat: os.stat_result, side: os.stat_result | None = None) -> "FileSignature":
+        return cls(stat.st_ino, stat.st_size, stat.st_mtime_ns,
+                   (side.st_ino, side.st_size, side.st_mtime_ns) if side is not None else None)
 
 
 class DataFile:
@@ -87,6 +91,14 @@ class DataFile:
         self._cache: dict[Hashable, Any] = {}
         self._cache_lock = threading.RLock()  # a build may read another cached result of the same file
         self.alias = alias = _INSTANCE.attach(path)
+        # Explanations are written beside a published run, never into it (`featurescope explain` replaces the
+        # side file atomically per batch): its signature is part of this file's, so a new batch is a new DataFile.
+        self.explanations_alias: str | None = None  # queries name its tables `<explanations_alias>.<table>`
+        if signature.side is not None:
+            try:
+                self.explanations_alias = _INSTANCE.attach(side_path(path))
+            except duckdb.Error:  # replaced between the listing and now: the next scan attaches the new one
+                pass
 
         def new_connection() -> ConnectionWrapper:
             return ConnectionWrapper(_INSTANCE.cursor(alias))
@@ -101,10 +113,18 @@ class DataFile:
         # own: skip the BEGIN/ROLLBACK round trips (~1 ms a request).
         dialect.do_begin = _no_transaction
         dialect.do_rollback = _no_transaction
-        weakref.finalize(self, _close, self.engine, alias)
+        weakref.finalize(self, _close, self.engine, [a for a in (alias, self.explanations_alias) if a])
 
     def connect(self) -> sa.Connection:
         return self.engine.connect()
+
+    @property
+    def has_explanations(self) -> bool:
+        return self.explanations_alias is not None
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A plain DuckDB cursor on this file (its explanations as `<explanations_alias>.*`); close it after use."""
+        return _INSTANCE.cursor(self.alias)
 
     def cached(self, key: Hashable, build: Callable[[], T]) -> T:
         """build() once per file and key, however many threads ask at once; later calls read it without a lock."""
@@ -125,9 +145,10 @@ def _no_transaction(connection: Any) -> None:
     return None
 
 
-def _close(engine: sa.Engine, alias: str) -> None:
+def _close(engine: sa.Engine, aliases: list[str]) -> None:
     engine.dispose()
-    _INSTANCE.detach(alias)
+    for alias in aliases:
+        _INSTANCE.detach(alias)
 
 
 @dataclass(frozen=True)
@@ -196,11 +217,17 @@ def _listing(folder: Path) -> list[tuple[Path, FileSignature]]:
     except FileNotFoundError:
         return []
     for entry in entries:
-        if entry.name.startswith(".") or not entry.name.endswith(".duckdb") or not entry.is_file():
+        if entry.name.startswith(".") or not entry.name.endswith(".duckdb") or is_side_file(entry.name) \
+                or not entry.is_file():
             continue
         try:
-            found.append((Path(entry.path), FileSignature.of(entry.stat())))
+            stat = entry.stat()
         except FileNotFoundError:  # replaced or removed between scandir and stat
             continue
+        try:
+            side = os.stat(side_path(entry.path))
+        except FileNotFoundError:
+            side = None
+        found.append((Path(entry.path), FileSignature.of(stat, side)))
     found.sort(key=lambda item: (-item[1].mtime_ns, item[0].name))
     return found

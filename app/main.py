@@ -29,7 +29,7 @@ from featurescope.app.errors import InvalidParameter, NotFound
 from featurescope.app.live import LiveService, LiveUnavailable, ServiceBusy
 from featurescope.app.moved import MovedPages
 from featurescope.app.responses import Renderer
-from featurescope.app.routes import contrast, directions, features, home, live, meta, models, saes
+from featurescope.app.routes import contrast, directions, explanations, features, home, live, meta, models, saes
 from featurescope.app.routes import lineage
 from featurescope.app.routes.live import ClientGone
 from featurescope.app.security import SecurityHeaders
@@ -77,7 +77,7 @@ def create_app(settings: Settings, live_service: LiveService | None = None,
     app.include_router(meta.router)  # before the static mount, which would otherwise own /-/static/htmx.min.js
     app.mount(f"{APP_PREFIX}/static", StaticFiles(directory=asset_dir("static")), name="static")
     # live first: /{model}/-/encode and /{model}/{sae}/{index}/-/test would otherwise be read as an SAE or a feature
-    for router in (home.router, live.router, contrast.router, directions.router, features.router, saes.router,
+    for router in (home.router, live.router, contrast.router, explanations.router, directions.router, features.router, saes.router,
                    models.router):
         app.include_router(router)
     app.include_router(lineage.router)

@@ -109,10 +109,32 @@ class TokenCount(TypedDict):
 
 
 @closed
+class ExplanationScore(TypedDict):
+    scorer: str  # the scorer model
+    kind: Literal["detection", "fuzz"]
+    score: float | None  # balanced accuracy over n_pos held-out activating and n_neg non-activating windows
+    n_pos: int
+    n_neg: int
+
+
+@closed
+class ExplanationOut(TypedDict):
+    """An LLM's explanation of a feature (featurescope explain), from the run's side file."""
+    text: str
+    explainer: str  # the explainer model
+    method: str
+    prompt_version: str
+    created_at: str
+    scores: list[ExplanationScore]
+    mean_score: float | None
+
+
+@closed
 class FeatureRow(TypedDict):
     index: int
     label: str
     label_kind: str
+    explanation: str | None  # the best explanation, when the feature has one
     density: float | None
     max_act: float | None
     dead: bool
@@ -261,6 +283,7 @@ class FeatureView(TypedDict):
     index: int
     label: str
     label_kind: str
+    explanations: list[ExplanationOut]  # best (highest mean score) first; the page's headline is the first
     n_firing: int | None
     density: float | None
     max_act: float | None
@@ -274,6 +297,30 @@ class FeatureView(TypedDict):
     prev: int | None
     next: int | None
     test: TestBox
+
+
+# ---------------------------------------------------------------------------------- explanation search
+@closed
+class ExplanationHit(TypedDict):
+    sae_id: str
+    feature: int
+    run: str | None  # the run id its links name (None: the SAE's newest run)
+    text: str
+    explainer: str
+    method: str
+    rank: float  # sum over the query's words of the best matching term's idf (a prefix match counts half)
+    matched: int  # query words matched
+    mean_score: float | None
+    url: str
+
+
+@closed
+class ExplanationSearchView(TypedDict):
+    model_id: str
+    q: str
+    results: list[ExplanationHit]
+    limit: int
+    explained_saes: int  # SAEs of the model with at least one explanation file
 
 
 # ----------------------------------------------------------------------------------------- lineage
@@ -336,6 +383,7 @@ class LiveFeature(TypedDict):
     density: float
     label: str
     label_kind: str | None
+    explanation: NotRequired[str]  # its best explanation (featurescope explain), when it has one
     pos: NotRequired[int]  # the token where it fires most (search and prompt lists)
     token: NotRequired[str]  # that token's text (prompt lists)
     strength: NotRequired[float]  # steering

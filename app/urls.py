@@ -63,6 +63,10 @@ class Urls:
         """/{model}/-/encode?text=...; list values (saes=[...]) repeat the parameter."""
         return _with(f"/{_segment(model_id)}{APP_PREFIX}/encode", fmt, params)
 
+    def explanations(self, model_id: str, fmt: str | None = None, **params: Any) -> str:
+        """/{model}/-/explanations?q=...: search the explanations of every SAE of the model."""
+        return _with(f"/{_segment(model_id)}{APP_PREFIX}/explanations", fmt, params)
+
     def steer(self, model_id: str, fmt: str | None = None, **params: Any) -> str:
         return _with(f"/{_segment(model_id)}{APP_PREFIX}/steer", fmt, params)
 

@@ -20,6 +20,7 @@ import typer
 from featurescope.app.settings import Settings
 from featurescope.cli_options import options_from
 from featurescope.errors import FeatureScopeError
+from featurescope.explain_config import ExplainConfig
 from featurescope.memory import parse_bytes
 from featurescope.precompute.config import PrecomputeConfig
 from featurescope.site_names import parse_site
@@ -253,6 +254,9 @@ def demo(
     tokens: Annotated[int, typer.Option(help="Corpus tokens the demo precompute reads (contexts spread over the corpus; the SAEs' training contexts at the default).")] = 100_000,
     port: Annotated[int, typer.Option(help="Port of the explorer.")] = 8000,
     serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the explorer when done.")] = True,
+    explain: Annotated[int, typer.Option("--explain", help="Also explain and score this many features of the first demo "
+                                         "SAE with the embedded SmolLM2 (`featurescope explain --endpoint local`; a few "
+                                         "seconds to a minute each on a CPU); 0: none.", min=0)] = 0,
     device: DeviceOpt = "auto",
 ) -> None:
     """The embedded default end to end: train (or reuse) the demo SAEs, precompute, serve at 127.0.0.1."""
@@ -284,6 +288,12 @@ def demo(
                + (", from the training pass's activations (no second model pass)" if site_acts is not None else "") + " ...")
     published = run_precompute(cfg, lm=lm, log=typer.echo, site_acts=site_acts)
     del site_acts
+    if explain:
+        from featurescope.explain import run_explain
+
+        first_sae = _sae_ids(published)[0]
+        typer.echo(f"      Explaining {explain} features of {first_sae} with the embedded SmolLM2 (a weak explainer) ...")
+        run_explain(ExplainConfig(run=published, sae=first_sae, features=f"0-{explain - 1}"), log=typer.echo)
     if not serve_after:
         typer.echo(f"Done: {published}. Serve it with: featurescope serve --data-dir {data_dir}")
         return
@@ -293,6 +303,13 @@ def demo(
     settings = Settings(data_dir=Path(data_dir).resolve(), port=port, device=device, load_models="startup",
                         local_htmx=local_htmx if local_htmx.is_file() else None)
     _serve(settings, preloaded={lm.name: lm})  # live encoding reuses the model loaded above
+
+
+def _sae_ids(run_file: Path) -> list[str]:
+    import duckdb
+
+    with duckdb.connect(str(run_file), read_only=True) as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM saes ORDER BY layer, id").fetchall()]
 
 
 def _first_run_estimate(lm, cfg, train: bool, precompute_tokens: int, reuse_pass: bool) -> str:
@@ -423,6 +440,30 @@ def precompute(**config) -> None:
     run_precompute(PrecomputeConfig(**config), log=typer.echo)
 
 
+@app.command()
+@options_from(ExplainConfig)
+def explain(**config) -> None:
+    """Explain features with an LLM behind any OpenAI-compatible endpoint and score the explanations.
+
+    Explanations and scores go to the run's side file, <run>.explanations.duckdb, one batch at a time
+    (the published run file is never changed); the same command again skips what is done."""
+    try:
+        from featurescope.explain import run_explain
+    except ModuleNotFoundError as exc:
+        raise FeatureScopeError(f"featurescope explain needs {exc.name}: pip install 'featurescope[explain]'.") from None
+    try:
+        cfg = ExplainConfig(**config)
+        cfg.scorers
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    result = run_explain(cfg, log=typer.echo)
+    usage = result.usage
+    per_minute = 60 * result.explained / result.seconds if result.seconds else 0.0
+    typer.echo(f"{result.explained} explained, {result.skipped} already done, {len(result.failed)} failed in "
+               f"{result.seconds:.1f} s ({per_minute:.1f} per minute); {usage.requests} requests, {usage.retries} "
+               f"retries, {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens -> {result.side_file}")
+
+
 db_app = typer.Typer(help="Create and migrate FeatureScope DuckDB files (Alembic).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
@@ -501,3 +542,7 @@ def main() -> None:
     except USER_ERRORS as exc:
         typer.secho(f"Error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

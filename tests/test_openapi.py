@@ -24,6 +24,7 @@ TWINS = {  # path in the document -> the model its 200 answer is documented with
     "/{model_id}/-/contrast.json": "ContrastFormView",
     "/{model_id}/-/contrast/{run_id}.json": "ContrastRunView",
     "/{model_id}/-/detectors/{name}.json": "DetectorView",
+    "/{model_id}/-/explanations.json": "ExplanationSearchView",
     "/-/health": "Health",
 }
 
@@ -53,6 +54,7 @@ def test_the_api_document_lists_every_twin_with_its_response_model(client):
     (f"/{MODEL}/4-mlp-48/3/-/lineage.json", tm.LineageView),
     (f"/{MODEL}/2-res-64/0/-/lineage.json?by=cosine&depth=1", tm.LineageView),
     ("/-/health", tm.Health),
+    (f"/{MODEL}/-/explanations.json?q=error", tm.ExplanationSearchView),  # no explanations file: no results
     ("/no-model.json", tm.NotFoundError),
     (f"/{MODEL}/{SAE}/64.json", tm.NotFoundError),
     ("/no/such/page/at/all.json", tm.NotFoundError),

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from featurescope.app.catalog import Catalog, ModelInfo, SAEInfo
 from featurescope.app.errors import InvalidParameter, NotFound
+from featurescope.app.explanations import best_explanations
 from featurescope.app.live import EncodeResult
 from featurescope.app.sae_cache import sae_bytes
 from featurescope.app.stored import feature_briefs, token_texts
@@ -111,9 +112,14 @@ def live_feature(sae: SAEInfo, index: int, activation: float) -> LiveFeature:
     """A feature as the live pages list it: its activation here beside its largest in the corpus."""
     brief = feature_briefs(sae)
     peak = float(brief.max_act[index])
-    return {"sae_id": sae.id, "layer": sae.layer, "index": index, "activation": activation,
-            "relative": activation / peak if peak > 0 else None, "max_act": peak,
-            "density": float(brief.density[index]), "label": brief.labels[index] or "", "label_kind": brief.label_kinds[index]}
+    out: LiveFeature = {"sae_id": sae.id, "layer": sae.layer, "index": index, "activation": activation,
+                        "relative": activation / peak if peak > 0 else None, "max_act": peak,
+                        "density": float(brief.density[index]), "label": brief.labels[index] or "",
+                        "label_kind": brief.label_kinds[index]}
+    explanation = best_explanations(sae).get(index)
+    if explanation is not None:
+        out["explanation"] = explanation
+    return out
 
 
 def encode_view(model: ModelInfo, saes: list[SAEInfo], result: EncodeResult, query: EncodeQuery,

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from featurescope.app.catalog import Catalog, SAEInfo, check_index
 from featurescope.app.errors import NotFound
+from featurescope.app.explanations import feature_explanations
 from featurescope.app.stored import (ContextStore, TokenStrings, TokenTexts, context_store, feature_labels, label_or_auto,
                                      peak_tokens, token_texts)
 from featurescope.app.twin_models import Example, FeatureLinks, FeatureView, Interval, LogitToken, Neighbour
@@ -93,6 +94,7 @@ def _read_feature(sae: SAEInfo, vocab: TokenTexts, index: int) -> StoredFeature:
     label, label_kind = label_or_auto(row["label"], row["label_kind"], row["peak_token_ids"] or [], row["logit_pos_ids"], vocab)
     page = {
         "model_id": sae.model_id, "sae": sae.as_dict(), "index": index, "label": label, "label_kind": label_kind,
+        "explanations": feature_explanations(sae, index),
         "n_firing": row["n_firing"], "density": row["density"], "max_act": row["max_act"], "mean_act": row["mean_act"],
         "activation_histogram": {"bin_width": row["hist_bin_width"], "counts": list(row["hist_counts"] or [])},
         "logits": {

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from featurescope.app.catalog import Catalog, SAEInfo
 from featurescope.app.errors import InvalidParameter
+from featurescope.app.explanations import best_explanations
 from featurescope.app.stored import TokenTexts, label_or_auto, token_texts, top_tokens
 from featurescope.app.twin_models import DensityHistogram, FeatureRow, SAEView
 from featurescope.app.views.runs import chosen_run, run_choices
@@ -71,10 +72,12 @@ def sae_view(catalog: Catalog, model_id: str, sae_id: str, query: FeatureQuery, 
                       Feature.n_firing, Feature.logit_pos_ids, Feature.peak_token_ids)
             .where(*where).order_by(order, Feature.feature).limit(query.size).offset((query.page - 1) * query.size)).all()
     features: list[FeatureRow] = []
+    explained = best_explanations(sae)
     for r in rows:
         peak_ids = list(r.peak_token_ids or [])
         label, kind = label_or_auto(r.label, r.label_kind, peak_ids, r.logit_pos_ids, vocab)
-        features.append({"index": r.feature, "label": label, "label_kind": kind, "density": r.density,
+        features.append({"index": r.feature, "label": label, "label_kind": kind,
+                         "explanation": explained.get(r.feature), "density": r.density,
                          "max_act": r.max_act, "dead": r.n_firing == 0, "top_tokens": top_tokens(peak_ids, vocab)})
     return {"sae": sae.as_dict(), "run": run, "runs": run_choices(catalog, sae), "query": asdict(query), "total": total, "page": query.page, "pages": pages,
             "features": features, "matched_token_ids": vocab.ids_for(query.token) if query.token else None,
