@@ -199,11 +199,12 @@ def test_a_request_naming_saes_over_the_budget_gets_422_naming_the_budget(budget
 def test_live_values_equal_stored_ones_after_an_sae_is_evicted_and_reloaded(budget_client, live_data_dir, model):
     cache = budget_client.service.saes
     for sae_id in ("1-res-a", "2-mlp-b", "1-res-a", "3-res-c", "2-mlp-b"):  # each request evicts the one before
-        for feature, positions, acts, token_ids in _stored_examples(live_data_dir, sae_id, limit=4):
+        for feature, positions, acts, token_ids, starts_document in _stored_examples(live_data_dir, sae_id, limit=4):
             body = budget_client.get(f"/{model.id}/-/encode.json", params={
-                "ids": ",".join(map(str, token_ids)), "saes": [sae_id], "feature": f"{sae_id}:{feature}"}).json()
+                "ids": ",".join(map(str, token_ids)), "saes": [sae_id], "feature": f"{sae_id}:{feature}",
+                "mid_document": int(not starts_document)}).json()
             assert _ids(cache) == [sae_id]
-            counted = [not t["special"] for t in body["tokens"]]
+            counted = np.array(body["highlight"]["counted"])  # the precompute's rule: no BOS/EOS/pad, no warm-up
             live = np.array(body["highlight"]["acts"])[counted]
             np.testing.assert_allclose(live, _dense(positions, acts, len(token_ids))[counted], rtol=1e-5, atol=1e-6)
 
