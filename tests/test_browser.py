@@ -237,3 +237,61 @@ def test_switching_to_another_corpus_keeps_the_run_through_htmx_swaps_and_naviga
     page.wait_for_url(lambda url: url.startswith(base + "/") and url.endswith(f"?run={OLD_RUN}"))
     assert OLD_CORPUS in page.locator("p.corpus").inner_text()
     assert page.problems == []
+
+
+@pytest.fixture(scope="module")
+def explained_server(tmp_path_factory):
+    """The factory data dir with an explanations side file: a hostile best explanation, a weaker second one."""
+    from test_explanations_web import HOSTILE, explanation, score
+
+    from factories import make_data_dir
+    from featurescope.app import Settings, create_app
+    from featurescope.app.settings import DEFAULT_LOCAL_HTMX
+    from featurescope.explanations import ExplanationStore
+
+    require_browser_tools()
+    data_dir = make_data_dir(tmp_path_factory.mktemp("explained-browser"))
+    ExplanationStore.for_run(data_dir / "db" / "tiny.duckdb").write_batch([
+        explanation(SAE, 3, HOSTILE, scores=[score("detection", 0.75), score("fuzz", 0.5)]),
+        explanation(SAE, 3, "a weaker guess about messages", explainer="other", scores=[score("detection", 0.5)]),
+        explanation(SAE, 5, "Python error tracebacks", scores=[score("detection", 1.0)]),
+    ])
+    port = free_port()
+    with serving(create_app(Settings(data_dir=data_dir, port=port, local_htmx=DEFAULT_LOCAL_HTMX, live=False)), port) as url:
+        yield url
+
+
+def test_explanation_search_leads_to_a_feature_headlined_by_its_best_explanation(page, explained_server):
+    from test_explanations_web import HOSTILE
+
+    page.add_init_script("window.__pwned = 0")
+    page.goto(f"{explained_server}/{MODEL}")
+    page.locator("form[role=search] input[name=q]").fill("error")
+    page.locator("form[role=search] button[type=submit]").click()
+    page.wait_for_url(f"{explained_server}/{MODEL}/-/explanations?q=error")
+    hits = page.locator("table.search-hits tbody tr")
+    assert hits.count() == 2
+    assert sorted(hits.locator("td.explanation").all_inner_texts()) == sorted([HOSTILE, "Python error tracebacks"])
+    assert page.locator("table.search-hits img, table.search-hits script").count() == 0
+    assert page.evaluate("window.__pwned") == 0
+
+    hits.filter(has_text="onerror").get_by_role("link", name="3", exact=True).click()
+    page.wait_for_url(f"{explained_server}/{MODEL}/{SAE}/3")
+    headline = page.locator("p.feature-explanation")
+    assert headline.inner_text() == HOSTILE and headline.is_visible()
+    assert "detection 0.75" in page.locator("p.explanation-meta").inner_text()
+    label = page.locator("p.feature-label.secondary")
+    assert label.is_visible() and label.inner_text().strip()
+    size = lambda locator: float(locator.evaluate("e => parseFloat(getComputedStyle(e).fontSize)"))
+    assert size(headline) > size(label), "the explanation should read as the headline, the token label below it"
+    assert page.locator("section.explanations li").count() == 2  # both explanations, best first
+    assert "a weaker guess" in page.locator("section.explanations li").nth(1).inner_text()
+    assert page.evaluate("window.__pwned") == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "feature-page-explained.png"), full_page=True)
+
+    page.locator(".crumbs a", has_text=SAE).click()
+    page.wait_for_url(f"{explained_server}/{MODEL}/{SAE}")
+    assert "Python error tracebacks" in page.locator("table.feature-table span.explanation").all_inner_texts()
+    assert page.evaluate("window.__pwned") == 0
+    assert page.problems == []
