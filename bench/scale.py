@@ -23,8 +23,10 @@ import argparse
 import json
 import resource
 import socket
+import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -57,8 +59,52 @@ def ensure_release(root: Path, width: int, layers: list[int] | None, kinds: tupl
     print(f"wrote the release in {root} in {time.time() - started:.0f} s", flush=True)
 
 
+class PhaseMemory:
+    """Peak resident memory of this process per phase of the job, sampled every 20 ms by a thread. A phase is
+    the innermost of the job's functions wrapped with `track` that is running (or "load" before any)."""
+
+    def __init__(self) -> None:
+        self.label, self.peaks, self._stop = "load", {}, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        with open("/proc/self/statm") as statm:
+            while not self._stop.wait(0.02):
+                statm.seek(0)
+                rss = int(statm.read().split()[1]) * self._page
+                self.peaks[self.label] = max(self.peaks.get(self.label, 0), rss)
+
+    def track(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def tracked(*args, **kwargs):
+            outer, self.label = self.label, label
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.label = outer
+
+        setattr(owner, name, tracked)
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        return dict(self.peaks)
+
+
 def child_job(spec: dict) -> dict:
     """One precompute job in this process, then the bare passes over the same contexts: a JSON-able dict."""
+    from featurescope.precompute import job
+    from featurescope.precompute.feature_stats import FeatureStats
+
+    memory = PhaseMemory()
+    for owner, name, label in ((job, "_stream_group", "stream"), (FeatureStats, "finalize", "finalize"),
+                               (job, "publish", "write"), (job, "_example_pass", "example pass"),
+                               (job, "cross_layer_links", "links"), (job, "logit_effect", "logit effect"),
+                               (job, "decoder_neighbours", "neighbours")):
+        memory.track(owner, name, label)
     torch.manual_seed(0)
     lm = load_model(spec["model"], device="cpu")
     cfg = PrecomputeConfig(model=spec["model"], saes=spec["saes"], max_tokens=spec["tokens"], batch_size=spec["batch_size"],
@@ -69,6 +115,7 @@ def child_job(spec: dict) -> dict:
     db = run_precompute(cfg, lm=lm, log=lines.append, timings=timings)
     job_seconds = time.time() - started
     job_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    phase_rss = memory.stop()
     contexts = pack_contexts(lm, iter_texts(CorpusSpec()), cfg.context_len, cfg.max_tokens)
     loaded = [load_sae(src) for src in cfg.saes]
     saes = dict(zip(default_sae_ids(loaded), loaded))  # the job's ids (no --sae-id given)
@@ -89,8 +136,12 @@ def child_job(spec: dict) -> dict:
                        "bare_s": bare, "l0": mean_l0})
     n_features = sum(s.d_sae for s in saes.values())
     return {"db": str(db), "db_bytes": db.stat().st_size, "n_features": n_features, "n_tokens": int(contexts.numel()),
-            "job_s": job_seconds, "peak_rss": job_rss, "passes": passes,
+            "job_s": job_seconds, "peak_rss": job_rss, "phase_rss": phase_rss, "passes": passes,
             **{k: timings[k] for k in ("stream", "finish", "write", "links")}, "plan": lines[0]}
+
+
+def phase_line(r: dict) -> str:
+    return "peak RSS by phase: " + ", ".join(f"{label} {rss / 2**30:.2f}" for label, rss in r["phase_rss"].items()) + " GiB"
 
 
 def run_child(spec: dict) -> dict:
@@ -118,6 +169,7 @@ def part_release(work: Path, tokens: int, batch_size: int, width: int, layers: l
           f"write {r['write']:.0f}); peak RSS {r['peak_rss'] / 2**30:.2f} GiB; DB {r['db_bytes'] / 2**20:.0f} MiB = "
           f"{r['db_bytes'] / r['n_features']:.0f} bytes per feature ({r['n_features']:,} features, {r['n_tokens']:,} tokens)",
           flush=True)
+    print(phase_line(r), flush=True)
 
 
 def part_growth(work: Path, tokens: int, batch_size: int, sizes: list[int], width: int, layers: list[int] | None) -> None:
@@ -131,6 +183,7 @@ def part_growth(work: Path, tokens: int, batch_size: int, sizes: list[int], widt
                        "data_dir": str(work / f"data-growth-{n}"), "bare": False})
         print(f"{n:>5} {r['n_features']:>10,} {r['job_s']:>7.0f} {r['stream']:>9.0f} {r['finish']:>9.0f} {r['write']:>8.0f} "
               f"{r['peak_rss'] / 2**30:>13.2f} {r['db_bytes'] / r['n_features']:>17.0f}", flush=True)
+        print(f"      {phase_line(r)}", flush=True)
 
 
 def free_port() -> int:
@@ -162,6 +215,7 @@ def part_wide(work: Path, tokens: int, width: int) -> None:
     print(f"job {r['job_s']:.0f} s (stream {r['stream']:.0f} s against a bare pass of {p['bare_s']:.0f} s: ratio "
           f"{p['bare_s'] / r['stream']:.2f}; finish {r['finish']:.0f} s, write {r['write']:.0f} s); peak RSS "
           f"{r['peak_rss'] / 2**30:.2f} GiB; DB {r['db_bytes'] / 2**20:.0f} MiB = {r['db_bytes'] / r['n_features']:.0f} bytes per feature")
+    print(phase_line(r), flush=True)
     port = free_port()
     exe = Path(sys.executable).parent / "featurescope"
     server = subprocess.Popen([str(exe), "serve", "--data-dir", str(data_dir), "--port", str(port), "--no-live", "--workers", "1"],
