@@ -201,8 +201,25 @@ SCORER_QUESTIONS = {
 }
 
 
+# One "yes" and one "no" demonstration per scorer, about an unrelated feature. Without them small models answer
+# in prose ("The token 'error' is indeed ...") or say "no" to everything: SmolLM2-135M did both.
+SCORER_SHOTS = {
+    "detection": (("numbers written as digits", "The meeting is at 10 on Monday.", "yes"),
+                  ("numbers written as digits", "She walked home slowly.", "no")),
+    "fuzz": (("numbers written as digits", f"The meeting is at {MARK_OPEN}10{MARK_CLOSE} on Monday.", "yes"),
+             ("numbers written as digits", f"The {MARK_OPEN}meeting{MARK_CLOSE} is at 10 on {MARK_OPEN}Monday{MARK_CLOSE}.", "no")),
+}
+SCORER_SYSTEM = "You judge whether an explanation of a language model feature fits a text. Answer with one word: yes or no."
+
+
 def scorer_messages(kind: str, explanation: str, text: str) -> list[dict]:
-    return [{"role": "user", "content": SCORER_QUESTIONS[kind].format(explanation=explanation, text=text)}]
+    """The scorer's chat: its rule, the two demonstrations of SCORER_SHOTS, then the question about `text`."""
+    question = SCORER_QUESTIONS[kind].format
+    messages = [{"role": "system", "content": SCORER_SYSTEM}]
+    for shot_explanation, shot_text, answer in SCORER_SHOTS[kind]:
+        messages += [{"role": "user", "content": question(explanation=shot_explanation, text=shot_text)},
+                     {"role": "assistant", "content": answer}]
+    return messages + [{"role": "user", "content": question(explanation=explanation, text=text)}]
 
 
 def clean_explanation(text: str) -> str:

@@ -169,6 +169,20 @@ def test_explainer_prompt_marks_firing_tokens_and_names_promoted_ones(run_file):
     assert len(feature.shown) == 2 + 5 and feature.held_out  # 2 top + one sample per interval; the rest held out
 
 
+def test_the_embedded_scorer_answers_yes_or_no_and_tells_a_marked_firing_token_from_others(endpoint):
+    # Asked without demonstrations, SmolLM2 began its fuzzing answers with "The token ..." (read as "no"), so
+    # every score was chance whatever the explanation.
+    from featurescope.explain import is_yes, scorer_messages
+
+    client = ChatClient(*endpoint, None, 120, 2, 1)
+    explanation = "the word 'error' in error messages"
+    answers = {text: client.complete(scorer_messages("fuzz", explanation, text), 3)[0]
+               for text in ("An <<error>> occurred while reading", "An error <<occurred>> while <<reading>>")}
+    client.close()
+    assert all(a.strip().lower().rstrip(".!").split()[0] in ("yes", "no") for a in answers.values()), answers
+    assert [is_yes(a) for a in answers.values()] == [True, False], answers
+
+
 def test_bad_feature_ranges_get_one_sentence():
     with pytest.raises(ExplainError, match="outside the SAE's features 0 to 63"):
         parse_features("60-70", False, 64)
