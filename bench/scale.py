@@ -59,12 +59,14 @@ def ensure_release(root: Path, width: int, layers: list[int] | None, kinds: tupl
     print(f"wrote the release in {root} in {time.time() - started:.0f} s", flush=True)
 
 
-class PhaseMemory:
-    """Peak resident memory of this process per phase of the job, sampled every 20 ms by a thread. A phase is
-    the innermost of the job's functions wrapped with `track` that is running (or "load" before any)."""
+class Phases:
+    """Where a job's time and memory go: the seconds spent in each phase (exclusive of the phases inside it) and
+    the peak resident memory while it ran, sampled every 20 ms by a thread. A phase is the innermost of the
+    job's functions wrapped with `track` that is running ("load" before any)."""
 
     def __init__(self) -> None:
-        self.label, self.peaks, self._stop = "load", {}, threading.Event()
+        self.label, self.peaks, self.seconds, self._stop = "load", {}, {}, threading.Event()
+        self._since = time.perf_counter()
         self._page = os.sysconf("SC_PAGE_SIZE")
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -74,24 +76,33 @@ class PhaseMemory:
             while not self._stop.wait(0.02):
                 statm.seek(0)
                 rss = int(statm.read().split()[1]) * self._page
-                self.peaks[self.label] = max(self.peaks.get(self.label, 0), rss)
+                label = self.label
+                self.peaks[label] = max(self.peaks.get(label, 0), rss)
+
+    def _switch(self, label: str) -> str:
+        now = time.perf_counter()
+        self.seconds[self.label] = self.seconds.get(self.label, 0.0) + now - self._since
+        self._since, outer, self.label = now, self.label, label
+        return outer
 
     def track(self, owner, name: str, label: str) -> None:
         original = getattr(owner, name)
 
         def tracked(*args, **kwargs):
-            outer, self.label = self.label, label
+            outer = self._switch(label)
             try:
                 return original(*args, **kwargs)
             finally:
-                self.label = outer
+                self._switch(outer)
 
         setattr(owner, name, tracked)
 
-    def stop(self) -> dict[str, int]:
+    def stop(self) -> dict[str, dict[str, float]]:
+        self._switch(self.label)
         self._stop.set()
         self._thread.join()
-        return dict(self.peaks)
+        return {label: {"s": self.seconds.get(label, 0.0), "rss": self.peaks.get(label, 0)}
+                for label in dict.fromkeys([*self.seconds, *self.peaks])}
 
 
 def child_job(spec: dict) -> dict:
@@ -99,12 +110,13 @@ def child_job(spec: dict) -> dict:
     from featurescope.precompute import job
     from featurescope.precompute.feature_stats import FeatureStats
 
-    memory = PhaseMemory()
-    for owner, name, label in ((job, "_stream_group", "stream"), (FeatureStats, "finalize", "finalize"),
+    phases = Phases()
+    for owner, name, label in ((job, "_stream_group", "stream"), (FeatureStats, "update", "stats update"),
+                               (FeatureStats, "finalize", "finalize"),
                                (job, "publish", "write"), (job, "_example_pass", "example pass"),
                                (job, "cross_layer_links", "links"), (job, "logit_effect", "logit effect"),
                                (job, "decoder_neighbours", "neighbours")):
-        memory.track(owner, name, label)
+        phases.track(owner, name, label)
     torch.manual_seed(0)
     lm = load_model(spec["model"], device="cpu")
     cfg = PrecomputeConfig(model=spec["model"], saes=spec["saes"], max_tokens=spec["tokens"], batch_size=spec["batch_size"],
@@ -115,7 +127,7 @@ def child_job(spec: dict) -> dict:
     db = run_precompute(cfg, lm=lm, log=lines.append, timings=timings)
     job_seconds = time.time() - started
     job_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    phase_rss = memory.stop()
+    phase_rss = phases.stop()
     contexts = pack_contexts(lm, iter_texts(CorpusSpec()), cfg.context_len, cfg.max_tokens)
     loaded = [load_sae(src) for src in cfg.saes]
     saes = dict(zip(default_sae_ids(loaded), loaded))  # the job's ids (no --sae-id given)
@@ -141,7 +153,9 @@ def child_job(spec: dict) -> dict:
 
 
 def phase_line(r: dict) -> str:
-    return "peak RSS by phase: " + ", ".join(f"{label} {rss / 2**30:.2f}" for label, rss in r["phase_rss"].items()) + " GiB"
+    """Each phase's own seconds and the peak RSS while it ran."""
+    return "phases (s, peak RSS GiB): " + ", ".join(f"{label} {p['s']:.1f} s {p['rss'] / 2**30:.2f}"
+                                                    for label, p in r["phase_rss"].items())
 
 
 def run_child(spec: dict) -> dict:
