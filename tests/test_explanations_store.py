@@ -97,3 +97,27 @@ def test_a_word_in_most_explanations_is_left_out_when_the_query_has_rarer_ones(t
     store.write_batch([exp(i, f"the token number{i}") for i in range(8)] + [exp(8, "python code")])
     assert search(store.path, "the python") == [("s", 8)]
     assert len(search(store.path, "the")) == 8
+
+
+def test_a_features_explanations_come_best_mean_score_first_then_unscored_and_nan_then_the_rest_of_the_sae(tmp_path):
+    from featurescope.explanations import explanations_of
+
+    store = ExplanationStore(tmp_path / "r.explanations.duckdb")
+    store.write_batch([
+        exp(4, "unscored", "e1"),
+        exp(4, "nan score", "e2", scores=[Score("s", "detection", float("nan"), 0, 0, 0, 0)]),
+        exp(4, "good", "e3", scores=[Score("s", "detection", 0.9, 4, 4, 4, 3), Score("s", "fuzz", 0.7, 4, 4, 3, 3)]),
+        exp(4, "fair", "e4", scores=[Score("s", "fuzz", 0.6, 4, 4, 2, 3)]),
+        exp(5, "other feature", "e1"),
+        exp(4, "other SAE", "e1", sae="t"),
+    ])
+    with duckdb.connect(":memory:") as conn:
+        conn.execute("ATTACH ? AS x (READ_ONLY)", [str(store.path)])
+        found = explanations_of(conn, "x", "m", "s", [4])
+        whole = explanations_of(conn, "x", "m", "s")
+    assert list(found) == [4]
+    assert [e["text"] for e in found[4][:2]] == ["good", "fair"] and {e["text"] for e in found[4][2:]} == {"unscored", "nan score"}
+    assert found[4][0]["mean_score"] == pytest.approx(0.8)
+    assert [s["kind"] for s in found[4][0]["scores"]] == ["detection", "fuzz"]
+    texts = lambda by_feature: {f: [e["text"] for e in items] for f, items in by_feature.items()}  # noqa: E731
+    assert texts(whole) == {**texts(found), 5: ["other feature"]}
