@@ -416,25 +416,36 @@ def stream(cfg, encode: Encode, encoder: FeatureEncoder, stats: dict, start: int
 @torch.no_grad()
 def _finish(cfg, lm: LoadedModel, encode: Encode, saes: dict[str, JumpReLUSAE], groups: list[list[str]],
             finals: dict[str, dict], phases: dict) -> Iterator[SAEResult]:
-    """Each SAE's complete result, a chunk of SAEs at a time (the writer stores and drops one chunk before the
-    next is computed); phases["finish"] and phases["links"] accumulate the seconds spent here."""
+    """Each SAE's complete result, one at a time: the writer stores and drops each before the next is drawn, and
+    a chunk's examples and links are gone before the next chunk's example pass. A written SAE's finals keep only
+    what later chunks' links and the summary read (FINALS_KEPT). phases["finish"] and phases["links"] accumulate
+    the seconds spent here."""
     plan = _link_plan(cfg, saes)
     W_U = unembedding(lm)  # [vocab, d_model], final norm gain folded in
     for names in (chunk for group in groups for chunk in _example_chunks(group, saes)):
         started = time.time()
         examples, links = _example_pass(cfg, encode, saes, names, finals, plan, phases)
-        results = []
+        phases["finish"] += time.time() - started
         for name in names:
+            started = time.time()
             sae = saes[name]
             W_dec = sae.W_dec.to(lm.device)
             logits = logit_effect(W_dec, site_unembedding(lm, parse_site(sae.cfg.hook_name), W_U))
             near = decoder_neighbours(W_dec)
             static = {f"logit_{k}": v for k, v in logits.items()}
             static.update(neighbour_ids=near["ids"], neighbour_cos=near["cos"])
-            results.append(SAEResult(row=_sae_row(lm, name, sae, finals[name], cfg), stats=finals[name],
-                                     static=static, examples=examples.pop(name), links=links.get(name, [])))
-        phases["finish"] += time.time() - started
-        yield from results
+            result = SAEResult(row=_sae_row(lm, name, sae, finals[name], cfg), stats=finals[name], static=static,
+                               examples=examples.pop(name), links=links.pop(name, []))
+            del static, logits, near
+            phases["finish"] += time.time() - started
+            yield result
+            del result
+            finals[name] = {key: finals[name][key] for key in FINALS_KEPT}
+
+
+# What a written SAE's finalized statistics keep: its top examples' peaks and its means for the links of the
+# chunks after it (precompute/links.py), its counts for the job's summary.
+FINALS_KEPT = ("top_ctx", "top_pos", "max_act", "mean_act", "density", "n_firing", "n_tokens")
 
 
 def _example_chunks(names: list[str], saes: dict[str, JumpReLUSAE]) -> Iterator[list[str]]:
