@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import random_sae_params
+from featurescope import db as fsdb
 from featurescope.encoder import FeatureEncoder
 from featurescope.positions import WARMUP_POSITIONS, warmup_positions
 from featurescope.sae_loading import load_sae, save_sae
@@ -85,6 +86,21 @@ def test_each_feature_row_holds_its_examples_in_order_with_their_peak_tokens(one
         assert peaks == [contexts[e["context_id"]][e["max_pos"]] for e in top]
         fired += bool(top)
     assert fired > 0
+
+
+def test_a_published_run_has_the_indexes_of_a_migrated_file_and_finds_a_feature_through_feature_key(one_run, tmp_path):
+    _, path = one_run
+    migrated = tmp_path / "migrated.duckdb"
+    fsdb.upgrade(migrated)
+    indexes = "SELECT table_name, index_name, is_unique, expressions FROM duckdb_indexes() ORDER BY index_name"
+    with duckdb.connect(str(migrated), read_only=True) as con:
+        expected = con.execute(indexes).fetchall()
+    with duckdb.connect(str(path), read_only=True) as con:
+        assert con.execute(indexes).fetchall() == expected
+        key = con.execute("SELECT max(feature_key) FROM features").fetchone()[0]
+        plan = con.execute("EXPLAIN ANALYZE SELECT * FROM features WHERE feature_key = ?", [key]).fetchall()[0][1]
+        assert "Type: Index Scan" in plan  # the scan as run (plain EXPLAIN shows the planned sequential scan)
+    assert any(name == "ix_features_feature_key" and unique for _, name, unique, _ in expected)
 
 
 def test_stored_per_token_activations_equal_the_live_encoder(one_run, tiny_gemma2):
