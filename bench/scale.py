@@ -10,7 +10,8 @@ release  78 SAEs (26 layers x res, mlp, att) x 16,384 features (1.28M features) 
          SAE's encode of that pass, same process, same batches: the work any tool must do), the finish and
          write times, DB bytes per feature, and the L0 measured on the corpus.
 wide     one SAE of width 1,048,576 (12-res) end to end: precompute, publish, then `featurescope serve
-         --no-live` (a real uvicorn) answering its SAE page, feature pages and their JSON twins.
+         --no-live` (a real uvicorn) answering its SAE page, feature pages and their JSON twins. Run with
+         --neighbours 0: exact decoder neighbours are d_sae^2 work (timed on a slice and scaled instead).
 growth   the first 1, 3, 9, 26 and 78 SAEs of the release: job time and peak RSS per size.
 
 Every job runs in a child process (`--child-job`), so each peak RSS is that job's own (ru_maxrss).
@@ -120,7 +121,8 @@ def child_job(spec: dict) -> dict:
     torch.manual_seed(0)
     lm = load_model(spec["model"], device="cpu")
     cfg = PrecomputeConfig(model=spec["model"], saes=spec["saes"], max_tokens=spec["tokens"], batch_size=spec["batch_size"],
-                           device="cpu", data_dir=spec["data_dir"], progress=False, force=True)
+                           device="cpu", data_dir=spec["data_dir"], progress=False, force=True,
+                           neighbours=spec.get("neighbours", PrecomputeConfig.neighbours))
     timings: dict = {}
     lines: list[str] = []
     started = time.time()
@@ -147,9 +149,18 @@ def child_job(spec: dict) -> dict:
         passes.append({"saes": len(names), "first": names[0], "last": names[-1], "stream_s": stream_seconds,
                        "bare_s": bare, "l0": mean_l0})
     n_features = sum(s.d_sae for s in saes.values())
+    skipped = {}
+    if cfg.neighbours == 0:  # what the skipped decoder neighbours would cost: decoder_neighbours' tiles for 1,024 features
+        W = next(iter(saes.values())).W_dec
+        W = W / W.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        tile = max(1, min(1024, (1 << 25) // W.shape[0]))
+        sample_started = time.time()
+        for start in range(0, 1024, tile):
+            (W[start:start + tile] @ W.T).topk(PrecomputeConfig.neighbours, 1)
+        skipped = {"neighbours_s_estimate": (time.time() - sample_started) * W.shape[0] / 1024}
     return {"db": str(db), "db_bytes": db.stat().st_size, "n_features": n_features, "n_tokens": int(contexts.numel()),
             "job_s": job_seconds, "peak_rss": job_rss, "phase_rss": phase_rss, "passes": passes,
-            **{k: timings[k] for k in ("stream", "finish", "write", "links")}, "plan": lines[0]}
+            **{k: timings[k] for k in ("stream", "finish", "write", "links")}, "plan": lines[0], **skipped}
 
 
 def phase_line(r: dict) -> str:
@@ -224,8 +235,11 @@ def part_wide(work: Path, tokens: int, width: int) -> None:
     (sae,) = release_saes(root, width)
     print(f"\n(b) one SAE of width {width:,} (12-res) over {tokens:,} tokens, batch 2", flush=True)
     data_dir = work / "data-wide"
-    r = run_child({"model": str(root / "model"), "saes": [sae], "tokens": tokens, "batch_size": 2, "data_dir": str(data_dir)})
+    r = run_child({"model": str(root / "model"), "saes": [sae], "tokens": tokens, "batch_size": 2, "data_dir": str(data_dir),
+                   "neighbours": 0})
     (p,) = r["passes"]
+    print(f"decoder neighbours skipped (--neighbours 0): exact ones would take ~{r['neighbours_s_estimate'] / 60:.0f} min "
+          f"on this CPU (1,024 features' tiles timed, scaled to {width:,})")
     print(f"job {r['job_s']:.0f} s (stream {r['stream']:.0f} s against a bare pass of {p['bare_s']:.0f} s: ratio "
           f"{p['bare_s'] / r['stream']:.2f}; finish {r['finish']:.0f} s, write {r['write']:.0f} s); peak RSS "
           f"{r['peak_rss'] / 2**30:.2f} GiB; DB {r['db_bytes'] / 2**20:.0f} MiB = {r['db_bytes'] / r['n_features']:.0f} bytes per feature")

@@ -21,6 +21,7 @@ RESULTS_VERSION = 7  # 3: cross-layer links; 4: one row per feature (schema 0004
 SAME_RESULT = {"result": False}
 SAMPLES = ("first", "spread")
 TOP_N = 5  # links of each kind per feature and neighbour SAE
+NEIGHBOURS = 10  # nearest features by decoder cosine per feature
 PEAK_WIDTH = 64  # strongest (feature, act) pairs of a neighbour kept at each top example's max position
 
 
@@ -50,6 +51,9 @@ class PrecomputeConfig:
                                        "weights each.", min=1)
     links_peak_width: int = setting(PEAK_WIDTH, "A neighbour's strongest features kept at each top example's peak "
                                     "token; memory at the end of the run: distinct peak positions x this x 8 bytes per SAE.", min=1)
+    neighbours: int = setting(NEIGHBOURS, "Nearest features of the same SAE by decoder cosine kept per feature; 0 skips "
+                              "them. Exact, so they cost d_sae^2 x d_in: seconds for 16k features, over an hour for a "
+                              "1M-wide SAE on a CPU (bench/scale.py).", min=0)
     device: str = setting("auto", "auto, cpu, cuda or mps.", metadata=SAME_RESULT)
     memory_budget: int | None = setting(None, "Memory for the SAEs' state in one model pass, e.g. 8GB (default: half "
                                         "the device's free memory); SAEs that do not fit together run in several passes.",

@@ -431,7 +431,7 @@ def _finish(cfg, lm: LoadedModel, encode: Encode, saes: dict[str, JumpReLUSAE], 
             sae = saes[name]
             W_dec = sae.W_dec.to(lm.device)
             logits = logit_effect(W_dec, site_unembedding(lm, parse_site(sae.cfg.hook_name), W_U))
-            near = decoder_neighbours(W_dec)
+            near = decoder_neighbours(W_dec, k=cfg.neighbours)
             static = {f"logit_{k}": v for k, v in logits.items()}
             static.update(neighbour_ids=near["ids"], neighbour_cos=near["cos"])
             result = SAEResult(row=_sae_row(lm, name, sae, finals[name], cfg), stats=finals[name], static=static,

@@ -100,6 +100,8 @@ def decoder_neighbours(W_dec: torch.Tensor, k: int = 10, block: int | None = Non
     device = torch.device(device) if device is not None else W_dec.device
     F = W_dec.shape[0]
     k = min(k, F - 1)
+    if k <= 0:  # none asked for (precompute --neighbours 0), or an SAE of one feature
+        return {"ids": torch.zeros(F, 0, dtype=torch.int64), "cos": torch.zeros(F, 0)}
     block = block or max(1, min(1024, (1 << 25) // F))  # a [block, F] similarity tile stays <= 128 MB
     W = W_dec.to(device, torch.float32)
     W = W / W.norm(dim=1, keepdim=True).clamp(min=1e-12)  # zero rows get cosine 0 with everything

@@ -41,7 +41,7 @@ def _np(x) -> np.ndarray:
 def list_column(values_2d: np.ndarray, type_=pa.float32()) -> pa.ListArray:
     """[rows, width] -> a list column with `width` items per row."""
     rows, width = values_2d.shape
-    offsets = np.arange(0, (rows + 1) * width, width, dtype=np.int32)
+    offsets = np.arange(rows + 1, dtype=np.int32) * width  # width 0: empty lists
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values_2d.reshape(-1), type=type_))
 
 

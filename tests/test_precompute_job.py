@@ -300,6 +300,17 @@ def test_cli_no_links_publishes_a_run_without_cross_layer_links(tiny_gemma2_path
     assert counts[0][0] == 0 and counts[1][0] > 0 and counts[1][1] <= 2 * 2  # 2 by co-activation + 2 by weights
 
 
+def test_neighbours_setting_sets_how_many_decoder_neighbours_each_feature_keeps_and_zero_skips_them(
+        tiny_gemma2, sae_dirs, tmp_path):
+    lengths = []
+    for n in (0, 3):
+        cfg = _config(tmp_path / str(n), sae_dirs, model="tiny", neighbours=n, links=False)
+        path = run_precompute(cfg, lm=tiny_gemma2, log=lambda *_: None)
+        with duckdb.connect(str(path), read_only=True) as con:
+            lengths.append(con.execute("SELECT min(len(neighbour_ids)), max(len(neighbour_cos)), count(*) FROM features").fetchone())
+    assert lengths[0][:2] == (0, 0) and lengths[1][:2] == (3, 3) and lengths[0][2] == lengths[1][2] > 0
+
+
 def test_given_site_activations_of_the_runs_contexts_give_the_same_database_as_the_model_pass(
         tiny_gemma2, tiny_gemma2_path, sae_dirs, tmp_path, one_run):
     from featurescope.precompute.job import _contexts
