@@ -12,6 +12,7 @@ release  78 SAEs (26 layers x res, mlp, att) x 16,384 features (1.28M features) 
 wide     one SAE of width 1,048,576 (12-res) end to end: precompute, publish, then `featurescope serve
          --no-live` (a real uvicorn) answering its SAE page, feature pages and their JSON twins. Run with
          --neighbours 0: exact decoder neighbours are d_sae^2 work (timed on a slice and scaled instead).
+wide-pages  only the serving half of wide, over its published run.
 growth   the first 1, 3, 9, 26 and 78 SAEs of the release: job time and peak RSS per size.
 
 Every job runs in a child process (`--child-job`), so each peak RSS is that job's own (ru_maxrss).
@@ -244,6 +245,11 @@ def part_wide(work: Path, tokens: int, width: int) -> None:
           f"{p['bare_s'] / r['stream']:.2f}; finish {r['finish']:.0f} s, write {r['write']:.0f} s); peak RSS "
           f"{r['peak_rss'] / 2**30:.2f} GiB; DB {r['db_bytes'] / 2**20:.0f} MiB = {r['db_bytes'] / r['n_features']:.0f} bytes per feature")
     print(phase_line(r), flush=True)
+    serve_wide(data_dir, width)
+
+
+def serve_wide(data_dir: Path, width: int) -> None:
+    """`featurescope serve --no-live` over the wide SAE's run: each page's first and second answer."""
     port = free_port()
     exe = Path(sys.executable).parent / "featurescope"
     server = subprocess.Popen([str(exe), "serve", "--data-dir", str(data_dir), "--port", str(port), "--no-live", "--workers", "1"],
@@ -255,12 +261,14 @@ def part_wide(work: Path, tokens: int, width: int) -> None:
             time.sleep(0.5)
         model = json.loads(urllib.request.urlopen(base + "/.json", timeout=60).read())["models"][0]["id"]
         sae_id = f"12-res-{width_label(width)}"
-        print(f"{'page':<40} {'status':>6} {'first s':>8} {'again s':>8} {'bytes':>9}")
-        for path in (f"/{model}/{sae_id}", f"/{model}/{sae_id}.json", f"/{model}/{sae_id}/0", f"/{model}/{sae_id}/{width // 2}",
-                     f"/{model}/{sae_id}/{width - 1}.json", f"/{model}/{sae_id}/{width}"):
+        print(f"{'page':<48} {'status':>6} {'first s':>8} {'again s':>8} {'bytes':>9}")
+        sae_page = f"/{model}/{sae_id}"
+        for path in (sae_page, sae_page + ".json", sae_page + "?sort=density&desc=true", sae_page + "?sort=max_act&desc=true",
+                     sae_page + "?q=def", sae_page + ".json?token=%20the", f"{sae_page}/0", f"{sae_page}/{width // 2}",
+                     f"{sae_page}/{width - 1}.json", f"{sae_page}/{width}"):
             status, first, size = timed_get(base + path)
             _, again, _ = timed_get(base + path)
-            print(f"{path:<40} {status:>6} {first:>8.3f} {again:>8.3f} {size:>9,}", flush=True)
+            print(f"{path:<48} {status:>6} {first:>8.3f} {again:>8.3f} {size:>9,}", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -290,6 +298,8 @@ def main() -> None:
         part_release(work, args.tokens, args.batch_size, args.width, layers)
     if "wide" in parts:
         part_wide(work, args.tokens, args.wide_width)
+    if "wide-pages" in parts:  # the pages of (b) again, over its published run
+        serve_wide(work / "data-wide", args.wide_width)
     if "growth" in parts:
         part_growth(work, args.tokens, args.batch_size, [int(n) for n in args.growth.split(",")], args.width, layers)
 
