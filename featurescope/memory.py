@@ -5,10 +5,13 @@
     format_bytes(8589934592) -> "8.0 GiB"
     free_memory_bytes("cuda")                 # what the GPU has free now; MemAvailable for the CPU
     sae_weight_bytes(2304, 16384) -> 302130176    # an SAE's float32 weights (precompute plans and the server count it)
+    return_free_memory()                      # hand freed heap pages back to the OS (glibc), between a job's phases
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 from pathlib import Path
@@ -63,3 +66,17 @@ def system_available_bytes() -> int:
                 return int(line.split()[1]) * 1024  # the file counts kB
     pages = "SC_AVPHYS_PAGES" if "SC_AVPHYS_PAGES" in os.sysconf_names else "SC_PHYS_PAGES"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages)
+
+
+def return_free_memory() -> bool:
+    """Give the memory the process has freed back to the OS (glibc's malloc_trim); False where the C library has
+    no such call. Torch's CPU tensors below glibc's mmap threshold (which grows to 32 MB as big tensors are freed)
+    live in the malloc heap, whose freed holes stay resident: calling this between the precompute job's phases took
+    a 16-SAE job's peak RSS from 3.55 to 3.23 GiB (bench/scale.py's phases)."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from featurescope.corpus import PackedContexts, content_mask, pack_documents, spread_rows
 from featurescope.encoder import FeatureEncoder, check_sae_fits
 from featurescope.errors import FeatureScopeError
+from featurescope.memory import return_free_memory
 from featurescope.models import LoadedModel, load_model
 from featurescope.positions import WARMUP_POSITIONS
 from featurescope.sae import JumpReLUSAE
@@ -262,6 +263,8 @@ def _stream_group(cfg, encode: Encode, saes: dict, groups: list[list[str]], g: i
     finals = save_group(stats, previous + seconds, done)
     checkpoint.unlink(missing_ok=True)
     _release(encoder)
+    del stats
+    return_free_memory()  # the streaming state and its temporaries, before the next group or the finish
     return finals, seconds, previous
 
 
@@ -441,6 +444,8 @@ def _finish(cfg, lm: LoadedModel, encode: Encode, saes: dict[str, JumpReLUSAE], 
             yield result
             del result
             finals[name] = {key: finals[name][key] for key in FINALS_KEPT}
+        del examples, links
+        return_free_memory()  # this chunk's example pass, before the next one
 
 
 # What a written SAE's finalized statistics keep: its top examples' peaks and its means for the links of the

@@ -196,9 +196,6 @@ def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict
                                            "token_ids": list_column(contexts.astype(np.int32), pa.int32()),
                                            "starts_document": pa.nulls(len(contexts), pa.bool_()) if starts_document is None
                                            else pa.array(starts_document.astype(bool))}))
-        # The unique index is built once over the loaded rows: grown insert by insert, its nodes end up spread
-        # over the file, and a cold feature page's lookup reads more blocks (bench/serve.py measured it).
-        con.execute(f"DROP INDEX {FEATURE_KEY_INDEX}")
         for result in saes:
             sae_id = result.row["id"]
             _insert(con, "saes", pa.Table.from_pylist([{**result.row, "number": number_of[sae_id]}]))
@@ -206,7 +203,6 @@ def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict
             insert_features(con, number_of[sae_id], features_table(model_row["id"], sae_id, result.stats, result.static, labels),
                             examples_table(model_row["id"], sae_id, run["id"], result.examples),
                             links_table(model_row["id"], sae_id, result.links))
-        con.execute(f"CREATE UNIQUE INDEX {FEATURE_KEY_INDEX} ON features (feature_key)")
         if callable(run_row):
             run = run_row()
         _insert(con, "runs", pa.Table.from_pylist([run]))
@@ -218,7 +214,6 @@ def write_run_db(path: Path, *, model_row: dict, vocab: list[str], run_row: dict
 
 # DuckDB's default is 80% of the machine's memory; writing a whole release in one transaction would take it.
 WRITE_MEMORY_LIMIT = "2GB"
-FEATURE_KEY_INDEX = "ix_features_feature_key"  # migrations/versions/0004_feature_rows.py
 NESTED_COLUMNS = ("feature_key", "examples", "links", "peak_token_ids")  # the features columns insert_features fills
 
 
