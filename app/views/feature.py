@@ -133,6 +133,8 @@ def _logit_tokens(ids: list[int] | None, values: list[float] | None, vocab: Toke
 
 def _neighbours(conn: sa.Connection, sae: SAEInfo, ids: list[int], cosines: list[float],
                 vocab: TokenTexts) -> list[Neighbour]:
+    if not ids:  # a run without neighbours (precompute --neighbours 0): no need for the SAE's labels (1M rows: ~4 s)
+        return []
     labels = feature_labels(sae)
     missing = [i for i in ids if i in labels and labels[i][0] is None]
     fallback: dict[int, str] = {}
