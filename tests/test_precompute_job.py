@@ -109,7 +109,10 @@ def test_stored_per_token_activations_equal_the_live_encoder(one_run, tiny_gemma
     encoder = FeatureEncoder(lm, {"1-res-a": load_sae(cfg.saes[0]), "3-res-b": load_sae(cfg.saes[1])})
     con = duckdb.connect(str(path), read_only=True)
     rows = con.execute("SELECT e.sae_id, e.feature, e.kind, e.max_act, e.max_pos, e.positions, e.acts, c.starts_document, "
-                       "c.token_ids FROM examples e JOIN contexts c USING (run_id, context_id) ORDER BY random() LIMIT 200").fetchall()
+                       "c.token_ids FROM examples e JOIN contexts c USING (run_id, context_id) "
+                       # 100 of each: contexts that start a document and mid-document ones, a fixed pseudo-random choice
+                       "QUALIFY row_number() OVER (PARTITION BY c.starts_document ORDER BY hash(e.sae_id, e.feature, e.kind, "
+                       "e.bin, e.rank)) <= 100").fetchall()
     con.close()
     assert {r[2] for r in rows} == {"top", "interval"}
     contexts, starts = torch.tensor([r[-1] for r in rows]), torch.tensor([r[-2] for r in rows])

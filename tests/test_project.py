@@ -90,5 +90,5 @@ def test_scale_benchmark_runs_every_part_on_a_small_synthetic_release(tmp_path):
     out = result.stdout
     assert "1 model pass for 6 SAEs (1,536 features)" in out and "bare/stream" in out
     pages = [line for line in out.splitlines() if line.startswith("/model/12-res-2k")]
-    assert [line.split()[1] for line in pages] == ["200"] * 5 + ["404"], out
+    assert [line.split()[1] for line in pages] == ["200"] * 9 + ["404"], out  # SAE page, sorts, searches, features
     assert len([line for line in out.splitlines() if line.split()[:1] in (["1"], ["6"]) and "GiB" not in line]) >= 2, out
