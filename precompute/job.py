@@ -439,12 +439,10 @@ def _finish(cfg, lm: LoadedModel, encode: Encode, saes: dict[str, JumpReLUSAE], 
             static.update(neighbour_ids=near["ids"], neighbour_cos=near["cos"])
             result = SAEResult(row=_sae_row(lm, name, sae, finals[name], cfg), stats=finals[name], static=static,
                                examples=examples.pop(name), links=links.pop(name, []))
-            del static, logits, near
             phases["finish"] += time.time() - started
             yield result
-            del result
+            del result  # else held through the next SAE's work, and after a chunk's last through the next pass
             finals[name] = {key: finals[name][key] for key in FINALS_KEPT}
-        del examples, links
         return_free_memory()  # this chunk's example pass, before the next one
 
 
