@@ -41,6 +41,7 @@ from featurescope.encoder import FeatureEncoder
 from featurescope.models import load_model
 from featurescope.precompute.corpus_sources import CorpusSpec, iter_texts
 from featurescope.precompute.job import PrecomputeConfig, default_sae_ids, run_precompute
+from featurescope.precompute.static_stats import neighbour_tile
 from featurescope.corpus import pack_contexts
 from featurescope.sae_loading import load_sae
 from featurescope.sae_sources import expand_sae_sources, width_label
@@ -154,7 +155,7 @@ def child_job(spec: dict) -> dict:
     if cfg.neighbours == 0:  # what the skipped decoder neighbours would cost: decoder_neighbours' tiles for 1,024 features
         W = next(iter(saes.values())).W_dec
         W = W / W.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        tile = max(1, min(1024, (1 << 25) // W.shape[0]))
+        tile = neighbour_tile(W.shape[0])
         sample_started = time.time()
         for start in range(0, 1024, tile):
             (W[start:start + tile] @ W.T).topk(PrecomputeConfig.neighbours, 1)

@@ -93,6 +93,11 @@ def logit_effect(W_dec: torch.Tensor, W_U: torch.Tensor, top_n: int = 10, bins: 
 
 
 @torch.no_grad()
+def neighbour_tile(d_sae: int) -> int:
+    """Rows of decoder_neighbours' similarity tiles: a [tile, d_sae] float32 tile stays <= 128 MB."""
+    return max(1, min(1024, (1 << 25) // d_sae))
+
+
 def decoder_neighbours(W_dec: torch.Tensor, k: int = 10, block: int | None = None,
                        device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """The k features whose decoder directions have the highest cosine similarity with each feature's own
@@ -102,7 +107,7 @@ def decoder_neighbours(W_dec: torch.Tensor, k: int = 10, block: int | None = Non
     k = min(k, F - 1)
     if k <= 0:  # none asked for (precompute --neighbours 0), or an SAE of one feature
         return {"ids": torch.zeros(F, 0, dtype=torch.int64), "cos": torch.zeros(F, 0)}
-    block = block or max(1, min(1024, (1 << 25) // F))  # a [block, F] similarity tile stays <= 128 MB
+    block = block or neighbour_tile(F)
     W = W_dec.to(device, torch.float32)
     W = W / W.norm(dim=1, keepdim=True).clamp(min=1e-12)  # zero rows get cosine 0 with everything
     ids, cos = [], []
